@@ -1,0 +1,53 @@
+//! Admin HTTP endpoints.
+//!
+//! - `GET /live`: 200 while the process runs (liveness).
+//! - `GET /ready`: 200 when a shared upstream connection is up and the
+//!   command table is loaded, 503 otherwise, with a one-line reason.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::server::Ctx;
+
+pub fn router(ctx: Arc<Ctx>) -> Router {
+    Router::new()
+        .route("/live", get(|| async { "live\n" }))
+        .route("/ready", get(ready))
+        .with_state(ctx)
+}
+
+async fn ready(State(ctx): State<Arc<Ctx>>) -> (StatusCode, String) {
+    if ctx.node.table.load().is_none() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: upstream command table not loaded yet\n".into(),
+        );
+    }
+    if ctx.pool2.live() == 0 {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: no connection to upstream {}\n",
+                ctx.node.settings.address
+            ),
+        );
+    }
+    (StatusCode::OK, "ready\n".into())
+}
+
+/// Serve until shutdown.
+pub async fn serve(ctx: Arc<Ctx>, listener: TcpListener) {
+    let shutdown = ctx.shutdown.clone();
+    let app = router(ctx);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+    {
+        tracing::error!(error = %e, "admin listener failed");
+    }
+}

@@ -1,0 +1,152 @@
+//! Routing families: which requests keyward answers itself, which need a
+//! dedicated (pinned) upstream connection, and which share the pool.
+//!
+//! This is the one hand-written list of command names in keyward, and it is
+//! deliberately short: the commands the proxy answers or intercepts (HELLO,
+//! AUTH, QUIT, RESET, SELECT) and the stateful families that cannot share a
+//! connection (transactions, subscriptions, MONITOR, client-specific CLIENT
+//! state). Whether a command blocks comes from the server's own `blocking`
+//! flag in the command table.
+
+use super::table::{flags, lowercase, CommandTable};
+
+/// Which subscription namespace a (UN)SUBSCRIBE command acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubKind {
+    Channel,
+    Pattern,
+    Shard,
+}
+
+/// `CLIENT REPLY` modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyMode {
+    On,
+    Off,
+    Skip,
+}
+
+/// The routing family of one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// An ordinary command: the shared pool, or the pinned connection if the
+    /// client holds one.
+    Forward,
+    Hello,
+    Auth,
+    Quit,
+    Reset,
+    Select,
+    Multi,
+    Exec,
+    Discard,
+    Watch,
+    Unwatch,
+    /// A command that may block the connection until its reply.
+    Blocking,
+    Subscribe(SubKind),
+    Unsubscribe(SubKind),
+    Monitor,
+    /// CLIENT subcommands whose effect or answer belongs to one connection.
+    ClientState,
+    ClientReply(ReplyMode),
+}
+
+/// Classify a request from its arguments (`args[0]` is the command name).
+pub fn classify(table: Option<&CommandTable>, args: &[&[u8]]) -> Class {
+    let Some(name) = args.first() else {
+        return Class::Forward;
+    };
+    let mut buf = [0u8; 64];
+    let Some(lower) = lowercase(name, &mut buf) else {
+        return Class::Forward;
+    };
+    match lower {
+        b"get" | b"set" => return Class::Forward,
+        b"hello" => return Class::Hello,
+        b"auth" => return Class::Auth,
+        b"quit" => return Class::Quit,
+        b"reset" => return Class::Reset,
+        b"select" => return Class::Select,
+        b"multi" => return Class::Multi,
+        b"exec" => return Class::Exec,
+        b"discard" => return Class::Discard,
+        b"watch" => return Class::Watch,
+        b"unwatch" => return Class::Unwatch,
+        b"subscribe" => return Class::Subscribe(SubKind::Channel),
+        b"psubscribe" => return Class::Subscribe(SubKind::Pattern),
+        b"ssubscribe" => return Class::Subscribe(SubKind::Shard),
+        b"unsubscribe" => return Class::Unsubscribe(SubKind::Channel),
+        b"punsubscribe" => return Class::Unsubscribe(SubKind::Pattern),
+        b"sunsubscribe" => return Class::Unsubscribe(SubKind::Shard),
+        b"monitor" => return Class::Monitor,
+        b"wait" | b"waitaof" => return Class::Blocking,
+        b"client" => return classify_client(args),
+        b"xread" | b"xreadgroup" => {
+            // XREAD is flagged `blocking` but only blocks with BLOCK.
+            let blocks = args[1..].iter().any(|a| a.eq_ignore_ascii_case(b"block"));
+            return if blocks {
+                Class::Blocking
+            } else {
+                Class::Forward
+            };
+        }
+        _ => {}
+    }
+    match table.and_then(|t| t.get(lower)) {
+        Some(info) if info.has(flags::BLOCKING) => Class::Blocking,
+        _ => Class::Forward,
+    }
+}
+
+fn classify_client(args: &[&[u8]]) -> Class {
+    let Some(sub) = args.get(1) else {
+        return Class::Forward;
+    };
+    let mut buf = [0u8; 64];
+    match lowercase(sub, &mut buf) {
+        Some(b"reply") => match args.get(2).map(|m| m.to_ascii_lowercase()) {
+            Some(m) if m == b"on" => Class::ClientReply(ReplyMode::On),
+            Some(m) if m == b"off" => Class::ClientReply(ReplyMode::Off),
+            Some(m) if m == b"skip" => Class::ClientReply(ReplyMode::Skip),
+            // A malformed CLIENT REPLY gets Redis's own error, on the pool.
+            _ => Class::Forward,
+        },
+        Some(
+            b"setname" | b"getname" | b"id" | b"info" | b"no-evict" | b"no-touch" | b"tracking"
+            | b"caching" | b"trackinginfo" | b"getredir" | b"setinfo",
+        ) => Class::ClientState,
+        _ => Class::Forward,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families() {
+        let cases: &[(&[&[u8]], Class)] = &[
+            (&[b"GET", b"k"], Class::Forward),
+            (&[b"hello", b"3"], Class::Hello),
+            (&[b"Multi"], Class::Multi),
+            (&[b"WAIT", b"1", b"0"], Class::Blocking),
+            (&[b"XREAD", b"STREAMS", b"s", b"0"], Class::Forward),
+            (
+                &[b"XREAD", b"block", b"0", b"STREAMS", b"s", b"$"],
+                Class::Blocking,
+            ),
+            (&[b"SSUBSCRIBE", b"c"], Class::Subscribe(SubKind::Shard)),
+            (&[b"punsubscribe"], Class::Unsubscribe(SubKind::Pattern)),
+            (&[b"CLIENT", b"SETNAME", b"x"], Class::ClientState),
+            (&[b"CLIENT", b"LIST"], Class::Forward),
+            (
+                &[b"client", b"reply", b"OFF"],
+                Class::ClientReply(ReplyMode::Off),
+            ),
+        ];
+        for (args, want) in cases {
+            assert_eq!(classify(None, args), *want, "{args:?}");
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! The command table, built from the upstream's own `COMMAND` reply.
+//!
+//! keyward does not carry a list of Redis commands (DESIGN.md 2.2): arity,
+//! flags and key positions come from the server it fronts, so a newer Redis or
+//! a module's commands are understood without a keyward release. The table is
+//! read on the data path for every request, so lookups avoid allocation: the
+//! name is lowercased into a stack buffer and hashed with ahash.
+
+use std::collections::HashMap;
+
+use redis_protocol::resp2::types::OwnedFrame;
+
+/// Command flag bits (a subset of what `COMMAND` reports).
+pub mod flags {
+    pub const READONLY: u32 = 1 << 0;
+    pub const WRITE: u32 = 1 << 1;
+    pub const BLOCKING: u32 = 1 << 2;
+    pub const MOVABLEKEYS: u32 = 1 << 3;
+    pub const PUBSUB: u32 = 1 << 4;
+    pub const NOSCRIPT: u32 = 1 << 5;
+    pub const ADMIN: u32 = 1 << 6;
+    pub const FAST: u32 = 1 << 7;
+    pub const DENYOOM: u32 = 1 << 8;
+    pub const LOADING: u32 = 1 << 9;
+    pub const STALE: u32 = 1 << 10;
+    pub const NO_MULTI: u32 = 1 << 11;
+
+    pub fn from_name(name: &[u8]) -> u32 {
+        match name {
+            b"readonly" => READONLY,
+            b"write" => WRITE,
+            b"blocking" => BLOCKING,
+            b"movablekeys" => MOVABLEKEYS,
+            b"pubsub" => PUBSUB,
+            b"noscript" => NOSCRIPT,
+            b"admin" => ADMIN,
+            b"fast" => FAST,
+            b"denyoom" => DENYOOM,
+            b"loading" => LOADING,
+            b"stale" => STALE,
+            b"no_multi" => NO_MULTI,
+            _ => 0,
+        }
+    }
+}
+
+/// Longest command name looked up; longer names cannot be Redis commands.
+const MAX_NAME: usize = 64;
+
+/// What the server says about one command or subcommand.
+#[derive(Debug, Clone, Default)]
+pub struct CommandInfo {
+    pub name: String,
+    /// Redis arity: positive is exact, negative is a minimum.
+    pub arity: i64,
+    pub flags: u32,
+    /// Legacy key positions (first, last, step); last < 0 counts from the end.
+    pub first_key: i64,
+    pub last_key: i64,
+    pub key_step: i64,
+    /// Subcommands by lowercase name (`CLIENT` -> `id`, `setname`, ...).
+    pub subcommands: HashMap<Vec<u8>, CommandInfo, ahash::RandomState>,
+}
+
+impl CommandInfo {
+    #[inline]
+    pub fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
+
+    /// Does `argc` (including the name) satisfy the arity?
+    pub fn arity_ok(&self, argc: usize) -> bool {
+        let a = self.arity;
+        (a >= 0 && argc as i64 == a) || (a < 0 && argc as i64 >= -a)
+    }
+}
+
+/// All commands of one upstream.
+#[derive(Debug, Clone, Default)]
+pub struct CommandTable {
+    commands: HashMap<Vec<u8>, CommandInfo, ahash::RandomState>,
+}
+
+impl CommandTable {
+    /// Build from the raw bytes of a `COMMAND` reply (RESP2).
+    pub fn from_reply(reply: &[u8]) -> Result<Self, String> {
+        let (frame, _) = redis_protocol::resp2::decode::decode(reply)
+            .map_err(|e| format!("COMMAND reply does not decode: {e}"))?
+            .ok_or("COMMAND reply is incomplete")?;
+        let OwnedFrame::Array(entries) = frame else {
+            return Err(match frame {
+                OwnedFrame::Error(e) => format!("COMMAND failed: {e}"),
+                _ => "COMMAND reply is not an array".into(),
+            });
+        };
+        let mut commands =
+            HashMap::with_capacity_and_hasher(entries.len(), ahash::RandomState::new());
+        for entry in &entries {
+            let info = parse_entry(entry)?;
+            commands.insert(info.name.as_bytes().to_vec(), info);
+        }
+        Ok(CommandTable { commands })
+    }
+
+    pub fn len(&self) -> usize {
+        self.commands.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.commands.is_empty()
+    }
+
+    /// Case-insensitive lookup without allocating.
+    #[inline]
+    pub fn get(&self, name: &[u8]) -> Option<&CommandInfo> {
+        let mut buf = [0u8; MAX_NAME];
+        let lower = lowercase(name, &mut buf)?;
+        self.commands.get(lower)
+    }
+
+    /// Look up a command, descending into its subcommand when it has them.
+    #[inline]
+    pub fn get_with_sub(&self, name: &[u8], sub: Option<&[u8]>) -> Option<&CommandInfo> {
+        let info = self.get(name)?;
+        if info.subcommands.is_empty() {
+            return Some(info);
+        }
+        let Some(sub) = sub else { return Some(info) };
+        let mut buf = [0u8; MAX_NAME];
+        match lowercase(sub, &mut buf) {
+            Some(sub) => info.subcommands.get(sub).or(Some(info)),
+            None => Some(info),
+        }
+    }
+}
+
+/// ASCII-lowercase `name` into `buf`; `None` if it is too long to be a command.
+#[inline]
+pub fn lowercase<'a>(name: &[u8], buf: &'a mut [u8; MAX_NAME]) -> Option<&'a [u8]> {
+    if name.len() > MAX_NAME {
+        return None;
+    }
+    let out = &mut buf[..name.len()];
+    for (o, c) in out.iter_mut().zip(name) {
+        *o = c.to_ascii_lowercase();
+    }
+    Some(out)
+}
+
+fn text(f: &OwnedFrame) -> Option<&[u8]> {
+    match f {
+        OwnedFrame::BulkString(b) | OwnedFrame::SimpleString(b) => Some(b),
+        _ => None,
+    }
+}
+
+fn int(f: &OwnedFrame) -> Option<i64> {
+    match f {
+        OwnedFrame::Integer(i) => Some(*i),
+        _ => None,
+    }
+}
+
+fn parse_entry(entry: &OwnedFrame) -> Result<CommandInfo, String> {
+    let OwnedFrame::Array(parts) = entry else {
+        return Err("COMMAND entry is not an array".into());
+    };
+    if parts.len() < 6 {
+        return Err("COMMAND entry has fewer than 6 fields".into());
+    }
+    let name = text(&parts[0]).ok_or("COMMAND entry name is not a string")?;
+    // Subcommands are reported as `container|sub`; keep the part after `|`.
+    let name = String::from_utf8_lossy(name).to_ascii_lowercase();
+    let name = name.rsplit('|').next().unwrap_or(&name).to_string();
+    let mut info = CommandInfo {
+        name,
+        arity: int(&parts[1]).ok_or("COMMAND arity is not an integer")?,
+        first_key: int(&parts[3]).unwrap_or(0),
+        last_key: int(&parts[4]).unwrap_or(0),
+        key_step: int(&parts[5]).unwrap_or(0),
+        ..Default::default()
+    };
+    if let OwnedFrame::Array(fl) = &parts[2] {
+        for f in fl {
+            if let Some(t) = text(f) {
+                info.flags |= flags::from_name(t);
+            }
+        }
+    }
+    if let Some(OwnedFrame::Array(subs)) = parts.get(9) {
+        for sub in subs {
+            let s = parse_entry(sub)?;
+            info.subcommands.insert(s.name.as_bytes().to_vec(), s);
+        }
+    }
+    Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REPLY: &[u8] = b"*2\r\n\
+*10\r\n$3\r\nget\r\n:2\r\n*2\r\n+readonly\r\n+fast\r\n:1\r\n:1\r\n:1\r\n*0\r\n*0\r\n*0\r\n*0\r\n\
+*10\r\n$6\r\nclient\r\n:-2\r\n*0\r\n:0\r\n:0\r\n:0\r\n*0\r\n*0\r\n*0\r\n\
+*1\r\n*10\r\n$9\r\nclient|id\r\n:2\r\n*1\r\n+noscript\r\n:0\r\n:0\r\n:0\r\n*0\r\n*0\r\n*0\r\n*0\r\n";
+
+    #[test]
+    fn builds_from_command_reply() {
+        let t = CommandTable::from_reply(REPLY).unwrap();
+        assert_eq!(t.len(), 2);
+        let get = t.get(b"GeT").unwrap();
+        assert!(get.has(flags::READONLY) && !get.has(flags::WRITE));
+        assert_eq!((get.first_key, get.last_key, get.key_step), (1, 1, 1));
+        assert!(get.arity_ok(2) && !get.arity_ok(3));
+        let id = t.get_with_sub(b"CLIENT", Some(b"ID")).unwrap();
+        assert_eq!(id.name, "id");
+        assert!(id.has(flags::NOSCRIPT));
+        assert!(t.get(b"nope").is_none());
+        assert!(t.get(&[b'a'; 100]).is_none());
+    }
+
+    #[test]
+    fn error_reply_is_reported() {
+        let err = CommandTable::from_reply(b"-NOPERM no\r\n").unwrap_err();
+        assert!(err.contains("NOPERM"));
+    }
+}

@@ -1,0 +1,385 @@
+//! Configuration: defaults, the TOML file, command-line overrides and
+//! validation that reports every problem at once.
+//!
+//! The file is read as a plain TOML table and walked key by key (rather than
+//! deserialised with `deny_unknown_fields`) so one start reports every unknown
+//! key and every bad value together, instead of the first one only.
+//! `config/keyward.toml` documents every key; keep the two in step.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// The whole effective configuration.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ServerConfig {
+    /// Address clients connect to.
+    pub listen: String,
+    /// Connected clients at most; one more gets `-ERR max number of clients reached`.
+    pub max_clients: usize,
+    /// Largest single argument in a request (Redis's proto-max-bulk-len).
+    pub max_bulk_bytes: usize,
+    /// Largest whole request (Redis's client-query-buffer-limit).
+    pub max_request_bytes: usize,
+    /// Requests a client may have waiting for replies; past it keyward stops
+    /// reading that client until replies drain.
+    pub max_pending_requests: usize,
+    /// Reply bytes waiting for a client that does not read; past it the client
+    /// is disconnected (Redis's client-output-buffer-limit).
+    pub max_reply_bytes: usize,
+    /// Close clients idle this long; 0 never (Redis's `timeout`).
+    pub idle_timeout_secs: u64,
+    /// On SIGTERM, how long in-flight replies may take before connections close.
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct UpstreamConfig {
+    /// The Redis server to forward to (`host:port`).
+    pub address: String,
+    /// ACL user for upstream connections; empty means `default`.
+    pub username: String,
+    /// Password sent with HELLO/AUTH on every upstream connection; empty for none.
+    #[serde(serialize_with = "redact")]
+    pub password: String,
+    /// Shared pipelined connections per RESP version.
+    pub pool_size: usize,
+    /// Requests in flight on one shared connection at most.
+    pub max_inflight: usize,
+    /// Dedicated connections for MULTI, blocking commands, subscribers, ... at most.
+    pub max_pinned: usize,
+    pub connect_timeout_ms: u64,
+    /// A shared connection whose oldest request waits longer than this is
+    /// closed and its requests failed.
+    pub command_timeout_ms: u64,
+    /// Reconnect backoff bounds (jittered, doubling).
+    pub backoff_min_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AdminConfig {
+    /// HTTP listener for /live and /ready; empty disables it.
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LogConfig {
+    /// tracing filter, e.g. "info" or "keyward=debug".
+    pub level: String,
+    /// "text" or "json".
+    pub format: String,
+}
+
+fn redact<S: serde::Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(if v.is_empty() { "" } else { "(set)" })
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig {
+                listen: "127.0.0.1:6380".into(),
+                max_clients: 10_000,
+                max_bulk_bytes: 512 * 1024 * 1024,
+                max_request_bytes: 1024 * 1024 * 1024,
+                max_pending_requests: 100_000,
+                max_reply_bytes: 1024 * 1024 * 1024,
+                idle_timeout_secs: 0,
+                shutdown_grace_ms: 5_000,
+            },
+            upstream: UpstreamConfig {
+                address: "127.0.0.1:6379".into(),
+                username: String::new(),
+                password: String::new(),
+                pool_size: 2,
+                max_inflight: 100_000,
+                max_pinned: 1_000,
+                connect_timeout_ms: 1_000,
+                command_timeout_ms: 5_000,
+                backoff_min_ms: 50,
+                backoff_max_ms: 2_000,
+            },
+            admin: AdminConfig {
+                listen: "127.0.0.1:9380".into(),
+            },
+            log: LogConfig {
+                level: "info".into(),
+                format: "text".into(),
+            },
+        }
+    }
+}
+
+/// Every problem found, one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+pub struct ConfigError(pub Vec<String>);
+
+impl Config {
+    /// Defaults overlaid with the TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let mut cfg = Config::default();
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError(vec![format!("not valid TOML: {}", e.message())])
+        })?;
+        let mut problems = Vec::new();
+        cfg.apply(&table, &mut problems);
+        problems.extend(cfg.problems());
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError(problems))
+        }
+    }
+
+    /// Check cross-field rules; `Ok` or every problem.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let p = self.problems();
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(p))
+        }
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.server.listen.parse::<SocketAddr>().is_err() {
+            p.push(format!(
+                "server.listen: `{}` is not an address like 127.0.0.1:6380",
+                self.server.listen
+            ));
+        }
+        if !self.admin.listen.is_empty() && self.admin.listen.parse::<SocketAddr>().is_err() {
+            p.push(format!(
+                "admin.listen: `{}` is not an address like 127.0.0.1:9380",
+                self.admin.listen
+            ));
+        }
+        if !valid_host_port(&self.upstream.address) {
+            p.push(format!(
+                "upstream.address: `{}` is not host:port",
+                self.upstream.address
+            ));
+        }
+        let positive: [(&str, u64); 9] = [
+            ("server.max_clients", self.server.max_clients as u64),
+            ("server.max_bulk_bytes", self.server.max_bulk_bytes as u64),
+            (
+                "server.max_request_bytes",
+                self.server.max_request_bytes as u64,
+            ),
+            (
+                "server.max_pending_requests",
+                self.server.max_pending_requests as u64,
+            ),
+            ("server.max_reply_bytes", self.server.max_reply_bytes as u64),
+            ("upstream.pool_size", self.upstream.pool_size as u64),
+            ("upstream.max_inflight", self.upstream.max_inflight as u64),
+            (
+                "upstream.connect_timeout_ms",
+                self.upstream.connect_timeout_ms,
+            ),
+            (
+                "upstream.command_timeout_ms",
+                self.upstream.command_timeout_ms,
+            ),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                p.push(format!("{name}: must be greater than 0"));
+            }
+        }
+        if self.upstream.pool_size > 64 {
+            p.push("upstream.pool_size: at most 64".into());
+        }
+        if self.server.max_request_bytes > u32::MAX as usize {
+            p.push(format!("server.max_request_bytes: at most {}", u32::MAX));
+        }
+        if self.upstream.backoff_min_ms == 0
+            || self.upstream.backoff_min_ms > self.upstream.backoff_max_ms
+        {
+            p.push("upstream.backoff_min_ms: must be > 0 and <= upstream.backoff_max_ms".into());
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            p.push(format!(
+                "log.format: `{}` is not \"text\" or \"json\"",
+                self.log.format
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            p.push(format!(
+                "log.level: `{}` is not a valid filter",
+                self.log.level
+            ));
+        }
+        p
+    }
+
+    fn apply(&mut self, table: &toml::Table, problems: &mut Vec<String>) {
+        for (section, value) in table {
+            let Some(t) = value.as_table() else {
+                problems.push(format!("`{section}`: unknown key (settings live in [server], [upstream], [admin], [log])"));
+                continue;
+            };
+            for (key, v) in t {
+                let name = format!("{section}.{key}");
+                let s = &mut *self;
+                let known = match (section.as_str(), key.as_str()) {
+                    ("server", "listen") => set_str(&mut s.server.listen, &name, v, problems),
+                    ("server", "max_clients") => {
+                        set_num(&mut s.server.max_clients, &name, v, problems)
+                    }
+                    ("server", "max_bulk_bytes") => {
+                        set_num(&mut s.server.max_bulk_bytes, &name, v, problems)
+                    }
+                    ("server", "max_request_bytes") => {
+                        set_num(&mut s.server.max_request_bytes, &name, v, problems)
+                    }
+                    ("server", "max_pending_requests") => {
+                        set_num(&mut s.server.max_pending_requests, &name, v, problems)
+                    }
+                    ("server", "max_reply_bytes") => {
+                        set_num(&mut s.server.max_reply_bytes, &name, v, problems)
+                    }
+                    ("server", "idle_timeout_secs") => {
+                        set_num(&mut s.server.idle_timeout_secs, &name, v, problems)
+                    }
+                    ("server", "shutdown_grace_ms") => {
+                        set_num(&mut s.server.shutdown_grace_ms, &name, v, problems)
+                    }
+                    ("upstream", "address") => set_str(&mut s.upstream.address, &name, v, problems),
+                    ("upstream", "username") => {
+                        set_str(&mut s.upstream.username, &name, v, problems)
+                    }
+                    ("upstream", "password") => {
+                        set_str(&mut s.upstream.password, &name, v, problems)
+                    }
+                    ("upstream", "pool_size") => {
+                        set_num(&mut s.upstream.pool_size, &name, v, problems)
+                    }
+                    ("upstream", "max_inflight") => {
+                        set_num(&mut s.upstream.max_inflight, &name, v, problems)
+                    }
+                    ("upstream", "max_pinned") => {
+                        set_num(&mut s.upstream.max_pinned, &name, v, problems)
+                    }
+                    ("upstream", "connect_timeout_ms") => {
+                        set_num(&mut s.upstream.connect_timeout_ms, &name, v, problems)
+                    }
+                    ("upstream", "command_timeout_ms") => {
+                        set_num(&mut s.upstream.command_timeout_ms, &name, v, problems)
+                    }
+                    ("upstream", "backoff_min_ms") => {
+                        set_num(&mut s.upstream.backoff_min_ms, &name, v, problems)
+                    }
+                    ("upstream", "backoff_max_ms") => {
+                        set_num(&mut s.upstream.backoff_max_ms, &name, v, problems)
+                    }
+                    ("admin", "listen") => set_str(&mut s.admin.listen, &name, v, problems),
+                    ("log", "level") => set_str(&mut s.log.level, &name, v, problems),
+                    ("log", "format") => set_str(&mut s.log.format, &name, v, problems),
+                    _ => false,
+                };
+                if !known {
+                    problems.push(format!("`{name}`: unknown key"));
+                }
+            }
+        }
+    }
+
+    /// The effective configuration as TOML (passwords redacted).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| {
+            let mut s = String::new();
+            let _ = write!(s, "# cannot render configuration: {e}");
+            s
+        })
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.upstream.connect_timeout_ms)
+    }
+
+    pub fn command_timeout(&self) -> Duration {
+        Duration::from_millis(self.upstream.command_timeout_ms)
+    }
+}
+
+fn valid_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty() && port.parse::<u16>().map(|p| p > 0).unwrap_or(false)
+        }
+        None => false,
+    }
+}
+
+/// Returns true when the key is known (even if its value was bad).
+fn set_str(slot: &mut String, name: &str, v: &toml::Value, problems: &mut Vec<String>) -> bool {
+    match v.as_str() {
+        Some(s) => *slot = s.to_string(),
+        None => problems.push(format!("{name}: expected a string, got {}", v.type_str())),
+    }
+    true
+}
+
+fn set_num<T: TryFrom<i64>>(
+    slot: &mut T,
+    name: &str,
+    v: &toml::Value,
+    problems: &mut Vec<String>,
+) -> bool {
+    match v.as_integer().map(T::try_from) {
+        Some(Ok(n)) => *slot = n,
+        Some(Err(_)) => problems.push(format!("{name}: {} is out of range", v)),
+        None => problems.push(format!("{name}: expected an integer, got {}", v.type_str())),
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let err = Config::from_toml(
+            "[server]\nlisten = 5\nmax_clients = -1\nbogus = 1\n[upstream]\npool_size = 0\n[nope]\nx = 1\n",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for needle in [
+            "server.listen",
+            "server.max_clients",
+            "`server.bogus`: unknown key",
+            "upstream.pool_size",
+            "`nope.x`",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in {text}");
+        }
+    }
+
+    #[test]
+    fn shipped_config_file_is_the_defaults() {
+        let text = include_str!("../config/keyward.toml");
+        assert_eq!(Config::from_toml(text).unwrap(), Config::default());
+    }
+}

@@ -1,0 +1,932 @@
+//! One client connection: a reader task that frames requests and routes them,
+//! and a writer task that sends replies back in request order.
+//!
+//! The reader turns the byte stream into an ordered list of entries: replies
+//! keyward makes itself, batches sent to the shared pool (a run of
+//! consecutive ordinary requests goes upstream as one contiguous slice of the
+//! read buffer), and a relay from a pinned connection while the client holds
+//! connection state. The writer walks the entries in order, awaiting each, so
+//! replies keep the order of requests whatever mix of routes they took.
+//!
+//! Switching route (pool to pinned, or between the RESP2 and RESP3 pools)
+//! waits until every earlier reply is back, because Redis orders commands per
+//! connection only: a command sent on another connection could overtake an
+//! earlier one still in flight.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use smallvec::SmallVec;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::local;
+use super::state::SessionState;
+use super::Ctx;
+use crate::command::table::flags;
+use crate::command::{classify, Class};
+use crate::error::{Error, Kind};
+use crate::resp::reply;
+use crate::resp::request::Args;
+use crate::resp::{Parsed, Proto, Request, RequestParser};
+use crate::upstream::{BatchResult, Meter, PinMsg, Pinned};
+
+/// Local replies are flushed to the writer once this large.
+const LOCAL_FLUSH: usize = 64 * 1024;
+/// Writer buffer size above which replies are written out.
+const WRITE_FLUSH: usize = 64 * 1024;
+/// Replies at least this large are written from their own buffer, not copied.
+const WRITE_DIRECT: usize = 16 * 1024;
+
+/// One step of the reply stream, in request order.
+enum Entry {
+    /// Replies keyward made itself for `n` requests.
+    Ready(Bytes, u32),
+    /// A batch sent to the shared pool.
+    Pooled {
+        rx: oneshot::Receiver<BatchResult>,
+        req: Bytes,
+        count: u32,
+        proto: Proto,
+    },
+    /// Everything a pinned connection sends, until it is released.
+    Relay(mpsc::Receiver<PinMsg>),
+    /// Close the connection once everything before is written.
+    Close,
+}
+
+/// State the reader and writer share.
+struct Shared {
+    meter: Arc<Meter>,
+    /// Cancelled to drop the client at once (output limit, lost state).
+    cancel: CancellationToken,
+    /// Entries queued and not yet finished by the writer.
+    entries: AtomicUsize,
+    drained: Notify,
+    /// Requests waiting for replies (server.max_pending_requests).
+    permits: Semaphore,
+}
+
+impl Shared {
+    fn finish_entry(&self, requests: u32) {
+        if requests > 0 {
+            self.permits.add_permits(requests as usize);
+        }
+        if self.entries.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.drained.notify_waiters();
+        }
+    }
+}
+
+/// Serve one client until it leaves, breaks the protocol or keyward stops.
+pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, id: u64) {
+    let _ = stream.set_nodelay(true);
+    let peer = stream.peer_addr().ok();
+    let (rd, wr) = stream.into_split();
+    let cancel = CancellationToken::new();
+    let shared = Arc::new(Shared {
+        meter: Arc::new(Meter::new(
+            ctx.config.server.max_reply_bytes,
+            cancel.clone(),
+        )),
+        cancel,
+        entries: AtomicUsize::new(0),
+        drained: Notify::new(),
+        permits: Semaphore::new(ctx.config.server.max_pending_requests),
+    });
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer = tokio::spawn(write_loop(ctx.clone(), shared.clone(), rx, wr, id));
+    let mut reader = Reader {
+        ctx: ctx.clone(),
+        id,
+        shared: shared.clone(),
+        entries: tx,
+        buf: BytesMut::new(),
+        parser: RequestParser::new(),
+        proto: Proto::Resp2,
+        state: SessionState::default(),
+        pinned: None,
+        pinned_tx: None,
+        local: BytesMut::new(),
+        local_n: 0,
+        run_count: 0,
+        target: Target::Pool(Proto::Resp2),
+        closing: false,
+    };
+    reader.run(rd).await;
+    if let Some(p) = reader.pinned.take() {
+        reader.pinned_tx = None;
+        p.release().await;
+    }
+    drop(reader);
+    let _ = writer.await;
+    if shared.meter.exceeded() {
+        tracing::warn!(
+            client = id,
+            ?peer,
+            limit = ctx.config.server.max_reply_bytes,
+            "client disconnected: replies waiting exceeded server.max_reply_bytes"
+        );
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Pool(Proto),
+    Pinned,
+}
+
+struct Reader {
+    ctx: Arc<Ctx>,
+    id: u64,
+    shared: Arc<Shared>,
+    entries: mpsc::UnboundedSender<Entry>,
+    buf: BytesMut,
+    parser: RequestParser,
+    proto: Proto,
+    state: SessionState,
+    pinned: Option<Pinned>,
+    /// The session's handle on the relay channel, for its own replies while
+    /// pinned; dropped on release so the relay can end.
+    pinned_tx: Option<mpsc::Sender<PinMsg>>,
+    /// Local replies not yet handed to the writer, for `local_n` requests.
+    local: BytesMut,
+    local_n: u32,
+    /// Requests in the run at the front of `buf` bound for the pool.
+    run_count: u32,
+    /// Where the last request went.
+    target: Target,
+    closing: bool,
+}
+
+impl Reader {
+    async fn run(&mut self, mut rd: OwnedReadHalf) {
+        let idle = match self.ctx.config.server.idle_timeout_secs {
+            0 => None,
+            s => Some(Duration::from_secs(s)),
+        };
+        while !self.closing {
+            let want = self.parser.need().saturating_sub(self.buf.len()).max(4096);
+            if self.buf.capacity() - self.buf.len() < want {
+                self.buf.reserve(want);
+            }
+            let read = async {
+                match idle {
+                    Some(t) if self.pinned.is_none() => {
+                        tokio::time::timeout(t, rd.read_buf(&mut self.buf))
+                            .await
+                            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+                    }
+                    _ => rd.read_buf(&mut self.buf).await,
+                }
+            };
+            let n = tokio::select! {
+                biased;
+                _ = self.shared.cancel.cancelled() => return,
+                _ = self.ctx.shutdown.cancelled() => return,
+                r = read => r,
+            };
+            match n {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            self.process().await;
+        }
+    }
+
+    /// Handle every complete request in the buffer.
+    async fn process(&mut self) {
+        // The run of pool-bound requests occupies buf[..off].
+        let mut off = 0usize;
+        loop {
+            if self.closing || self.shared.cancel.is_cancelled() {
+                return;
+            }
+            let parsed = match self.parser.parse(&self.buf[off..], &self.ctx.limits) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => {
+                    self.emit_run(&mut off);
+                    let mut out = BytesMut::new();
+                    reply::error(&mut out, &format!("ERR {e}"));
+                    tracing::debug!(client = self.id, error = %e, "client protocol error; closing");
+                    self.local_reply(out.freeze(), 1).await;
+                    self.close().await;
+                    return;
+                }
+            };
+            let req = match parsed {
+                Parsed::Skip(n) => {
+                    if self.run_count > 0 {
+                        // Redis ignores empty commands too; keep the run contiguous.
+                        off += n;
+                    } else {
+                        self.buf.advance(n);
+                    }
+                    continue;
+                }
+                Parsed::Request(r) => r,
+            };
+            if !self.take_permit(&mut off).await {
+                return;
+            }
+            let class = {
+                let frame: &[u8] = match &req.inline {
+                    Some(f) => f,
+                    None => &self.buf[off..off + req.consumed],
+                };
+                let table = self.ctx.node.table.load();
+                let args: SmallVec<[&[u8]; 8]> = ArgView::new(frame, &req.args).collect();
+                classify(table.as_deref(), &args)
+            };
+            if self.pinned.is_some() {
+                self.maybe_release().await;
+            }
+            if class == Class::Forward && self.pinned.is_none() && req.inline.is_none() {
+                if self.target != Target::Pool(self.proto) {
+                    self.emit_run(&mut off);
+                    self.switch_to(Target::Pool(self.proto)).await;
+                }
+                off += req.consumed;
+                self.run_count += 1;
+                continue;
+            }
+            self.emit_run(&mut off);
+            debug_assert_eq!(off, 0);
+            let (frame, consumed) = match &req.inline {
+                Some(f) => (f.clone(), req.consumed),
+                None => (self.buf.split_to(req.consumed).freeze(), 0),
+            };
+            self.buf.advance(consumed);
+            self.dispatch(class, &req, frame).await;
+        }
+        self.emit_run(&mut off);
+        self.flush_local();
+    }
+
+    /// One permit per request in flight; waits (stops reading) at the bound.
+    async fn take_permit(&mut self, off: &mut usize) -> bool {
+        if let Ok(p) = self.shared.permits.try_acquire() {
+            p.forget();
+            return true;
+        }
+        self.emit_run(off);
+        self.flush_local();
+        tokio::select! {
+            _ = self.shared.cancel.cancelled() => false,
+            p = self.shared.permits.acquire() => match p {
+                Ok(p) => { p.forget(); true }
+                Err(_) => false,
+            },
+        }
+    }
+
+    /// Send the pool-bound run at the front of the buffer.
+    fn emit_run(&mut self, off: &mut usize) {
+        if self.run_count == 0 {
+            return;
+        }
+        self.flush_local();
+        let req = self.buf.split_to(*off).freeze();
+        *off = 0;
+        let count = std::mem::take(&mut self.run_count);
+        self.send_pool(req, count);
+    }
+
+    fn send_pool(&mut self, req: Bytes, count: u32) {
+        let pool = self.ctx.pool(self.proto);
+        let rx = match pool.send(
+            self.id as usize,
+            &req,
+            count,
+            Some(self.shared.meter.clone()),
+        ) {
+            Ok(rx) => rx,
+            Err(e) => {
+                // The writer turns a failed batch into per-request errors.
+                let (tx, rx) = oneshot::channel();
+                let _ = tx.send(Err(crate::upstream::BatchError {
+                    delivered: Bytes::new(),
+                    done: 0,
+                    sent: false,
+                    error: e,
+                }));
+                rx
+            }
+        };
+        self.push(Entry::Pooled {
+            rx,
+            req,
+            count,
+            proto: self.proto,
+        });
+        self.target = Target::Pool(self.proto);
+    }
+
+    fn push(&mut self, e: Entry) {
+        self.shared.entries.fetch_add(1, Ordering::AcqRel);
+        if self.entries.send(e).is_err() {
+            self.shared.entries.fetch_sub(1, Ordering::AcqRel);
+            self.closing = true;
+        }
+    }
+
+    fn flush_local(&mut self) {
+        if self.local.is_empty() && self.local_n == 0 {
+            return;
+        }
+        let bytes = self.local.split().freeze();
+        let n = std::mem::take(&mut self.local_n);
+        self.shared.meter.add(bytes.len());
+        self.push(Entry::Ready(bytes, n));
+    }
+
+    /// A reply keyward makes itself, in order with everything before it.
+    async fn local_reply(&mut self, bytes: Bytes, requests: u32) {
+        if let (Some(p), Some(tx)) = (&self.pinned, &self.pinned_tx) {
+            // Behind the pinned connection's replies: wait until they are
+            // all queued, then queue this one on the same relay.
+            tokio::select! {
+                _ = self.shared.cancel.cancelled() => return,
+                _ = p.wait_idle() => {}
+            }
+            self.shared.meter.add(bytes.len());
+            let _ = tx.send(PinMsg::Data(bytes)).await;
+            self.shared.permits.add_permits(requests as usize);
+            return;
+        }
+        self.local.extend_from_slice(&bytes);
+        self.local_n += requests;
+        if self.local.len() >= LOCAL_FLUSH {
+            self.flush_local();
+        }
+    }
+
+    async fn local_error(&mut self, text: &str) {
+        let mut out = BytesMut::new();
+        reply::error(&mut out, text);
+        self.local_reply(out.freeze(), 1).await;
+    }
+
+    async fn close(&mut self) {
+        self.flush_local();
+        if let Some(p) = self.pinned.take() {
+            self.pinned_tx = None;
+            p.release().await;
+        }
+        self.push(Entry::Close);
+        self.closing = true;
+    }
+
+    /// Wait for every earlier reply before sending on another connection.
+    async fn switch_to(&mut self, target: Target) {
+        if self.target == target {
+            return;
+        }
+        self.flush_local();
+        loop {
+            let notified = self.shared.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.shared.entries.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            tokio::select! {
+                _ = self.shared.cancel.cancelled() => return,
+                _ = notified => {}
+            }
+        }
+        self.target = target;
+    }
+
+    /// Give the pinned connection back when nothing ties the client to it.
+    async fn maybe_release(&mut self) {
+        let Some(p) = &self.pinned else { return };
+        if !(p.idle() && self.state.clean()) {
+            return;
+        }
+        let p = self.pinned.take().expect("checked");
+        self.pinned_tx = None;
+        p.release().await;
+        tracing::trace!(client = self.id, "pinned connection released");
+    }
+
+    /// Make sure the client has a pinned connection; false (with an error
+    /// reply queued) if none can be had.
+    async fn ensure_pinned(&mut self) -> bool {
+        if self.pinned.is_some() {
+            return true;
+        }
+        self.switch_to(Target::Pinned).await;
+        let max = self.ctx.config.upstream.max_pinned;
+        let Ok(permit) = self.ctx.pinned.clone().try_acquire_owned() else {
+            self.local_error(&format!(
+                "ERR max number of pinned upstream connections reached (upstream.max_pinned = {max})"
+            ))
+            .await;
+            return false;
+        };
+        let (tx, rx) = mpsc::channel(64);
+        match Pinned::open(
+            &self.ctx.node.settings,
+            self.proto,
+            permit,
+            tx.clone(),
+            self.shared.meter.clone(),
+        )
+        .await
+        {
+            Ok(p) => {
+                self.push(Entry::Relay(rx));
+                self.pinned = Some(p);
+                self.pinned_tx = Some(tx);
+                self.target = Target::Pinned;
+                true
+            }
+            Err(e) => {
+                self.local_error(&e.resp_text()).await;
+                false
+            }
+        }
+    }
+
+    /// Send on the pinned connection, owing `expect` replies.
+    async fn send_pinned(&mut self, frame: &[u8], expect: u64) {
+        let Some(p) = &mut self.pinned else { return };
+        // The request's permit covers nothing once it is on the relay.
+        self.shared.permits.add_permits(1);
+        if let Err(e) = p.send(frame, expect).await {
+            // The relay reports the lost connection; stop reading.
+            tracing::debug!(client = self.id, error = %e, "pinned write failed");
+            self.closing = true;
+        }
+    }
+
+    /// Route one request that is not a plain pool-bound one.
+    async fn dispatch(&mut self, class: Class, req: &Request, frame: Bytes) {
+        let args: Vec<&[u8]> = ArgView::new(&frame, &req.args).collect();
+        match class {
+            Class::Hello => self.hello(&args, &frame).await,
+            Class::Auth => {
+                let mut out = BytesMut::new();
+                local::auth(&mut out, &args[1..]);
+                self.local_reply(out.freeze(), 1).await;
+            }
+            Class::Quit => {
+                let mut out = BytesMut::new();
+                reply::simple(&mut out, "OK");
+                self.local_reply(out.freeze(), 1).await;
+                self.close().await;
+            }
+            Class::Reset => {
+                if let Some(p) = self.pinned.take() {
+                    self.pinned_tx = None;
+                    p.release().await;
+                }
+                self.state = SessionState::default();
+                self.proto = Proto::Resp2;
+                let mut out = BytesMut::new();
+                reply::simple(&mut out, "RESET");
+                self.local_reply(out.freeze(), 1).await;
+            }
+            Class::Select => {
+                let db = args
+                    .get(1)
+                    .and_then(|a| std::str::from_utf8(a).ok())
+                    .and_then(|s| s.parse::<i64>().ok());
+                match db {
+                    Some(0) if self.pinned.is_none() && args.len() == 2 => {
+                        let mut out = BytesMut::new();
+                        reply::simple(&mut out, "OK");
+                        self.local_reply(out.freeze(), 1).await;
+                    }
+                    Some(n) if n >= 0 && args.len() == 2 => {
+                        if self.ensure_pinned().await {
+                            self.state.db = n;
+                            let expect = self.state.replies_for_next();
+                            self.send_pinned(&frame, expect).await;
+                        }
+                    }
+                    // Malformed: Redis's own error, from wherever we are.
+                    _ => self.forward(req, frame).await,
+                }
+            }
+            Class::Multi | Class::Watch | Class::Blocking | Class::Monitor | Class::ClientState => {
+                if self.ensure_pinned().await {
+                    match class {
+                        Class::Multi => self.state.in_multi = true,
+                        Class::Watch if !self.state.in_multi => self.state.watching = true,
+                        Class::Monitor => self.state.monitor = true,
+                        Class::ClientState => self.state.client_state = true,
+                        _ => {}
+                    }
+                    let expect = self.state.replies_for_next();
+                    self.send_pinned(&frame, expect).await;
+                }
+            }
+            Class::Exec | Class::Discard | Class::Unwatch => {
+                if self.pinned.is_none() {
+                    // No transaction here: Redis gives its own answer.
+                    return self.forward(req, frame).await;
+                }
+                match class {
+                    Class::Exec | Class::Discard => {
+                        self.state.in_multi = false;
+                        self.state.watching = false;
+                    }
+                    _ if !self.state.in_multi => self.state.watching = false,
+                    _ => {}
+                }
+                let expect = self.state.replies_for_next();
+                self.send_pinned(&frame, expect).await;
+            }
+            Class::Subscribe(kind) => {
+                if self.ensure_pinned().await {
+                    let names: Vec<Bytes> =
+                        (1..args.len()).map(|i| arg_bytes(&frame, req, i)).collect();
+                    let expect = self.state.subscribe(kind, &names);
+                    if let Some(p) = &self.pinned {
+                        if self.proto == Proto::Resp2 {
+                            p.mark_subscribed();
+                        }
+                    }
+                    self.send_pinned(&frame, expect).await;
+                }
+            }
+            Class::Unsubscribe(kind) => {
+                if self.pinned.is_none() {
+                    return self.forward(req, frame).await;
+                }
+                let names: Vec<Bytes> =
+                    (1..args.len()).map(|i| arg_bytes(&frame, req, i)).collect();
+                let expect = self.state.unsubscribe(kind, &names);
+                self.send_pinned(&frame, expect).await;
+            }
+            Class::ClientReply(mode) => {
+                if self.ensure_pinned().await {
+                    let expect = self.state.set_reply_mode(mode);
+                    self.send_pinned(&frame, expect).await;
+                }
+            }
+            Class::Forward => self.forward(req, frame).await,
+        }
+    }
+
+    /// An ordinary request taken out of the run (inline, or while pinned).
+    async fn forward(&mut self, _req: &Request, frame: Bytes) {
+        if self.pinned.is_some() {
+            let expect = self.state.replies_for_next();
+            self.send_pinned(&frame, expect).await;
+        } else {
+            self.switch_to(Target::Pool(self.proto)).await;
+            self.flush_local();
+            self.send_pool(frame, 1);
+        }
+    }
+
+    async fn hello(&mut self, args: &[&[u8]], _frame: &Bytes) {
+        let hello = match local::parse_hello(&args[1..]) {
+            Ok(h) => h,
+            Err(e) => return self.local_error(&e).await,
+        };
+        if let Some((user, pass)) = &hello.auth {
+            if let Err(e) = local::check_auth(Some(user), pass) {
+                return self.local_error(&e).await;
+            }
+        }
+        let proto = hello.proto.unwrap_or(self.proto);
+        if let Some(p) = &self.pinned {
+            if p.proto != proto {
+                // The pinned connection speaks the old protocol; switching it
+                // mid-state is not supported, so say so rather than mislead.
+                return self
+                    .local_error("ERR keyward cannot change the protocol while the connection holds state (MULTI, SUBSCRIBE, SELECT, CLIENT); send RESET first")
+                    .await;
+            }
+        }
+        self.proto = proto;
+        let mut out = BytesMut::new();
+        let version = self.ctx.node.facts.load().version.clone();
+        local::hello_reply(&mut out, proto, self.id, &version);
+        self.local_reply(out.freeze(), 1).await;
+    }
+}
+
+fn arg_bytes(frame: &Bytes, req: &Request, i: usize) -> Bytes {
+    let a = req.args[i];
+    frame.slice(a.start as usize..a.end as usize)
+}
+
+/// Arguments of a request as byte slices.
+struct ArgView<'a> {
+    frame: &'a [u8],
+    args: &'a Args,
+    i: usize,
+}
+
+impl<'a> ArgView<'a> {
+    fn new(frame: &'a [u8], args: &'a Args) -> Self {
+        ArgView { frame, args, i: 0 }
+    }
+}
+
+impl<'a> Iterator for ArgView<'a> {
+    type Item = &'a [u8];
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let a = self.args.get(self.i)?;
+        self.i += 1;
+        Some(&self.frame[a.start as usize..a.end as usize])
+    }
+}
+
+/// Writes replies in request order; see the module docs.
+async fn write_loop(
+    ctx: Arc<Ctx>,
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<Entry>,
+    mut wr: OwnedWriteHalf,
+    id: u64,
+) {
+    let mut w = Writer {
+        out: BytesMut::new(),
+        wr: &mut wr,
+        shared: &shared,
+    };
+    loop {
+        let entry = match rx.try_recv() {
+            Ok(e) => e,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                if !w.flush().await {
+                    return;
+                }
+                tokio::select! {
+                    biased;
+                    _ = shared.cancel.cancelled() => return,
+                    e = rx.recv() => match e {
+                        Some(e) => e,
+                        None => break,
+                    },
+                }
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+        };
+        let ok = match entry {
+            Entry::Ready(bytes, n) => {
+                let ok = w.put(bytes).await;
+                shared.finish_entry(n);
+                ok
+            }
+            Entry::Pooled {
+                rx,
+                req,
+                count,
+                proto,
+            } => {
+                let ok = w.pooled(&ctx, rx, req, count, proto, id).await;
+                shared.finish_entry(count);
+                ok
+            }
+            Entry::Relay(prx) => {
+                let ok = w.relay(prx).await;
+                shared.finish_entry(0);
+                ok
+            }
+            Entry::Close => {
+                w.flush().await;
+                shared.finish_entry(0);
+                break;
+            }
+        };
+        if !ok {
+            shared.cancel.cancel();
+            return;
+        }
+    }
+    w.flush().await;
+    let _ = wr.shutdown().await;
+}
+
+struct Writer<'a> {
+    out: BytesMut,
+    wr: &'a mut OwnedWriteHalf,
+    shared: &'a Shared,
+}
+
+impl Writer<'_> {
+    /// Write out what is buffered; false if the client is gone.
+    async fn flush(&mut self) -> bool {
+        if self.out.is_empty() {
+            return true;
+        }
+        let ok = tokio::select! {
+            biased;
+            _ = self.shared.cancel.cancelled() => false,
+            r = self.wr.write_all(&self.out) => r.is_ok(),
+        };
+        self.shared.meter.sub(self.out.len());
+        self.out.clear();
+        if self.out.capacity() > 4 * WRITE_FLUSH {
+            self.out = BytesMut::new();
+        }
+        ok
+    }
+
+    /// Queue reply bytes (already counted on the meter).
+    async fn put(&mut self, bytes: Bytes) -> bool {
+        if bytes.len() >= WRITE_DIRECT {
+            if !self.flush().await {
+                return false;
+            }
+            let ok = tokio::select! {
+                biased;
+                _ = self.shared.cancel.cancelled() => false,
+                r = self.wr.write_all(&bytes) => r.is_ok(),
+            };
+            self.shared.meter.sub(bytes.len());
+            return ok;
+        }
+        self.out.extend_from_slice(&bytes);
+        if self.out.len() >= WRITE_FLUSH {
+            return self.flush().await;
+        }
+        true
+    }
+
+    async fn put_local(&mut self, text: &str) -> bool {
+        let mut b = BytesMut::new();
+        reply::error(&mut b, text);
+        self.shared.meter.add(b.len());
+        self.put(b.freeze()).await
+    }
+
+    async fn pooled(
+        &mut self,
+        ctx: &Ctx,
+        mut rx: oneshot::Receiver<BatchResult>,
+        req: Bytes,
+        count: u32,
+        proto: Proto,
+        id: u64,
+    ) -> bool {
+        let res = match rx.try_recv() {
+            Ok(r) => r,
+            Err(_) => {
+                if !self.flush().await {
+                    return false;
+                }
+                tokio::select! {
+                    biased;
+                    _ = self.shared.cancel.cancelled() => return false,
+                    r = &mut rx => r.unwrap_or_else(|_| Err(crate::upstream::BatchError {
+                        delivered: Bytes::new(), done: 0, sent: true,
+                        error: Error::upstream(Kind::OutcomeUnknown, "upstream connection dropped the request"),
+                    })),
+                }
+            }
+        };
+        match res {
+            Ok(bytes) => self.put(bytes).await,
+            Err(e) => self.failed(ctx, e, req, count, proto, id).await,
+        }
+    }
+
+    /// A batch failed: keep the replies that came, retry reads once, and give
+    /// every other request an error that says whether it reached Redis.
+    async fn failed(
+        &mut self,
+        ctx: &Ctx,
+        e: crate::upstream::BatchError,
+        req: Bytes,
+        count: u32,
+        proto: Proto,
+        id: u64,
+    ) -> bool {
+        if !e.delivered.is_empty() && !self.put(e.delivered).await {
+            return false;
+        }
+        let table = ctx.node.table.load();
+        let mut parser = RequestParser::new();
+        let mut off = 0usize;
+        let mut index = 0u32;
+        let pool = ctx.pool(proto);
+        while index < count {
+            let r = match parser.parse(&req[off..], &ctx.limits) {
+                Ok(Some(Parsed::Request(r))) => r,
+                Ok(Some(Parsed::Skip(n))) => {
+                    off += n;
+                    continue;
+                }
+                _ => break,
+            };
+            let frame = req.slice(off..off + r.consumed);
+            off += r.consumed;
+            index += 1;
+            if index <= e.done {
+                continue;
+            }
+            let name = r.arg(&frame, 0);
+            let sub = (r.args.len() > 1).then(|| r.arg(&frame, 1));
+            let readonly = table
+                .as_deref()
+                .and_then(|t| t.get_with_sub(name, sub))
+                .map(|i| i.has(flags::READONLY))
+                .unwrap_or(false);
+            if readonly || !e.sent {
+                // Reads are retried once. A write that never reached Redis is
+                // not retried either: its error says it was not sent.
+                if readonly {
+                    match pool.send(id as usize, &frame, 1, Some(self.shared.meter.clone())) {
+                        Ok(rx) => {
+                            if !self.flush().await {
+                                return false;
+                            }
+                            let r = tokio::select! {
+                                _ = self.shared.cancel.cancelled() => return false,
+                                r = rx => r,
+                            };
+                            match r {
+                                Ok(Ok(bytes)) => {
+                                    if !self.put(bytes).await {
+                                        return false;
+                                    }
+                                }
+                                Ok(Err(e2)) => {
+                                    if !self.put_local(&e2.error.resp_text()).await {
+                                        return false;
+                                    }
+                                }
+                                Err(_) => {
+                                    if !self.put_local(&e.error.resp_text()).await {
+                                        return false;
+                                    }
+                                }
+                            }
+                            continue;
+                        }
+                        Err(e2) => {
+                            if !self.put_local(&e2.resp_text()).await {
+                                return false;
+                            }
+                            continue;
+                        }
+                    }
+                }
+            }
+            if !self.put_local(&e.error.resp_text()).await {
+                return false;
+            }
+        }
+        // Requests the rescan could not find (should not happen) still get a reply.
+        while index < count {
+            index += 1;
+            if index > e.done && !self.put_local(&e.error.resp_text()).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn relay(&mut self, mut prx: mpsc::Receiver<PinMsg>) -> bool {
+        loop {
+            let msg = match prx.try_recv() {
+                Ok(m) => Some(m),
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    if !self.flush().await {
+                        return false;
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = self.shared.cancel.cancelled() => return false,
+                        m = prx.recv() => m,
+                    }
+                }
+            };
+            match msg {
+                None => return true,
+                Some(PinMsg::Data(b)) => {
+                    if !self.put(b).await {
+                        return false;
+                    }
+                }
+                Some(PinMsg::Lost { error, outstanding }) => {
+                    for _ in 0..outstanding {
+                        if !self.put_local(&error.resp_text()).await {
+                            return false;
+                        }
+                    }
+                    // The connection's state (transaction, subscriptions,
+                    // database) is gone; close rather than carry on without it.
+                    tracing::warn!(error = %error, "pinned upstream connection lost; closing client");
+                    self.flush().await;
+                    return false;
+                }
+            }
+        }
+    }
+}

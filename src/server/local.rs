@@ -1,0 +1,139 @@
+//! Replies keyward gives itself: HELLO, AUTH, and the errors for them, with
+//! Redis's exact texts (a client library must not see a difference).
+
+use bytes::BytesMut;
+
+use crate::resp::reply::{self, Proto};
+
+/// A parsed HELLO request.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub proto: Option<Proto>,
+    pub auth: Option<(Vec<u8>, Vec<u8>)>,
+    pub setname: Option<Vec<u8>>,
+}
+
+/// Parse HELLO's arguments (after the name) with Redis 7's checks and order;
+/// `Err` carries the error line to send.
+pub fn parse_hello(args: &[&[u8]]) -> Result<Hello, String> {
+    let mut hello = Hello {
+        proto: None,
+        auth: None,
+        setname: None,
+    };
+    let mut j = 0;
+    if let Some(v) = args.first() {
+        let ver = std::str::from_utf8(v)
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+            .ok_or("ERR Protocol version is not an integer or out of range")?;
+        hello.proto = match ver {
+            2 => Some(Proto::Resp2),
+            3 => Some(Proto::Resp3),
+            _ => return Err("NOPROTO unsupported protocol version".into()),
+        };
+        j = 1;
+    }
+    while j < args.len() {
+        let more = args.len() - 1 - j;
+        let opt = args[j];
+        if opt.eq_ignore_ascii_case(b"AUTH") && more >= 2 {
+            hello.auth = Some((args[j + 1].to_vec(), args[j + 2].to_vec()));
+            j += 3;
+        } else if opt.eq_ignore_ascii_case(b"SETNAME") && more >= 1 {
+            hello.setname = Some(args[j + 1].to_vec());
+            j += 2;
+        } else {
+            return Err(format!(
+                "ERR Syntax error in HELLO option '{}'",
+                String::from_utf8_lossy(opt)
+            ));
+        }
+    }
+    if let Some(name) = &hello.setname {
+        if name.iter().any(|c| !(b'!'..=b'~').contains(c)) {
+            return Err(
+                "ERR Client names cannot contain spaces, newlines or special characters.".into(),
+            );
+        }
+    }
+    Ok(hello)
+}
+
+/// Check AUTH credentials the way a Redis with no password answers them: the
+/// `default` user accepts any password; no other user exists.
+pub fn check_auth(user: Option<&[u8]>, _password: &[u8]) -> Result<(), String> {
+    match user {
+        None => Err("ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?".into()),
+        Some(u) if u == b"default" => Ok(()),
+        Some(_) => Err("WRONGPASS invalid username-password pair or user is disabled.".into()),
+    }
+}
+
+/// AUTH with its arguments (after the name).
+pub fn auth(out: &mut BytesMut, args: &[&[u8]]) {
+    let res = match args {
+        [pass] => check_auth(None, pass),
+        [user, pass] => check_auth(Some(user), pass),
+        _ => Err("ERR wrong number of arguments for 'auth' command".into()),
+    };
+    match res {
+        Ok(()) => reply::simple(out, "OK"),
+        Err(e) => reply::error(out, &e),
+    }
+}
+
+/// The HELLO reply: the server map in the client's (new) protocol.
+pub fn hello_reply(out: &mut BytesMut, proto: Proto, id: u64, version: &str) {
+    reply::map(out, proto, 7);
+    reply::bulk(out, b"server");
+    reply::bulk(out, b"redis");
+    reply::bulk(out, b"version");
+    reply::bulk(out, version.as_bytes());
+    reply::bulk(out, b"proto");
+    reply::int(out, proto.number());
+    reply::bulk(out, b"id");
+    reply::int(out, id as i64);
+    reply::bulk(out, b"mode");
+    reply::bulk(out, b"standalone");
+    reply::bulk(out, b"role");
+    reply::bulk(out, b"master");
+    reply::bulk(out, b"modules");
+    reply::array(out, 0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_parsing_matches_redis() {
+        assert_eq!(parse_hello(&[]).unwrap().proto, None);
+        assert_eq!(parse_hello(&[b"3"]).unwrap().proto, Some(Proto::Resp3));
+        assert_eq!(
+            parse_hello(&[b"4"]).unwrap_err(),
+            "NOPROTO unsupported protocol version"
+        );
+        assert_eq!(
+            parse_hello(&[b"x"]).unwrap_err(),
+            "ERR Protocol version is not an integer or out of range"
+        );
+        assert_eq!(
+            parse_hello(&[b"3", b"AUTH", b"u"]).unwrap_err(),
+            "ERR Syntax error in HELLO option 'AUTH'"
+        );
+        let h = parse_hello(&[b"2", b"auth", b"default", b"pw", b"SETNAME", b"n"]).unwrap();
+        assert_eq!(h.auth, Some((b"default".to_vec(), b"pw".to_vec())));
+        assert_eq!(h.setname, Some(b"n".to_vec()));
+    }
+
+    #[test]
+    fn hello_reply_bytes_match_redis() {
+        let mut out = BytesMut::new();
+        hello_reply(&mut out, Proto::Resp3, 7, "7.0.15");
+        assert_eq!(
+            &out[..],
+            &b"%7\r\n$6\r\nserver\r\n$5\r\nredis\r\n$7\r\nversion\r\n$6\r\n7.0.15\r\n$5\r\nproto\r\n:3\r\n$2\r\nid\r\n:7\r\n$4\r\nmode\r\n$10\r\nstandalone\r\n$4\r\nrole\r\n$6\r\nmaster\r\n$7\r\nmodules\r\n*0\r\n"[..]
+        );
+    }
+}

@@ -1,0 +1,147 @@
+//! Per-connection state that decides whether a client needs its own upstream
+//! connection, tracked as requests are dispatched.
+//!
+//! Redis runs one connection's commands in order, so the effect of each
+//! stateful command can be applied when it is sent rather than when its
+//! reply comes back. Where the outcome is uncertain (a SELECT to a database
+//! that may not exist) the tracking errs on the side of staying pinned, which
+//! costs a connection but never mixes state into the shared pool.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+
+use crate::command::{ReplyMode, SubKind};
+
+#[derive(Debug, Default)]
+pub struct SessionState {
+    pub db: i64,
+    pub in_multi: bool,
+    pub watching: bool,
+    pub monitor: bool,
+    /// CLIENT SETNAME / TRACKING / NO-EVICT ... : kept until RESET.
+    pub client_state: bool,
+    pub reply_off: bool,
+    pub reply_skip: bool,
+    pub channels: HashSet<Bytes>,
+    pub patterns: HashSet<Bytes>,
+    pub shard_channels: HashSet<Bytes>,
+}
+
+impl SessionState {
+    /// True when nothing ties the client to its pinned connection.
+    pub fn clean(&self) -> bool {
+        self.db == 0
+            && !self.in_multi
+            && !self.watching
+            && !self.monitor
+            && !self.client_state
+            && !self.reply_off
+            && !self.reply_skip
+            && self.channels.is_empty()
+            && self.patterns.is_empty()
+            && self.shard_channels.is_empty()
+    }
+
+    pub fn subs(&mut self, kind: SubKind) -> &mut HashSet<Bytes> {
+        match kind {
+            SubKind::Channel => &mut self.channels,
+            SubKind::Pattern => &mut self.patterns,
+            SubKind::Shard => &mut self.shard_channels,
+        }
+    }
+
+    pub fn subscribed(&self) -> bool {
+        !(self.channels.is_empty() && self.patterns.is_empty() && self.shard_channels.is_empty())
+    }
+
+    /// Replies the next request will get, given CLIENT REPLY, and advance SKIP.
+    pub fn replies_for_next(&mut self) -> u64 {
+        if self.reply_off {
+            0
+        } else if self.reply_skip {
+            self.reply_skip = false;
+            0
+        } else {
+            1
+        }
+    }
+
+    /// Apply CLIENT REPLY; returns the replies that command itself gets.
+    pub fn set_reply_mode(&mut self, mode: ReplyMode) -> u64 {
+        match mode {
+            ReplyMode::On => {
+                self.reply_off = false;
+                self.reply_skip = false;
+                1
+            }
+            ReplyMode::Off => {
+                self.reply_off = true;
+                0
+            }
+            ReplyMode::Skip => {
+                if !self.reply_off {
+                    self.reply_skip = true;
+                }
+                0
+            }
+        }
+    }
+
+    /// Apply (UN)SUBSCRIBE with `names`; returns the replies Redis sends.
+    pub fn subscribe(&mut self, kind: SubKind, names: &[Bytes]) -> u64 {
+        let set = self.subs(kind);
+        for n in names {
+            set.insert(n.clone());
+        }
+        // Redis answers once per argument; with none, one arity error.
+        names.len().max(1) as u64
+    }
+
+    pub fn unsubscribe(&mut self, kind: SubKind, names: &[Bytes]) -> u64 {
+        let set = self.subs(kind);
+        if names.is_empty() {
+            let n = set.len().max(1) as u64;
+            set.clear();
+            n
+        } else {
+            for n in names {
+                set.remove(n);
+            }
+            names.len() as u64
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subscription_reply_counts() {
+        let mut s = SessionState::default();
+        let a = Bytes::from_static(b"a");
+        let b = Bytes::from_static(b"b");
+        assert_eq!(
+            s.subscribe(SubKind::Channel, &[a.clone(), b.clone(), a.clone()]),
+            3
+        );
+        assert!(!s.clean());
+        assert_eq!(s.unsubscribe(SubKind::Channel, &[]), 2);
+        assert!(s.clean());
+        assert_eq!(s.unsubscribe(SubKind::Pattern, &[]), 1);
+    }
+
+    #[test]
+    fn client_reply_modes() {
+        let mut s = SessionState::default();
+        assert_eq!(s.set_reply_mode(ReplyMode::Skip), 0);
+        assert_eq!(s.replies_for_next(), 0);
+        assert_eq!(s.replies_for_next(), 1);
+        assert_eq!(s.set_reply_mode(ReplyMode::Off), 0);
+        assert_eq!(s.replies_for_next(), 0);
+        assert!(!s.clean());
+        assert_eq!(s.set_reply_mode(ReplyMode::On), 1);
+        assert!(s.clean());
+    }
+}

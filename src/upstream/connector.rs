@@ -1,0 +1,107 @@
+//! Opening upstream connections: TCP connect with a deadline, then the
+//! handshake that selects the RESP version and authenticates with the
+//! configured credentials, so every connection (shared or pinned) starts in a
+//! known state.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::error::{Error, Kind};
+use crate::resp::{reply, Proto, Scanner};
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub address: String,
+    pub username: String,
+    pub password: String,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+}
+
+/// Connect and complete the handshake for `proto`.
+pub async fn connect(s: &Settings, proto: Proto) -> Result<TcpStream, Error> {
+    let stream = tokio::time::timeout(s.connect_timeout, TcpStream::connect(&s.address))
+        .await
+        .map_err(|_| {
+            Error::upstream(
+                Kind::Unavailable,
+                format!("{}: connect timed out", s.address),
+            )
+        })?
+        .map_err(|e| Error::upstream(Kind::Unavailable, format!("{}: {e}", s.address)))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| Error::upstream(Kind::Io, format!("{}: {e}", s.address)))?;
+    let mut stream = stream;
+    let user = if s.username.is_empty() {
+        "default"
+    } else {
+        s.username.as_str()
+    };
+    let hello: Option<Vec<&[u8]>> = match (proto, s.password.is_empty()) {
+        (Proto::Resp3, true) => Some(vec![b"HELLO", b"3"]),
+        (Proto::Resp3, false) => Some(vec![
+            b"HELLO",
+            b"3",
+            b"AUTH",
+            user.as_bytes(),
+            s.password.as_bytes(),
+        ]),
+        (Proto::Resp2, false) => Some(vec![b"AUTH", user.as_bytes(), s.password.as_bytes()]),
+        (Proto::Resp2, true) => None,
+    };
+    if let Some(cmd) = hello {
+        let reply = tokio::time::timeout(s.connect_timeout, call(&mut stream, &cmd))
+            .await
+            .map_err(|_| {
+                Error::upstream(
+                    Kind::Unavailable,
+                    format!("{}: handshake timed out", s.address),
+                )
+            })??;
+        if reply.first() == Some(&b'-') {
+            let text = String::from_utf8_lossy(&reply[1..]).trim_end().to_string();
+            return Err(Error::upstream(
+                Kind::Handshake,
+                format!("{}: {text}", s.address),
+            ));
+        }
+    }
+    Ok(stream)
+}
+
+/// Send one command and read exactly one reply. Only for connections not yet
+/// handed to a pipelined reader (handshake, table load).
+pub async fn call(stream: &mut TcpStream, args: &[&[u8]]) -> Result<BytesMut, Error> {
+    let mut out = BytesMut::new();
+    reply::command(&mut out, args);
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|e| Error::upstream(Kind::Io, e.to_string()))?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut scanner = Scanner::new();
+    loop {
+        if let Some(end) = scanner
+            .next(&buf)
+            .map_err(|e| Error::upstream(Kind::Protocol, e.to_string()))?
+        {
+            return Ok(buf.split_to(end));
+        }
+        buf.reserve(scanner.need().saturating_sub(buf.len()).max(4096));
+        let n = stream
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| Error::upstream(Kind::Io, e.to_string()))?;
+        if n == 0 {
+            return Err(Error::upstream(
+                Kind::Unavailable,
+                "upstream closed the connection",
+            ));
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! Upstream connections: the handshake, the shared pipelined pool, and the
+//! pinned connections for stateful clients.
+
+pub mod conn;
+pub mod connector;
+pub mod meter;
+pub mod pinned;
+pub mod pool;
+
+pub use conn::{BatchError, BatchResult, Conn};
+pub use connector::Settings;
+pub use meter::Meter;
+pub use pinned::{PinMsg, Pinned};
+pub use pool::{Node, Pool, ServerFacts};

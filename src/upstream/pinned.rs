@@ -1,0 +1,271 @@
+//! A pinned upstream connection: dedicated to one client while it holds
+//! connection state (MULTI, WATCH, a blocking call, subscriptions, MONITOR,
+//! SELECT, CLIENT state).
+//!
+//! It is a byte relay: the client's requests are written as they are and
+//! everything the upstream sends is forwarded in order, including pushes that
+//! answer no request (pub/sub messages, MONITOR lines). The reader counts the
+//! frames that answer requests, so the session knows when nothing is in
+//! flight and the connection can be given back.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::Notify;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+use super::connector::{self, Settings};
+use super::meter::Meter;
+use crate::error::{Error, Kind};
+use crate::resp::{Proto, Scanner};
+
+/// What the relay hands the client's writer.
+#[derive(Debug)]
+pub enum PinMsg {
+    /// Upstream bytes, complete frames only, to forward as they are.
+    Data(Bytes),
+    /// The connection died with `outstanding` replies still owed.
+    Lost { error: Error, outstanding: u64 },
+}
+
+/// State shared between the session and the relay reader.
+#[derive(Debug, Default)]
+pub struct PinShared {
+    /// Replies owed for requests written.
+    outstanding: AtomicU64,
+    /// Set when the session gives the connection up on purpose.
+    releasing: AtomicBool,
+    /// The client has subscribed in RESP2 on this connection, so arrays
+    /// starting with `message`/`pmessage`/`smessage` are pushes, not replies.
+    subscribed: AtomicBool,
+    /// Notified when `outstanding` drops to zero.
+    idle: Notify,
+}
+
+pub struct Pinned {
+    wr: OwnedWriteHalf,
+    shared: Arc<PinShared>,
+    pub proto: Proto,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Pinned {
+    /// Connect and start the relay reader feeding `tx`.
+    pub async fn open(
+        settings: &Settings,
+        proto: Proto,
+        permit: OwnedSemaphorePermit,
+        tx: mpsc::Sender<PinMsg>,
+        meter: Arc<Meter>,
+    ) -> Result<Pinned, Error> {
+        let stream = connector::connect(settings, proto).await?;
+        let (rd, wr) = stream.into_split();
+        let shared = Arc::new(PinShared::default());
+        tokio::spawn(relay(
+            rd,
+            shared.clone(),
+            proto,
+            tx,
+            meter,
+            settings.address.clone(),
+        ));
+        Ok(Pinned {
+            wr,
+            shared,
+            proto,
+            _permit: permit,
+        })
+    }
+
+    /// Write requests owing `expect` replies.
+    pub async fn send(&mut self, bytes: &[u8], expect: u64) -> Result<(), Error> {
+        self.shared.outstanding.fetch_add(expect, Ordering::AcqRel);
+        self.wr.write_all(bytes).await.map_err(|e| {
+            Error::upstream(
+                Kind::OutcomeUnknown,
+                format!("pinned connection write failed: {e}"),
+            )
+        })
+    }
+
+    pub fn mark_subscribed(&self) {
+        self.shared.subscribed.store(true, Ordering::Relaxed);
+    }
+
+    /// No reply is owed, and every reply received has been handed to the
+    /// client's writer (the relay counts a reply only after queueing it).
+    pub fn idle(&self) -> bool {
+        self.shared.outstanding.load(Ordering::Acquire) == 0
+    }
+
+    /// Wait until no reply is owed.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.shared.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.idle() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Give the connection up: the upstream drops all of its state when it
+    /// closes, and the relay ends once the upstream has closed its side.
+    pub async fn release(mut self) {
+        self.shared.releasing.store(true, Ordering::Release);
+        let _ = self.wr.shutdown().await;
+    }
+}
+
+async fn relay(
+    mut rd: OwnedReadHalf,
+    shared: Arc<PinShared>,
+    proto: Proto,
+    tx: mpsc::Sender<PinMsg>,
+    meter: Arc<Meter>,
+    address: String,
+) {
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut scanner = Scanner::new();
+    let error = loop {
+        let want = scanner.need().saturating_sub(buf.len()).max(8 * 1024);
+        if buf.capacity() - buf.len() < want {
+            buf.reserve(want);
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => {
+                break Error::upstream(
+                    Kind::OutcomeUnknown,
+                    format!("{address}: connection closed by upstream"),
+                )
+            }
+            Err(e) => {
+                break Error::upstream(Kind::OutcomeUnknown, format!("{address}: read failed: {e}"))
+            }
+            Ok(_) => {}
+        }
+        let mut start = 0;
+        let mut bad = None;
+        let mut answered = 0u64;
+        loop {
+            match scanner.next(&buf) {
+                Ok(Some(end)) => {
+                    if answers_request(
+                        &buf[start..end],
+                        proto,
+                        shared.subscribed.load(Ordering::Relaxed),
+                    ) {
+                        answered += 1;
+                    }
+                    start = end;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    bad = Some(Error::upstream(Kind::Protocol, format!("{address}: {e}")));
+                    break;
+                }
+            }
+        }
+        if start > 0 {
+            let data = buf.split_to(start).freeze();
+            scanner.consumed(start);
+            meter.add(data.len());
+            if tx.send(PinMsg::Data(data)).await.is_err() {
+                return;
+            }
+        }
+        if answered > 0 {
+            // Counted only after the replies are queued for the client, so a
+            // session that sees zero owed can queue its own reply after them.
+            // Saturating: frames arriving when nothing is owed are pushes.
+            let left = shared
+                .outstanding
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    Some(n.saturating_sub(answered))
+                })
+                .map(|prev| prev.saturating_sub(answered))
+                .unwrap_or(0);
+            if left == 0 {
+                shared.idle.notify_waiters();
+            }
+        }
+        if let Some(e) = bad {
+            break e;
+        }
+    };
+    if !shared.releasing.load(Ordering::Acquire) {
+        let outstanding = shared.outstanding.swap(0, Ordering::AcqRel);
+        let _ = tx.send(PinMsg::Lost { error, outstanding }).await;
+    }
+    shared.outstanding.store(0, Ordering::Release);
+    shared.idle.notify_waiters();
+}
+
+/// Does this frame answer a request (as opposed to a push)?
+fn answers_request(frame: &[u8], proto: Proto, subscribed: bool) -> bool {
+    match frame.first() {
+        // RESP3 pushes: only the (un)subscribe confirmations answer requests.
+        Some(b'>') => matches!(
+            first_element(frame)
+                .map(|n| n.to_ascii_lowercase())
+                .as_deref(),
+            Some(
+                b"subscribe"
+                    | b"unsubscribe"
+                    | b"psubscribe"
+                    | b"punsubscribe"
+                    | b"ssubscribe"
+                    | b"sunsubscribe"
+            )
+        ),
+        Some(b'*') if subscribed && proto == Proto::Resp2 => !matches!(
+            first_element(frame)
+                .map(|n| n.to_ascii_lowercase())
+                .as_deref(),
+            Some(b"message" | b"pmessage" | b"smessage")
+        ),
+        _ => true,
+    }
+}
+
+/// The first element of an aggregate frame, if it is a bulk or simple string.
+fn first_element(frame: &[u8]) -> Option<&[u8]> {
+    let nl = memchr::memchr(b'\n', frame)?;
+    let rest = &frame[nl + 1..];
+    match rest.first()? {
+        b'$' => {
+            let nl2 = memchr::memchr(b'\n', rest)?;
+            let len: usize = std::str::from_utf8(&rest[1..nl2 - 1]).ok()?.parse().ok()?;
+            rest.get(nl2 + 1..nl2 + 1 + len)
+        }
+        b'+' => {
+            let nl2 = memchr::memchr(b'\n', rest)?;
+            rest.get(1..nl2 - 1)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pushes_and_replies() {
+        let msg2 = b"*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nm\r\n";
+        let sub2 = b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n";
+        let msg3 = b">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nm\r\n";
+        let sub3 = b">3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n";
+        assert!(!answers_request(msg2, Proto::Resp2, true));
+        assert!(answers_request(msg2, Proto::Resp2, false));
+        assert!(answers_request(sub2, Proto::Resp2, true));
+        assert!(!answers_request(msg3, Proto::Resp3, true));
+        assert!(answers_request(sub3, Proto::Resp3, true));
+        assert!(answers_request(b"+OK\r\n", Proto::Resp3, true));
+    }
+}

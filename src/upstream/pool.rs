@@ -1,0 +1,250 @@
+//! The shared connection pool for one upstream node and RESP version.
+//!
+//! A fixed number of slots, each kept filled by a maintainer task: connect,
+//! handshake, serve until the connection dies, then reconnect with jittered
+//! exponential backoff. The maintainers double as the circuit breaker: while
+//! no slot holds a live connection the pool is open and `send` fails at once
+//! with the last connect error (no client waits on a dead upstream), and each
+//! reconnect attempt is the half-open probe that closes it again. A
+//! maintainer also watches its connection for stalls (requests pending with
+//! no reply for the command timeout) and closes it, failing its requests.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use tokio::sync::{oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::conn::{BatchResult, Conn};
+use super::connector::{self, Settings};
+use super::meter::Meter;
+use crate::command::CommandTable;
+use crate::error::{Error, Kind};
+use crate::resp::Proto;
+
+/// Facts learned from the upstream on the first connection.
+#[derive(Debug, Clone, Default)]
+pub struct ServerFacts {
+    pub version: String,
+}
+
+/// State shared by every pool of one upstream node.
+pub struct Node {
+    pub settings: Settings,
+    pub max_inflight: usize,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// Loaded from `COMMAND` by the first connection that finds it missing.
+    pub table: ArcSwapOption<CommandTable>,
+    pub facts: ArcSwap<ServerFacts>,
+}
+
+pub struct Pool {
+    pub proto: Proto,
+    node: Arc<Node>,
+    slots: Vec<ArcSwapOption<Conn>>,
+    live: AtomicUsize,
+    ever_connected: AtomicBool,
+    up: Notify,
+    last_error: Mutex<Option<Error>>,
+}
+
+impl Pool {
+    /// Create the pool and start one maintainer per slot.
+    pub fn start(
+        node: Arc<Node>,
+        proto: Proto,
+        size: usize,
+        shutdown: CancellationToken,
+    ) -> Arc<Pool> {
+        let pool = Arc::new(Pool {
+            proto,
+            node,
+            slots: (0..size).map(|_| ArcSwapOption::empty()).collect(),
+            live: AtomicUsize::new(0),
+            ever_connected: AtomicBool::new(false),
+            up: Notify::new(),
+            last_error: Mutex::new(None),
+        });
+        for i in 0..size {
+            tokio::spawn(maintain(pool.clone(), i, shutdown.clone()));
+        }
+        pool
+    }
+
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Connections up now.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Send a batch on the connection chosen by `sticky` (a client keeps one
+    /// connection so its own requests stay in order across batches).
+    pub fn send(
+        &self,
+        sticky: usize,
+        bytes: &[u8],
+        count: u32,
+        meter: Option<Arc<Meter>>,
+    ) -> Result<oneshot::Receiver<BatchResult>, Error> {
+        let n = self.slots.len();
+        for i in 0..n {
+            let slot = &self.slots[(sticky + i) % n];
+            if let Some(conn) = &*slot.load() {
+                if !conn.is_closed() {
+                    return conn.send(bytes, count, meter);
+                }
+            }
+        }
+        Err(self.unavailable())
+    }
+
+    fn unavailable(&self) -> Error {
+        let last = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match last {
+            Some(e) => Error::upstream(Kind::Unavailable, e.detail),
+            None => Error::upstream(
+                Kind::Unavailable,
+                format!("{}: not connected yet", self.node.settings.address),
+            ),
+        }
+    }
+
+    /// Wait until a connection is up, for a pool that has never had one
+    /// (right after start); false on timeout or if it had been up before.
+    pub async fn wait_first(&self, timeout: Duration) -> bool {
+        if self.ever_connected.load(Ordering::Acquire) {
+            return self.live() > 0;
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.up.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.live() > 0 {
+                return true;
+            }
+            if self.ever_connected.load(Ordering::Acquire) {
+                return false;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.live() > 0;
+            }
+        }
+    }
+
+    fn set_error(&self, e: Error) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+    }
+}
+
+/// Load the command table and server facts over a fresh connection.
+async fn learn(node: &Node, stream: &mut tokio::net::TcpStream) -> Result<(), Error> {
+    let timeout = node.settings.command_timeout;
+    let reply = tokio::time::timeout(timeout, connector::call(stream, &[b"COMMAND"]))
+        .await
+        .map_err(|_| Error::upstream(Kind::Timeout, "COMMAND timed out"))??;
+    let table = CommandTable::from_reply(&reply).map_err(|e| Error::upstream(Kind::Protocol, e))?;
+    let info = tokio::time::timeout(timeout, connector::call(stream, &[b"INFO", b"server"]))
+        .await
+        .map_err(|_| Error::upstream(Kind::Timeout, "INFO timed out"))??;
+    let text = String::from_utf8_lossy(&info);
+    let version = text
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap_or("7.0.0")
+        .trim()
+        .to_string();
+    tracing::info!(commands = table.len(), %version, upstream = %node.settings.address, "learned upstream command table");
+    node.table.store(Some(Arc::new(table)));
+    node.facts.store(Arc::new(ServerFacts { version }));
+    Ok(())
+}
+
+async fn maintain(pool: Arc<Pool>, slot: usize, shutdown: CancellationToken) {
+    let node = pool.node.clone();
+    let mut backoff = node.backoff_min;
+    let mut was_down_logged = false;
+    loop {
+        let attempt = async {
+            let mut stream = connector::connect(&node.settings, pool.proto).await?;
+            if node.table.load().is_none() && pool.proto == Proto::Resp2 {
+                learn(&node, &mut stream).await?;
+            }
+            Ok::<_, Error>(stream)
+        };
+        let res = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = attempt => r,
+        };
+        match res {
+            Ok(stream) => {
+                let conn = Conn::start(stream, node.settings.address.clone(), node.max_inflight);
+                pool.slots[slot].store(Some(conn.clone()));
+                pool.live.fetch_add(1, Ordering::Relaxed);
+                pool.ever_connected.store(true, Ordering::Release);
+                pool.up.notify_waiters();
+                if was_down_logged {
+                    tracing::info!(upstream = %node.settings.address, slot, proto = ?pool.proto, "upstream connection restored");
+                    was_down_logged = false;
+                }
+                backoff = node.backoff_min;
+                let tick = (node.settings.command_timeout / 4)
+                    .clamp(Duration::from_millis(10), Duration::from_millis(250));
+                let mut interval = tokio::time::interval(tick);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {
+                            conn.fail(Error::upstream(Kind::Unavailable, "keyward is shutting down"));
+                            return;
+                        }
+                        _ = conn.closed() => break,
+                        _ = interval.tick() => {
+                            if conn.stalled_for() > node.settings.command_timeout {
+                                let e = Error::upstream(Kind::Timeout, format!(
+                                    "{}: no reply for {} ms (upstream.command_timeout_ms)",
+                                    node.settings.address,
+                                    node.settings.command_timeout.as_millis()
+                                ));
+                                tracing::warn!(upstream = %node.settings.address, slot, "upstream connection stalled; closing it");
+                                conn.fail(e);
+                            }
+                        }
+                    }
+                }
+                pool.slots[slot].store(None);
+                pool.live.fetch_sub(1, Ordering::Relaxed);
+                tracing::warn!(upstream = %node.settings.address, slot, proto = ?pool.proto, "upstream connection lost; reconnecting");
+                // Reconnect at once the first time; back off if that fails.
+                pool.set_error(Error::upstream(
+                    Kind::Unavailable,
+                    format!("{}: connection lost", node.settings.address),
+                ));
+                continue;
+            }
+            Err(e) => {
+                if !was_down_logged {
+                    tracing::warn!(upstream = %node.settings.address, slot, proto = ?pool.proto, error = %e.detail, "cannot connect to upstream; retrying with backoff");
+                    was_down_logged = true;
+                }
+                pool.set_error(e);
+            }
+        }
+        // Full jitter keeps many proxies from reconnecting in lockstep.
+        let jittered = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(jittered) => {}
+        }
+        backoff = (backoff * 2).min(node.backoff_max);
+    }
+}

@@ -1,0 +1,508 @@
+//! The upstream going away and coming back, as a Redis client sees it
+//! through keyward: a dead upstream gets fast error replies (never a hang),
+//! in-flight writes are reported as having an unknown outcome instead of
+//! being replayed, a stuck upstream is cut off by `upstream.command_timeout_ms`,
+//! and keyward reconnects on its own so clients keep their connections.
+//! Also the upstream password (`upstream.password`), right and wrong.
+
+mod support;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fred::prelude::*;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// The error a request gets when it reached Redis but the connection died
+/// before its reply (src/error.rs, `Kind::OutcomeUnknown`).
+const OUTCOME_UNKNOWN: &[u8] = b"-ERR upstream connection lost before the reply; the outcome of this command is unknown and it was not retried (";
+
+/// Await `fut`, failing the test if it takes longer than `limit`: the way
+/// these tests tell "an error reply" apart from "a hang".
+async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: no answer within {limit:?}"),
+    }
+}
+
+/// HTTP status of `GET path` on the admin port, off the runtime threads
+/// (the kit's HTTP getter is blocking).
+async fn admin_status(admin_port: u16, path: &'static str) -> u16 {
+    tokio::task::spawn_blocking(move || http_get(admin_port, path).0)
+        .await
+        .expect("http_get task")
+}
+
+/// Poll `/ready` until it reports `status`.
+async fn wait_ready_status(kw: &Keyward, status: u16, timeout: Duration) {
+    let admin = kw.admin_port();
+    wait_until(
+        &format!("/ready answers {status}"),
+        timeout,
+        || async move { admin_status(admin, "/ready").await == status },
+    )
+    .await;
+}
+
+fn is_upstream_error(reply: &[u8]) -> bool {
+    reply.starts_with(b"-ERR upstream ")
+}
+
+/// Does Redis on `port` look blocked (e.g. inside `DEBUG SLEEP`)? It is if a
+/// fresh connection's PING gets no answer within 300 ms.
+async fn redis_is_busy(port: u16) -> bool {
+    let Ok(Ok(mut s)) = tokio::time::timeout(
+        Duration::from_millis(300),
+        TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    else {
+        return false;
+    };
+    if s.write_all(&cmd(&[b"PING"])).await.is_err() {
+        return false;
+    }
+    let mut b = [0u8; 64];
+    matches!(
+        tokio::time::timeout(Duration::from_millis(300), s.read(&mut b)).await,
+        Err(_)
+    )
+}
+
+/// keyward started while nothing listens on the upstream port: not ready,
+/// but alive; requests fail fast with "upstream unavailable"; once Redis
+/// comes up keyward connects by itself and the same client connection works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_upstream_at_start_fails_fast_then_recovers() {
+    // The kit picks Redis's port, so reserve one by starting and killing a
+    // server, and bring it back on the same port later.
+    let mut redis = Redis::start();
+    redis.kill();
+    let kw = Keyward::start(&redis.addr());
+
+    assert_eq!(
+        admin_status(kw.admin_port(), "/ready").await,
+        503,
+        "/ready with no upstream"
+    );
+    assert_eq!(admin_status(kw.admin_port(), "/live").await, 200, "/live");
+
+    let mut raw = Raw::connect(kw.port()).await;
+    for _ in 0..3 {
+        let reply = within(
+            Duration::from_secs(2),
+            "GET with the upstream down",
+            raw.call(&[b"GET", b"k"]),
+        )
+        .await;
+        assert!(
+            reply.starts_with(b"-ERR upstream unavailable"),
+            "GET with no upstream: expected -ERR upstream unavailable..., got {}",
+            esc(&reply)
+        );
+    }
+    assert_eq!(
+        admin_status(kw.admin_port(), "/ready").await,
+        503,
+        "/ready still down"
+    );
+
+    tokio::task::block_in_place(|| redis.restart());
+    assert_eq!(redis.call(&[b"SET", b"k", b"v"]), b"+OK\r\n");
+
+    // Same client connection: keyward reconnects upstream on its own.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = within(
+            Duration::from_secs(2),
+            "GET while keyward reconnects",
+            raw.call(&[b"GET", b"k"]),
+        )
+        .await;
+        if reply == b"$1\r\nv\r\n" {
+            break;
+        }
+        assert!(
+            is_upstream_error(&reply),
+            "GET while reconnecting: expected the value or an upstream error, got {}",
+            esc(&reply)
+        );
+        assert!(
+            Instant::now() < deadline,
+            "GET did not work within 10 s of Redis starting; last reply {}",
+            esc(&reply)
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    wait_ready_status(&kw, 200, Duration::from_secs(10)).await;
+}
+
+/// What one looping client has seen.
+#[derive(Default)]
+struct Progress {
+    ok: AtomicU64,
+    errors: AtomicU64,
+    ok_after_restart: AtomicU64,
+}
+
+/// Clients loop SET/GET while Redis is killed and restarted: every request
+/// is answered within a deadline with either the right value or an upstream
+/// error, never a wrong value; after the restart the same connections work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_killed_mid_traffic_then_restarted() {
+    const CLIENTS: usize = 4;
+    const REPLY_DEADLINE: Duration = Duration::from_secs(5);
+
+    let mut redis = Redis::start();
+    let kw = Keyward::start(&redis.addr());
+    wait_ready_status(&kw, 200, DEADLINE).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let restarted = Arc::new(AtomicBool::new(false));
+    let failures: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let progress: Arc<Vec<Progress>> =
+        Arc::new((0..CLIENTS).map(|_| Progress::default()).collect());
+
+    let mut tasks = Vec::new();
+    for i in 0..CLIENTS {
+        let mut raw = Raw::connect(kw.port()).await;
+        let (stop, restarted, failures, progress) = (
+            stop.clone(),
+            restarted.clone(),
+            failures.clone(),
+            progress.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let p = &progress[i];
+            let key = format!("key:{i}");
+            let fail = |msg: String| failures.lock().unwrap().push(format!("client {i}: {msg}"));
+            // Values are "c<i>-<seq>". `confirmed` is the seq of the last SET
+            // answered +OK: a GET may see it, a later write whose outcome is
+            // unknown, or nothing (Redis restarted empty), never anything older.
+            let mut seq = 0u64;
+            let mut confirmed = 0u64;
+            let mut pace = tokio::time::interval(Duration::from_millis(2));
+            while !stop.load(Ordering::Acquire) {
+                pace.tick().await;
+                let after_restart = restarted.load(Ordering::Acquire);
+                seq += 1;
+                let value = format!("c{i}-{seq}");
+                let set = match tokio::time::timeout(
+                    REPLY_DEADLINE,
+                    raw.call(&[b"SET", key.as_bytes(), value.as_bytes()]),
+                )
+                .await
+                {
+                    Ok(r) => r,
+                    Err(_) => return fail(format!("SET {key} {value}: no reply within {REPLY_DEADLINE:?}")),
+                };
+                let set_ok = if set == b"+OK\r\n" {
+                    confirmed = seq;
+                    true
+                } else if is_upstream_error(&set) {
+                    false
+                } else {
+                    return fail(format!("SET {key} {value}: unexpected reply {}", esc(&set)));
+                };
+                let get = match tokio::time::timeout(REPLY_DEADLINE, raw.call(&[b"GET", key.as_bytes()])).await {
+                    Ok(r) => r,
+                    Err(_) => return fail(format!("GET {key}: no reply within {REPLY_DEADLINE:?}")),
+                };
+                let get_ok = if is_upstream_error(&get) {
+                    false
+                } else if get == b"$-1\r\n" {
+                    // Only a restarted (empty) Redis loses a confirmed value.
+                    true
+                } else {
+                    // read_reply returns exactly one frame: "$<n>\r\n<body>\r\n".
+                    let got = match get.iter().position(|&b| b == b'\n') {
+                        Some(nl) if get.starts_with(b"$") => {
+                            String::from_utf8_lossy(&get[nl + 1..get.len() - 2]).into_owned()
+                        }
+                        _ => return fail(format!("GET {key}: unexpected reply {}", esc(&get))),
+                    };
+                    let s = got
+                        .strip_prefix(&format!("c{i}-"))
+                        .and_then(|s| s.parse::<u64>().ok());
+                    match s {
+                        Some(s) if s >= confirmed && s <= seq => true,
+                        _ => {
+                            return fail(format!(
+                                "GET {key}: WRONG VALUE {got:?} (last confirmed write c{i}-{confirmed}, last write c{i}-{seq})"
+                            ))
+                        }
+                    }
+                };
+                if set_ok && get_ok {
+                    p.ok.fetch_add(1, Ordering::AcqRel);
+                    if after_restart {
+                        p.ok_after_restart.fetch_add(1, Ordering::AcqRel);
+                    }
+                } else {
+                    p.errors.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+        }));
+    }
+
+    let failed = || !failures.lock().unwrap().is_empty();
+    let check_failures = || {
+        let f = failures.lock().unwrap();
+        assert!(f.is_empty(), "client failures:\n{}", f.join("\n"));
+    };
+
+    wait_until(
+        "every client has succeeded a few times",
+        DEADLINE,
+        || async { failed() || progress.iter().all(|p| p.ok.load(Ordering::Acquire) >= 5) },
+    )
+    .await;
+    check_failures();
+
+    redis.kill();
+    let errors_at_kill: Vec<u64> = progress
+        .iter()
+        .map(|p| p.errors.load(Ordering::Acquire))
+        .collect();
+    wait_until(
+        "every client has seen an error reply with Redis dead",
+        DEADLINE,
+        || async {
+            failed()
+                || progress
+                    .iter()
+                    .zip(&errors_at_kill)
+                    .all(|(p, &e)| p.errors.load(Ordering::Acquire) > e)
+        },
+    )
+    .await;
+    check_failures();
+
+    tokio::task::block_in_place(|| redis.restart());
+    restarted.store(true, Ordering::Release);
+    wait_until(
+        "every client succeeds again on its same connection after the restart",
+        Duration::from_secs(10),
+        || async {
+            failed()
+                || progress
+                    .iter()
+                    .all(|p| p.ok_after_restart.load(Ordering::Acquire) >= 5)
+        },
+    )
+    .await;
+
+    stop.store(true, Ordering::Release);
+    for t in tasks {
+        within(Duration::from_secs(10), "client task to stop", t)
+            .await
+            .expect("client task panicked");
+    }
+    check_failures();
+    for (i, p) in progress.iter().enumerate() {
+        eprintln!(
+            "client {i}: {} ok rounds ({} after restart), {} rounds with an upstream error",
+            p.ok.load(Ordering::Acquire),
+            p.ok_after_restart.load(Ordering::Acquire),
+            p.errors.load(Ordering::Acquire)
+        );
+    }
+}
+
+/// `DEBUG SLEEP` holds a pipelined `SET` and `GET` inside Redis when Redis
+/// dies: the write's outcome is unknown and it is not replayed (the client is
+/// told so), the read is retried once and fails fast because Redis is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_write_gets_outcome_unknown_and_read_is_retried() {
+    let mut redis = Redis::start_with(&["--enable-debug-command", "yes"]);
+    // Default settings (two shared connections per protocol): the retried
+    // read must not be sent to the other connection to the dead server and
+    // come back as "outcome unknown ... not retried".
+    let kw = Keyward::start(&redis.addr());
+    wait_ready_status(&kw, 200, DEADLINE).await;
+
+    let mut raw = Raw::connect(kw.port()).await;
+    assert_eq!(raw.call(&[b"SET", b"x", b"0"]).await, b"+OK\r\n");
+
+    let mut pipeline = cmd(&[b"DEBUG", b"SLEEP", b"5"]);
+    pipeline.extend(cmd(&[b"SET", b"x", b"1"]));
+    pipeline.extend(cmd(&[b"GET", b"x"]));
+    raw.send(&pipeline).await;
+    let port = redis.port();
+    wait_until("Redis is inside DEBUG SLEEP", DEADLINE, || {
+        redis_is_busy(port)
+    })
+    .await;
+
+    redis.kill();
+    let replies = within(
+        Duration::from_secs(3),
+        "replies to DEBUG SLEEP, SET, GET after Redis died",
+        raw.read_replies(3),
+    )
+    .await;
+    assert!(
+        replies[0].starts_with(OUTCOME_UNKNOWN),
+        "DEBUG SLEEP in flight: expected {}..., got {}",
+        esc(OUTCOME_UNKNOWN),
+        esc(&replies[0])
+    );
+    assert!(
+        replies[1].starts_with(OUTCOME_UNKNOWN),
+        "SET in flight: expected {}..., got {}",
+        esc(OUTCOME_UNKNOWN),
+        esc(&replies[1])
+    );
+    assert!(
+        replies[2].starts_with(b"-ERR upstream unavailable"),
+        "GET in flight (retried once, Redis dead): expected -ERR upstream unavailable..., got {}",
+        esc(&replies[2])
+    );
+
+    // The client connection survives; once Redis is back it works again.
+    tokio::task::block_in_place(|| redis.restart());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = within(
+            Duration::from_secs(3),
+            "SET after restart",
+            raw.call(&[b"SET", b"x", b"2"]),
+        )
+        .await;
+        if reply == b"+OK\r\n" {
+            break;
+        }
+        assert!(is_upstream_error(&reply), "SET: got {}", esc(&reply));
+        assert!(
+            Instant::now() < deadline,
+            "SET did not work within 10 s of the restart: {}",
+            esc(&reply)
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    assert_eq!(raw.call(&[b"GET", b"x"]).await, b"$1\r\n2\r\n");
+}
+
+/// `upstream.command_timeout_ms = 300`: a 2 s `DEBUG SLEEP` gets an error
+/// well before Redis would have answered, and requests work again once Redis
+/// is responsive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_timeout_cuts_off_a_stuck_upstream() {
+    let redis = Redis::start_with(&["--enable-debug-command", "yes"]);
+    let kw = Keyward::start_config(
+        &format!(
+            "[upstream]\naddress = \"{}\"\ncommand_timeout_ms = 300\n",
+            redis.addr()
+        ),
+        &[],
+    );
+    wait_ready_status(&kw, 200, DEADLINE).await;
+
+    let mut raw = Raw::connect(kw.port()).await;
+    assert_eq!(raw.call(&[b"SET", b"k", b"v"]).await, b"+OK\r\n");
+
+    let started = Instant::now();
+    let reply = within(
+        Duration::from_millis(1500),
+        "DEBUG SLEEP 2 with command_timeout_ms = 300",
+        raw.call(&[b"DEBUG", b"SLEEP", b"2"]),
+    )
+    .await;
+    let took = started.elapsed();
+    eprintln!("DEBUG SLEEP 2 answered after {took:?}: {}", esc(&reply));
+    assert!(
+        is_upstream_error(&reply),
+        "expected an -ERR upstream ... error, got {}",
+        esc(&reply)
+    );
+    let text = String::from_utf8_lossy(&reply).to_ascii_lowercase();
+    assert!(
+        text.contains("timed out") || text.contains("command_timeout_ms"),
+        "the error should say the upstream timed out: {}",
+        esc(&reply)
+    );
+
+    // Same connection, after Redis wakes up.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let reply = within(
+            Duration::from_secs(3),
+            "GET after the timeout",
+            raw.call(&[b"GET", b"k"]),
+        )
+        .await;
+        if reply == b"$1\r\nv\r\n" {
+            break;
+        }
+        assert!(is_upstream_error(&reply), "GET: got {}", esc(&reply));
+        assert!(
+            Instant::now() < deadline,
+            "GET did not work again within {DEADLINE:?}: {}",
+            esc(&reply)
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    assert_eq!(raw.call(&[b"SET", b"k", b"w"]).await, b"+OK\r\n");
+    assert_eq!(raw.call(&[b"GET", b"k"]).await, b"$1\r\nw\r\n");
+}
+
+/// `upstream.password` authenticates keyward's own connections: clients
+/// need no AUTH. A wrong password makes requests fail fast and /ready 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_password_right_and_wrong() {
+    let redis = Redis::start_with(&["--requirepass", "s3cret"]);
+    let kw = Keyward::start_config(
+        &format!(
+            "[upstream]\naddress = \"{}\"\npassword = \"s3cret\"\n",
+            redis.addr()
+        ),
+        &[],
+    );
+    wait_ready_status(&kw, 200, DEADLINE).await;
+
+    let c = client(kw.port()).await;
+    let _: () = c.set("k", "v", None, None, false).await.unwrap();
+    let v: Option<String> = c.get("k").await.unwrap();
+    assert_eq!(v.as_deref(), Some("v"));
+    let mut raw = Raw::connect(kw.port()).await;
+    assert_eq!(raw.call(&[b"GET", b"k"]).await, b"$1\r\nv\r\n");
+    assert_eq!(raw.call(&[b"SET", b"k2", b"w"]).await, b"+OK\r\n");
+    assert_eq!(
+        redis_pipeline(redis.port(), &[&[b"AUTH", b"s3cret"], &[b"GET", b"k2"]])[1],
+        b"$1\r\nw\r\n",
+        "the SET reached Redis"
+    );
+
+    let bad = Keyward::start_config(
+        &format!(
+            "[upstream]\naddress = \"{}\"\npassword = \"wrong\"\n",
+            redis.addr()
+        ),
+        &[],
+    );
+    let mut raw = Raw::connect(bad.port()).await;
+    for _ in 0..3 {
+        let reply = within(
+            Duration::from_secs(2),
+            "GET through keyward with a wrong upstream password",
+            raw.call(&[b"GET", b"k"]),
+        )
+        .await;
+        assert!(
+            reply.starts_with(b"-ERR upstream"),
+            "wrong upstream password: expected -ERR upstream..., got {}",
+            esc(&reply)
+        );
+    }
+    assert_eq!(
+        admin_status(bad.admin_port(), "/ready").await,
+        503,
+        "/ready with a wrong upstream password"
+    );
+}
