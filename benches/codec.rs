@@ -12,8 +12,10 @@ use keyward::resp::{Limits, Parsed, RequestParser, Scanner};
 /// A command table with the shape Redis reports, built from a COMMAND reply
 /// of a few common commands (the benches run without a server).
 fn table() -> CommandTable {
+    /// (name, arity, flags, first key, last key, key step)
+    type Spec<'a> = (&'a str, i64, &'a [&'a str], i64, i64, i64);
     let mut reply = Vec::new();
-    let cmds: &[(&str, i64, &[&str], i64, i64, i64)] = &[
+    let cmds: &[Spec] = &[
         ("get", 2, &["readonly", "fast"], 1, 1, 1),
         ("set", -3, &["write", "denyoom"], 1, 1, 1),
         ("blpop", -3, &["write", "blocking"], 1, -2, 1),

@@ -171,24 +171,36 @@ impl Reader {
             s => Some(Duration::from_secs(s)),
         };
         while !self.closing {
+            // A client that left its state (EXEC, last UNSUBSCRIBE) and went
+            // quiet gives its pinned connection back without waiting for its
+            // next request.
+            self.maybe_release().await;
             let want = self.parser.need().saturating_sub(self.buf.len()).max(4096);
             if self.buf.capacity() - self.buf.len() < want {
                 self.buf.reserve(want);
             }
+            let buf = &mut self.buf;
+            let pinned = &self.pinned;
+            let releasable = pinned.is_some() && self.state.clean();
             let read = async {
                 match idle {
-                    Some(t) if self.pinned.is_none() => {
-                        tokio::time::timeout(t, rd.read_buf(&mut self.buf))
-                            .await
-                            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-                    }
-                    _ => rd.read_buf(&mut self.buf).await,
+                    Some(t) if pinned.is_none() => tokio::time::timeout(t, rd.read_buf(buf))
+                        .await
+                        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+                    _ => rd.read_buf(buf).await,
+                }
+            };
+            let became_idle = async {
+                match pinned {
+                    Some(p) if releasable => p.wait_idle().await,
+                    _ => std::future::pending().await,
                 }
             };
             let n = tokio::select! {
                 biased;
                 _ = self.shared.cancel.cancelled() => return,
                 _ = self.ctx.shutdown.cancelled() => return,
+                _ = became_idle => continue,
                 r = read => r,
             };
             match n {
@@ -610,6 +622,22 @@ impl Reader {
             }
         }
         self.proto = proto;
+        if let Some(name) = &hello.setname {
+            // The name belongs to one connection: pin, and set it upstream
+            // without showing the client the CLIENT SETNAME reply.
+            if !self.ensure_pinned().await {
+                return;
+            }
+            self.state.client_state = true;
+            let mut cmd = BytesMut::new();
+            reply::command(&mut cmd, &[b"CLIENT", b"SETNAME", name]);
+            if let Some(p) = &mut self.pinned {
+                if p.send_silent(&cmd).await.is_err() {
+                    self.closing = true;
+                    return;
+                }
+            }
+        }
         let mut out = BytesMut::new();
         let version = self.ctx.node.facts.load().version.clone();
         local::hello_reply(&mut out, proto, self.id, &version);

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use smallvec::SmallVec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
@@ -41,6 +42,9 @@ pub struct PinShared {
     /// The client has subscribed in RESP2 on this connection, so arrays
     /// starting with `message`/`pmessage`/`smessage` are pushes, not replies.
     subscribed: AtomicBool,
+    /// Replies to requests keyward sent on the client's behalf (the
+    /// `CLIENT SETNAME` of a `HELLO ... SETNAME`), dropped instead of relayed.
+    swallow: AtomicU64,
     /// Notified when `outstanding` drops to zero.
     idle: Notify,
 }
@@ -89,6 +93,12 @@ impl Pinned {
                 format!("pinned connection write failed: {e}"),
             )
         })
+    }
+
+    /// Send a request of keyward's own whose reply the client must not see.
+    pub async fn send_silent(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        self.shared.swallow.fetch_add(1, Ordering::AcqRel);
+        self.send(bytes, 1).await
     }
 
     pub fn mark_subscribed(&self) {
@@ -152,6 +162,8 @@ async fn relay(
         let mut start = 0;
         let mut bad = None;
         let mut answered = 0u64;
+        // Frames to leave out of the relay (swallowed replies), as ranges.
+        let mut cut: SmallVec<[(usize, usize); 2]> = SmallVec::new();
         loop {
             match scanner.next(&buf) {
                 Ok(Some(end)) => {
@@ -161,6 +173,13 @@ async fn relay(
                         shared.subscribed.load(Ordering::Relaxed),
                     ) {
                         answered += 1;
+                        let swallowed = shared
+                            .swallow
+                            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                            .is_ok();
+                        if swallowed {
+                            cut.push((start, end));
+                        }
                     }
                     start = end;
                 }
@@ -174,9 +193,22 @@ async fn relay(
         if start > 0 {
             let data = buf.split_to(start).freeze();
             scanner.consumed(start);
-            meter.add(data.len());
-            if tx.send(PinMsg::Data(data)).await.is_err() {
-                return;
+            let mut pieces: SmallVec<[Bytes; 2]> = SmallVec::new();
+            let mut from = 0;
+            for (a, b) in cut.drain(..) {
+                if a > from {
+                    pieces.push(data.slice(from..a));
+                }
+                from = b;
+            }
+            if from < data.len() {
+                pieces.push(data.slice(from..));
+            }
+            for piece in pieces {
+                meter.add(piece.len());
+                if tx.send(PinMsg::Data(piece)).await.is_err() {
+                    return;
+                }
             }
         }
         if answered > 0 {
