@@ -46,16 +46,32 @@ use resp::{Limits, Proto};
 use server::Ctx;
 use upstream::{Node, Pool, ServerFacts, Settings};
 
+/// Accept backlog; Redis's default tcp-backlog, so a burst of reconnecting
+/// clients is not dropped at the SYN queue.
+const BACKLOG: u32 = 511;
+
+fn listen(addr: &str) -> std::io::Result<TcpListener> {
+    let addr: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
 /// Bind the listeners; errors here are start-up errors (exit code 1).
 pub async fn bind(config: &Config) -> std::io::Result<(TcpListener, Option<TcpListener>)> {
-    let listener = TcpListener::bind(&config.server.listen)
-        .await
-        .map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("cannot listen on {}: {e}", config.server.listen),
-            )
-        })?;
+    let listener = listen(&config.server.listen).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on {}: {e}", config.server.listen),
+        )
+    })?;
     let admin = if config.admin.listen.is_empty() {
         None
     } else {

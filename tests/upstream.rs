@@ -69,10 +69,9 @@ async fn redis_is_busy(port: u16) -> bool {
         return false;
     }
     let mut b = [0u8; 64];
-    matches!(
-        tokio::time::timeout(Duration::from_millis(300), s.read(&mut b)).await,
-        Err(_)
-    )
+    tokio::time::timeout(Duration::from_millis(300), s.read(&mut b))
+        .await
+        .is_err()
 }
 
 /// keyward started while nothing listens on the upstream port: not ready,

@@ -884,7 +884,13 @@ impl Writer<'_> {
                                     }
                                 }
                                 Ok(Err(e2)) => {
-                                    if !self.put_local(&e2.error.resp_text()).await {
+                                    // The retry died too (often a sibling
+                                    // connection to the same dead server).
+                                    let e2 = Error::upstream(
+                                        Kind::Unavailable,
+                                        format!("{} (read retried once)", e2.error.detail),
+                                    );
+                                    if !self.put_local(&e2.resp_text()).await {
                                         return false;
                                     }
                                 }

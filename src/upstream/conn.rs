@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -47,6 +47,8 @@ struct Waiter {
     count: u32,
     tx: oneshot::Sender<BatchResult>,
     meter: Option<Arc<Meter>>,
+    /// The client went over its output limit: drop its replies.
+    discard: bool,
 }
 
 struct Queue {
@@ -134,6 +136,7 @@ impl Conn {
                 count,
                 tx,
                 meter,
+                discard: false,
             });
         }
         if self.pending.fetch_add(count as usize, Ordering::Relaxed) == 0 {
@@ -231,6 +234,8 @@ async fn read_loop(conn: Arc<Conn>, mut rd: OwnedReadHalf) {
     // read rather than once per reply.
     let mut local: VecDeque<Waiter> = VecDeque::new();
     let mut frames: u32 = 0;
+    // Bytes of the front waiter's complete replies already charged to its meter.
+    let mut charged = 0usize;
     let error = 'run: loop {
         let want = scanner.need().saturating_sub(buf.len()).max(8 * 1024);
         if buf.capacity() - buf.len() < want {
@@ -272,23 +277,38 @@ async fn read_loop(conn: Arc<Conn>, mut rd: OwnedReadHalf) {
                 let mut q = conn.queue.lock().unwrap_or_else(|e| e.into_inner());
                 local.extend(q.waiters.drain(..));
             }
-            let Some(front) = local.front() else {
+            let Some(front) = local.front_mut() else {
                 break 'run Some(Error::upstream(
                     Kind::Protocol,
                     format!("{}: reply with no request", conn.address),
                 ));
             };
+            // Charge each reply to its client as it completes, so a client
+            // that stopped reading is cut off mid-batch, and once it is,
+            // drop its replies instead of buffering them.
+            let end = scanner.frame_start();
+            if let Some(m) = &front.meter {
+                m.add(end - charged);
+                if m.over.is_cancelled() {
+                    front.discard = true;
+                }
+            }
+            charged = end;
+            if front.discard {
+                buf.advance(end);
+                scanner.consumed(end);
+                charged = 0;
+            }
             if frames == front.count {
                 let w = local.pop_front().expect("front exists");
-                let end = scanner.frame_start();
-                let data = buf.split_to(end).freeze();
-                scanner.consumed(end);
                 frames = 0;
                 delivered += w.count as usize;
-                if let Some(m) = &w.meter {
-                    m.add(data.len());
+                if !w.discard {
+                    let data = buf.split_to(end).freeze();
+                    scanner.consumed(end);
+                    let _ = w.tx.send(Ok(data));
                 }
-                let _ = w.tx.send(Ok(data));
+                charged = 0;
             }
         }
         if delivered > 0 {
@@ -321,9 +341,6 @@ async fn read_loop(conn: Arc<Conn>, mut rd: OwnedReadHalf) {
             (Bytes::new(), 0)
         };
         first = false;
-        if let Some(m) = &w.meter {
-            m.add(delivered.len());
-        }
         let kind = if sent {
             Kind::OutcomeUnknown
         } else {
