@@ -25,6 +25,9 @@ pub struct Config {
 pub struct ServerConfig {
     /// Address clients connect to.
     pub listen: String,
+    /// Worker threads: 1 runs a single event loop (like Redis); more use a
+    /// work-stealing runtime.
+    pub threads: usize,
     /// Connected clients at most; one more gets `-ERR max number of clients reached`.
     pub max_clients: usize,
     /// Largest single argument in a request (Redis's proto-max-bulk-len).
@@ -90,6 +93,7 @@ impl Default for Config {
         Config {
             server: ServerConfig {
                 listen: "127.0.0.1:6380".into(),
+                threads: 1,
                 max_clients: 10_000,
                 max_bulk_bytes: 512 * 1024 * 1024,
                 max_request_bytes: 1024 * 1024 * 1024,
@@ -173,6 +177,9 @@ impl Config {
                 self.upstream.address
             ));
         }
+        if self.server.threads == 0 || self.server.threads > 256 {
+            p.push("server.threads: must be between 1 and 256".into());
+        }
         let positive: [(&str, u64); 9] = [
             ("server.max_clients", self.server.max_clients as u64),
             ("server.max_bulk_bytes", self.server.max_bulk_bytes as u64),
@@ -238,6 +245,7 @@ impl Config {
                 let s = &mut *self;
                 let known = match (section.as_str(), key.as_str()) {
                     ("server", "listen") => set_str(&mut s.server.listen, &name, v, problems),
+                    ("server", "threads") => set_num(&mut s.server.threads, &name, v, problems),
                     ("server", "max_clients") => {
                         set_num(&mut s.server.max_clients, &name, v, problems)
                     }

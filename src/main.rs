@@ -94,18 +94,16 @@ fn main() -> ExitCode {
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
         _ => {}
     }
-    let threads: usize = std::env::var("KEYWARD_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let mut builder = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        if threads > 1 {
-            b.worker_threads(threads);
+    // One thread runs an event loop like Redis's and twemproxy's: no
+    // cross-thread wake-ups, the fastest choice when Redis and the clients
+    // share the machine. More threads use tokio's work-stealing scheduler.
+    let mut builder = match config.server.threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
         }
-        b
     };
     let runtime = match builder.enable_all().build() {
         Ok(r) => r,

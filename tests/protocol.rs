@@ -205,7 +205,10 @@ async fn basic_commands_and_binary_values_are_byte_exact() {
         (cmd(&[b"SET", b"empty", b""]), b"+OK\r\n".to_vec()),
         (cmd(&[b"GET", b"empty"]), b"$0\r\n\r\n".to_vec()),
         (cmd(&[b"INCR", b"n"]), b":1\r\n".to_vec()),
-        (cmd(&[b"INCR", b"k"]), b"-ERR value is not an integer or out of range\r\n".to_vec()),
+        (
+            cmd(&[b"INCR", b"k"]),
+            b"-ERR value is not an integer or out of range\r\n".to_vec(),
+        ),
     ];
     for (req, want) in &table {
         c.send(req).await;
@@ -217,7 +220,11 @@ async fn basic_commands_and_binary_values_are_byte_exact() {
             esc(req)
         );
     }
-    assert!(c.buffered().is_empty(), "stray bytes: {}", esc(c.buffered()));
+    assert!(
+        c.buffered().is_empty(),
+        "stray bytes: {}",
+        esc(c.buffered())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,7 +304,10 @@ async fn hello_matches_redis() {
     }
 
     let err_cases: &[(&[&[u8]], &[u8])] = &[
-        (&[b"HELLO", b"4"], b"-NOPROTO unsupported protocol version\r\n"),
+        (
+            &[b"HELLO", b"4"],
+            b"-NOPROTO unsupported protocol version\r\n",
+        ),
         (
             &[b"HELLO", b"x"],
             b"-ERR Protocol version is not an integer or out of range\r\n",
@@ -309,7 +319,12 @@ async fn hello_matches_redis() {
         let from_redis = direct.call(req).await;
         let got = proxied.call(req).await;
         assert_eq!(esc(&got), esc(want), "{} through keyward", esc(&cmd(req)));
-        assert_eq!(esc(&got), esc(&from_redis), "{}: keyward vs redis", esc(&cmd(req)));
+        assert_eq!(
+            esc(&got),
+            esc(&from_redis),
+            "{}: keyward vs redis",
+            esc(&cmd(req))
+        );
         // A refused HELLO leaves the connection in RESP2 and open.
         assert_eq!(proxied.call(&[b"GET", b"nope"]).await, b"$-1\r\n");
     }
@@ -332,10 +347,19 @@ async fn resp3_replies_after_hello_3() {
     let mut proxied = Raw::connect(kw.port()).await;
     assert!(direct.call(&[b"HELLO", b"3"]).await.starts_with(b"%7\r\n"));
     let hello = proxied.call(&[b"HELLO", b"3"]).await;
-    assert!(hello.starts_with(b"%"), "HELLO 3 through keyward: {}", esc(&hello));
+    assert!(
+        hello.starts_with(b"%"),
+        "HELLO 3 through keyward: {}",
+        esc(&hello)
+    );
     for (req, want) in table {
         let got = proxied.call(req).await;
-        assert_eq!(esc(&got), esc(want), "{} in RESP3 through keyward", esc(&cmd(req)));
+        assert_eq!(
+            esc(&got),
+            esc(want),
+            "{} in RESP3 through keyward",
+            esc(&cmd(req))
+        );
         assert_eq!(esc(&got), esc(&direct.call(req).await), "keyward vs redis");
     }
 
@@ -356,7 +380,10 @@ async fn resp3_replies_after_hello_3() {
     assert_eq!(set, HashSet::from(["m".to_string()]));
     let none: Option<String> = f.get("missing").await.expect("fred GET missing");
     assert_eq!(none, None);
-    let _: () = f.set("r3", "val", None, None, false).await.expect("fred SET");
+    let _: () = f
+        .set("r3", "val", None, None, false)
+        .await
+        .expect("fred SET");
     let v: Option<String> = f.get("r3").await.expect("fred GET");
     assert_eq!(v.as_deref(), Some("val"));
 }
@@ -379,7 +406,12 @@ async fn auth_without_a_password_matches_redis() {
     let mut proxied = Raw::connect(kw.port()).await;
     for (req, want) in table {
         let from_redis = direct.call(req).await;
-        assert_eq!(esc(&from_redis), esc(want), "redis itself: {}", esc(&cmd(req)));
+        assert_eq!(
+            esc(&from_redis),
+            esc(want),
+            "redis itself: {}",
+            esc(&cmd(req))
+        );
         let got = proxied.call(req).await;
         assert_eq!(esc(&got), esc(want), "{} through keyward", esc(&cmd(req)));
         // Whatever the outcome, the connection keeps serving.
@@ -412,9 +444,18 @@ async fn inline_commands() {
         let got = proxied.read_reply().await;
         assert_eq!(esc(&got), esc(want), "inline {} through keyward", esc(req));
         direct.send(req).await;
-        assert_eq!(esc(&direct.read_reply().await), esc(want), "inline {} on redis", esc(req));
+        assert_eq!(
+            esc(&direct.read_reply().await),
+            esc(want),
+            "inline {} on redis",
+            esc(req)
+        );
     }
-    assert!(proxied.buffered().is_empty(), "stray: {}", esc(proxied.buffered()));
+    assert!(
+        proxied.buffered().is_empty(),
+        "stray: {}",
+        esc(proxied.buffered())
+    );
 }
 
 /// Malformed requests: each gets one exact error reply, then keyward closes
@@ -425,7 +466,10 @@ async fn malformed_requests_get_an_error_and_close_only_that_connection() {
 
     // A client connected before any of the bad ones; it must keep working.
     let mut survivor = Raw::connect(kw.port()).await;
-    assert_eq!(survivor.call(&[b"SET", b"survivor", b"alive"]).await, b"+OK\r\n");
+    assert_eq!(
+        survivor.call(&[b"SET", b"survivor", b"alive"]).await,
+        b"+OK\r\n"
+    );
 
     let mut too_big_inline = vec![b'A'; 64 * 1024 + 1];
     too_big_inline[0] = b'G';
@@ -527,15 +571,27 @@ async fn malformed_requests_get_an_error_and_close_only_that_connection() {
 async fn nul_in_an_inline_command_matches_redis() {
     let (redis, kw) = setup().await;
     let mut survivor = Raw::connect(kw.port()).await;
-    assert_eq!(survivor.call(&[b"SET", b"survivor", b"alive"]).await, b"+OK\r\n");
+    assert_eq!(
+        survivor.call(&[b"SET", b"survivor", b"alive"]).await,
+        b"+OK\r\n"
+    );
 
     let req: &[u8] = b"PI\0NG\r\n";
     let mut direct = Raw::connect(redis.port()).await;
     let mut proxied = Raw::connect(kw.port()).await;
+    let rss_before = rss_kib(kw.pid());
     direct.send(req).await;
     proxied.send(req).await;
     let direct_closed = direct.is_closed_within(QUIET).await;
     let proxied_closed = proxied.is_closed_within(QUIET).await;
+    // Checked first and at once: a proxy that spins on this input can eat
+    // gigabytes within seconds, and panicking here kills it (on drop).
+    let rss_after = rss_kib(kw.pid());
+    assert!(
+        rss_after < rss_before + 100 * 1024,
+        "keyward's resident memory grew from {rss_before} KiB to {rss_after} KiB within {QUIET:?} of receiving {}",
+        esc(req)
+    );
     assert_eq!(
         esc(proxied.buffered()),
         esc(direct.buffered()),
@@ -550,7 +606,21 @@ async fn nul_in_an_inline_command_matches_redis() {
     );
     assert!(!proxied_closed, "the connection must stay open");
     assert_eq!(survivor.call(&[b"PING"]).await, b"+PONG\r\n");
-    assert_eq!(survivor.call(&[b"GET", b"survivor"]).await, b"$5\r\nalive\r\n");
+    assert_eq!(
+        survivor.call(&[b"GET", b"survivor"]).await,
+        b"$5\r\nalive\r\n"
+    );
+}
+
+/// Resident set size of process `pid` in KiB, from /proc (Linux).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
 }
 
 // ---------------------------------------------------------------------------
@@ -630,7 +700,9 @@ fn mixed_pipeline(n: usize) -> (Vec<u8>, Vec<Vec<u8>>) {
             2 => {
                 let k = format!("c:{}", rng.below(8)).into_bytes();
                 let next = match db.get(&k) {
-                    Some(Val::Str(v)) => std::str::from_utf8(v).unwrap().parse::<i64>().unwrap() + 1,
+                    Some(Val::Str(v)) => {
+                        std::str::from_utf8(v).unwrap().parse::<i64>().unwrap() + 1
+                    }
                     None => 1,
                     _ => unreachable!("counters are strings"),
                 };
@@ -664,7 +736,10 @@ fn mixed_pipeline(n: usize) -> (Vec<u8>, Vec<Vec<u8>>) {
                 let k = format!("h:{}", rng.below(5)).into_bytes();
                 let f = format!("f{}", rng.below(12)).into_bytes();
                 let v = rng.value(false);
-                let h = match db.entry(k.clone()).or_insert_with(|| Val::Hash(HashMap::new())) {
+                let h = match db
+                    .entry(k.clone())
+                    .or_insert_with(|| Val::Hash(HashMap::new()))
+                {
                     Val::Hash(h) => h,
                     _ => unreachable!("h: keys are hashes"),
                 };
@@ -861,12 +936,21 @@ fn check_config_prints_the_effective_config_and_exits_0() {
     };
     // Command-line flags win over the file; the file wins over defaults.
     assert_eq!(get("server", "listen").as_str(), Some("127.0.0.1:7001"));
-    assert_eq!(get("upstream", "address").as_str(), Some("redis.example:6390"));
+    assert_eq!(
+        get("upstream", "address").as_str(),
+        Some("redis.example:6390")
+    );
     assert_eq!(get("server", "max_clients").as_integer(), Some(77));
     assert_eq!(get("upstream", "pool_size").as_integer(), Some(4));
     // Untouched keys show their defaults (from config/keyward.toml).
-    assert_eq!(get("server", "max_bulk_bytes").as_integer(), Some(536_870_912));
-    assert_eq!(get("upstream", "command_timeout_ms").as_integer(), Some(5000));
+    assert_eq!(
+        get("server", "max_bulk_bytes").as_integer(),
+        Some(536_870_912)
+    );
+    assert_eq!(
+        get("upstream", "command_timeout_ms").as_integer(),
+        Some(5000)
+    );
     assert_eq!(get("log", "format").as_str(), Some("text"));
     assert!(
         !stdout.contains("hunter2"),

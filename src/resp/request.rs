@@ -198,7 +198,11 @@ fn trim_cr(line: &[u8]) -> &[u8] {
 
 /// An inline command: one line, split like Redis's `sdssplitargs`.
 fn parse_inline(buf: &[u8]) -> Result<Option<Parsed>, ProtocolError> {
-    let Some(nl) = line_end(buf, 0) else {
+    // Redis finds the end of an inline line with strchr, which stops at a
+    // NUL byte: a line with a NUL before its newline never ends, and only the
+    // 64 KiB limit answers it. Do exactly the same.
+    let nl = line_end(buf, 0).filter(|&nl| !buf[..nl].contains(&0));
+    let Some(nl) = nl else {
         if buf.len() > INLINE_MAX {
             return Err(ProtocolError::new("too big inline request"));
         }
@@ -308,7 +312,7 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
                     break;
                 }
                 match line[i] {
-                    b' ' | b'\n' | b'\r' | b'\t' | 0 => break,
+                    b' ' | b'\n' | b'\r' | b'\t' => break,
                     b'"' => in_dq = true,
                     b'\'' => in_sq = true,
                     c => cur.push(c),
@@ -428,6 +432,18 @@ mod tests {
             let err = parse_all(input).unwrap_err();
             assert_eq!(err.to_string(), *text, "{}", input.escape_ascii());
         }
+        // A NUL hides the newline, as in Redis; only the size limit ends it.
+        let mut p = RequestParser::new();
+        assert!(p
+            .parse(b"PI\0NG\r\n", &Limits::default())
+            .unwrap()
+            .is_none());
+        let mut nul = b"PI\0NG\r\n".to_vec();
+        nul.resize(INLINE_MAX + 10, b'x');
+        assert_eq!(
+            parse_all(&nul).unwrap_err().to_string(),
+            "Protocol error: too big inline request"
+        );
         let long = vec![b'a'; INLINE_MAX + 1];
         assert_eq!(
             parse_all(&long).unwrap_err().to_string(),

@@ -23,7 +23,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
-use tokio_util::sync::CancellationToken;
+use tokio::task::JoinSet;
+use tokio_util::task::TaskTracker;
 
 use super::local;
 use super::state::SessionState;
@@ -62,9 +63,8 @@ enum Entry {
 
 /// State the reader and writer share.
 struct Shared {
+    /// Output meter and kill switch: `meter.kill()` aborts both tasks.
     meter: Arc<Meter>,
-    /// Cancelled to drop the client at once (output limit, lost state).
-    cancel: CancellationToken,
     /// Entries queued and not yet finished by the writer.
     entries: AtomicUsize,
     drained: Notify,
@@ -83,24 +83,36 @@ impl Shared {
     }
 }
 
-/// Serve one client until it leaves, breaks the protocol or keyward stops.
-pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, id: u64) {
+/// Decrements the client count however the reader task ends (including
+/// being aborted).
+struct ClientSlot(Arc<Ctx>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Start serving one client: the writer goes on `writers` (shutdown waits
+/// for it to deliver what is owed), the reader on `readers` (shutdown aborts
+/// it, which stops new requests). The client slot is already counted.
+pub fn start(
+    ctx: Arc<Ctx>,
+    stream: TcpStream,
+    id: u64,
+    readers: &mut JoinSet<()>,
+    writers: &TaskTracker,
+) {
     let _ = stream.set_nodelay(true);
-    let peer = stream.peer_addr().ok();
     let (rd, wr) = stream.into_split();
-    let cancel = CancellationToken::new();
     let shared = Arc::new(Shared {
-        meter: Arc::new(Meter::new(
-            ctx.config.server.max_reply_bytes,
-            cancel.clone(),
-        )),
-        cancel,
+        meter: Arc::new(Meter::new(id, ctx.config.server.max_reply_bytes)),
         entries: AtomicUsize::new(0),
         drained: Notify::new(),
         permits: Semaphore::new(ctx.config.server.max_pending_requests),
     });
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer = tokio::spawn(write_loop(ctx.clone(), shared.clone(), rx, wr, id));
+    let writer = writers.spawn(write_loop(ctx.clone(), shared.clone(), rx, wr, id));
     let mut reader = Reader {
         ctx: ctx.clone(),
         id,
@@ -118,21 +130,16 @@ pub async fn serve(ctx: Arc<Ctx>, stream: TcpStream, id: u64) {
         target: Target::Pool(Proto::Resp2),
         closing: false,
     };
-    reader.run(rd).await;
-    if let Some(p) = reader.pinned.take() {
-        reader.pinned_tx = None;
-        p.release().await;
-    }
-    drop(reader);
-    let _ = writer.await;
-    if shared.meter.exceeded() {
-        tracing::warn!(
-            client = id,
-            ?peer,
-            limit = ctx.config.server.max_reply_bytes,
-            "client disconnected: replies waiting exceeded server.max_reply_bytes"
-        );
-    }
+    let slot = ClientSlot(ctx);
+    let reader = readers.spawn(async move {
+        let _slot = slot;
+        reader.run(rd).await;
+        if let Some(p) = reader.pinned.take() {
+            drop(reader);
+            p.release().await;
+        }
+    });
+    shared.meter.set_tasks(reader, writer.abort_handle());
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,8 +205,6 @@ impl Reader {
             };
             let n = tokio::select! {
                 biased;
-                _ = self.shared.cancel.cancelled() => return,
-                _ = self.ctx.shutdown.cancelled() => return,
                 _ = became_idle => continue,
                 r = read => r,
             };
@@ -216,14 +221,14 @@ impl Reader {
         // The run of pool-bound requests occupies buf[..off].
         let mut off = 0usize;
         loop {
-            if self.closing || self.shared.cancel.is_cancelled() {
+            if self.closing {
                 return;
             }
             let parsed = match self.parser.parse(&self.buf[off..], &self.ctx.limits) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(e) => {
-                    self.emit_run(&mut off);
+                    self.emit_run(&mut off).await;
                     let mut out = BytesMut::new();
                     reply::error(&mut out, &format!("ERR {e}"));
                     tracing::debug!(client = self.id, error = %e, "client protocol error; closing");
@@ -261,14 +266,14 @@ impl Reader {
             }
             if class == Class::Forward && self.pinned.is_none() && req.inline.is_none() {
                 if self.target != Target::Pool(self.proto) {
-                    self.emit_run(&mut off);
+                    self.emit_run(&mut off).await;
                     self.switch_to(Target::Pool(self.proto)).await;
                 }
                 off += req.consumed;
                 self.run_count += 1;
                 continue;
             }
-            self.emit_run(&mut off);
+            self.emit_run(&mut off).await;
             debug_assert_eq!(off, 0);
             let (frame, consumed) = match &req.inline {
                 Some(f) => (f.clone(), req.consumed),
@@ -277,7 +282,7 @@ impl Reader {
             self.buf.advance(consumed);
             self.dispatch(class, &req, frame).await;
         }
-        self.emit_run(&mut off);
+        self.emit_run(&mut off).await;
         self.flush_local();
     }
 
@@ -287,19 +292,19 @@ impl Reader {
             p.forget();
             return true;
         }
-        self.emit_run(off);
+        self.emit_run(off).await;
         self.flush_local();
-        tokio::select! {
-            _ = self.shared.cancel.cancelled() => false,
-            p = self.shared.permits.acquire() => match p {
-                Ok(p) => { p.forget(); true }
-                Err(_) => false,
-            },
+        match self.shared.permits.acquire().await {
+            Ok(p) => {
+                p.forget();
+                true
+            }
+            Err(_) => false,
         }
     }
 
     /// Send the pool-bound run at the front of the buffer.
-    fn emit_run(&mut self, off: &mut usize) {
+    async fn emit_run(&mut self, off: &mut usize) {
         if self.run_count == 0 {
             return;
         }
@@ -307,17 +312,19 @@ impl Reader {
         let req = self.buf.split_to(*off).freeze();
         *off = 0;
         let count = std::mem::take(&mut self.run_count);
-        self.send_pool(req, count);
+        self.send_pool(req, count).await;
     }
 
-    fn send_pool(&mut self, req: Bytes, count: u32) {
-        let pool = self.ctx.pool(self.proto);
-        let rx = match pool.send(
-            self.id as usize,
-            &req,
-            count,
-            Some(self.shared.meter.clone()),
-        ) {
+    async fn send_pool(&mut self, req: Bytes, count: u32) {
+        let pool = self.ctx.pool(self.proto).clone();
+        let meter = Some(self.shared.meter.clone());
+        let mut sent = pool.send(self.id as usize, &req, count, meter.clone());
+        if sent.is_err() && pool.wait_first(self.ctx.config.connect_timeout()).await {
+            // Right after start the pool may still be connecting: wait for it
+            // (bounded by the connect timeout) rather than fail the request.
+            sent = pool.send(self.id as usize, &req, count, meter);
+        }
+        let rx = match sent {
             Ok(rx) => rx,
             Err(e) => {
                 // The writer turns a failed batch into per-request errors.
@@ -363,10 +370,7 @@ impl Reader {
         if let (Some(p), Some(tx)) = (&self.pinned, &self.pinned_tx) {
             // Behind the pinned connection's replies: wait until they are
             // all queued, then queue this one on the same relay.
-            tokio::select! {
-                _ = self.shared.cancel.cancelled() => return,
-                _ = p.wait_idle() => {}
-            }
+            p.wait_idle().await;
             self.shared.meter.add(bytes.len());
             let _ = tx.send(PinMsg::Data(bytes)).await;
             self.shared.permits.add_permits(requests as usize);
@@ -408,10 +412,7 @@ impl Reader {
             if self.shared.entries.load(Ordering::Acquire) == 0 {
                 break;
             }
-            tokio::select! {
-                _ = self.shared.cancel.cancelled() => return,
-                _ = notified => {}
-            }
+            notified.await;
         }
         self.target = target;
     }
@@ -597,7 +598,7 @@ impl Reader {
         } else {
             self.switch_to(Target::Pool(self.proto)).await;
             self.flush_local();
-            self.send_pool(frame, 1);
+            self.send_pool(frame, 1).await;
         }
     }
 
@@ -637,6 +638,13 @@ impl Reader {
                     return;
                 }
             }
+        }
+        if self.ctx.node.facts.load().version.is_empty() {
+            // HELLO reports the upstream's version: learn it first.
+            self.ctx
+                .pool2
+                .wait_first(self.ctx.config.connect_timeout())
+                .await;
         }
         let mut out = BytesMut::new();
         let version = self.ctx.node.facts.load().version.clone();
@@ -692,13 +700,9 @@ async fn write_loop(
                 if !w.flush().await {
                     return;
                 }
-                tokio::select! {
-                    biased;
-                    _ = shared.cancel.cancelled() => return,
-                    e = rx.recv() => match e {
-                        Some(e) => e,
-                        None => break,
-                    },
+                match rx.recv().await {
+                    Some(e) => e,
+                    None => break,
                 }
             }
             Err(mpsc::error::TryRecvError::Disconnected) => break,
@@ -731,7 +735,7 @@ async fn write_loop(
             }
         };
         if !ok {
-            shared.cancel.cancel();
+            shared.meter.kill();
             return;
         }
     }
@@ -751,11 +755,7 @@ impl Writer<'_> {
         if self.out.is_empty() {
             return true;
         }
-        let ok = tokio::select! {
-            biased;
-            _ = self.shared.cancel.cancelled() => false,
-            r = self.wr.write_all(&self.out) => r.is_ok(),
-        };
+        let ok = self.wr.write_all(&self.out).await.is_ok();
         self.shared.meter.sub(self.out.len());
         self.out.clear();
         if self.out.capacity() > 4 * WRITE_FLUSH {
@@ -770,11 +770,7 @@ impl Writer<'_> {
             if !self.flush().await {
                 return false;
             }
-            let ok = tokio::select! {
-                biased;
-                _ = self.shared.cancel.cancelled() => false,
-                r = self.wr.write_all(&bytes) => r.is_ok(),
-            };
+            let ok = self.wr.write_all(&bytes).await.is_ok();
             self.shared.meter.sub(bytes.len());
             return ok;
         }
@@ -807,14 +803,17 @@ impl Writer<'_> {
                 if !self.flush().await {
                     return false;
                 }
-                tokio::select! {
-                    biased;
-                    _ = self.shared.cancel.cancelled() => return false,
-                    r = &mut rx => r.unwrap_or_else(|_| Err(crate::upstream::BatchError {
-                        delivered: Bytes::new(), done: 0, sent: true,
-                        error: Error::upstream(Kind::OutcomeUnknown, "upstream connection dropped the request"),
-                    })),
-                }
+                rx.await.unwrap_or_else(|_| {
+                    Err(crate::upstream::BatchError {
+                        delivered: Bytes::new(),
+                        done: 0,
+                        sent: true,
+                        error: Error::upstream(
+                            Kind::OutcomeUnknown,
+                            "upstream connection dropped the request",
+                        ),
+                    })
+                })
             }
         };
         match res {
@@ -873,10 +872,7 @@ impl Writer<'_> {
                             if !self.flush().await {
                                 return false;
                             }
-                            let r = tokio::select! {
-                                _ = self.shared.cancel.cancelled() => return false,
-                                r = rx => r,
-                            };
+                            let r = rx.await;
                             match r {
                                 Ok(Ok(bytes)) => {
                                     if !self.put(bytes).await {
@@ -934,11 +930,7 @@ impl Writer<'_> {
                     if !self.flush().await {
                         return false;
                     }
-                    tokio::select! {
-                        biased;
-                        _ = self.shared.cancel.cancelled() => return false,
-                        m = prx.recv() => m,
-                    }
+                    prx.recv().await
                 }
             };
             match msg {

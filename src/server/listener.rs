@@ -1,5 +1,9 @@
-//! Accepting clients: the max-clients bound, one task per connection, and
-//! draining on shutdown.
+//! Accepting clients: the max-clients bound, a reader and a writer task per
+//! connection, and draining on shutdown.
+//!
+//! Readers live in a `JoinSet` so shutdown can abort them all at once (no
+//! new requests are read); writers live in a `TaskTracker` so shutdown can
+//! wait, up to the grace period, for them to deliver the replies owed.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -7,18 +11,24 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
 
 use super::{client, Ctx};
 
-/// Accept until shutdown, then wait (up to the grace period) for sessions to
-/// finish writing the replies they owe.
+/// Accept until shutdown, then drain.
 pub async fn serve(ctx: Arc<Ctx>, listener: TcpListener) {
-    let tracker = TaskTracker::new();
+    let writers = TaskTracker::new();
+    let mut readers: JoinSet<()> = JoinSet::new();
     let max = ctx.config.server.max_clients;
+    let shutdown = ctx.shutdown.clone();
+    let stop = shutdown.cancelled();
+    tokio::pin!(stop);
     loop {
         let accepted = tokio::select! {
-            _ = ctx.shutdown.cancelled() => break,
+            _ = &mut stop => break,
+            // Reap finished readers so the set does not grow.
+            Some(_) = readers.join_next(), if !readers.is_empty() => continue,
             a = listener.accept() => a,
         };
         let (mut stream, peer) = match accepted {
@@ -33,7 +43,7 @@ pub async fn serve(ctx: Arc<Ctx>, listener: TcpListener) {
         if ctx.clients.fetch_add(1, Ordering::AcqRel) >= max {
             ctx.clients.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!(%peer, max, "rejecting client: server.max_clients reached");
-            tracker.spawn(async move {
+            writers.spawn(async move {
                 let _ = stream
                     .write_all(b"-ERR max number of clients reached\r\n")
                     .await;
@@ -42,22 +52,20 @@ pub async fn serve(ctx: Arc<Ctx>, listener: TcpListener) {
             continue;
         }
         let id = ctx.next_client_id.fetch_add(1, Ordering::Relaxed);
-        let ctx2 = ctx.clone();
-        tracker.spawn(async move {
-            client::serve(ctx2.clone(), stream, id).await;
-            ctx2.clients.fetch_sub(1, Ordering::AcqRel);
-        });
+        client::start(ctx.clone(), stream, id, &mut readers, &writers);
     }
     drop(listener);
-    tracker.close();
-    let grace = Duration::from_millis(ctx.config.server.shutdown_grace_ms);
     let open = ctx.clients.load(Ordering::Acquire);
+    let grace = Duration::from_millis(ctx.config.server.shutdown_grace_ms);
     tracing::info!(
         clients = open,
         grace_ms = grace.as_millis() as u64,
         "stopped accepting; draining clients"
     );
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+    readers.abort_all();
+    while readers.join_next().await.is_some() {}
+    writers.close();
+    if tokio::time::timeout(grace, writers.wait()).await.is_err() {
         tracing::warn!(
             clients = ctx.clients.load(Ordering::Acquire),
             "grace period over; closing remaining clients"

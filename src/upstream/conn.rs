@@ -13,8 +13,8 @@
 //! never written are marked not sent, and the rest have an unknown outcome.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -22,6 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
+use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::meter::Meter;
@@ -66,8 +67,12 @@ pub struct Conn {
     pub address: String,
     queue: Mutex<Queue>,
     wake: Notify,
-    /// Cancelled when the connection is finished; both tasks watch it.
+    /// Set when the connection is finished (checked on every send).
+    closed: AtomicBool,
+    /// Cancelled when the connection is finished, for the maintainer.
     done: CancellationToken,
+    /// The reader and writer tasks, aborted by `fail`.
+    tasks: OnceLock<[AbortHandle; 2]>,
     /// Requests sent and not yet answered (for the stall detector and gauges).
     pending: AtomicUsize,
     /// Milliseconds since `epoch` of the last reply or of the queue becoming
@@ -95,14 +100,20 @@ impl Conn {
                 closed: None,
             }),
             wake: Notify::new(),
+            closed: AtomicBool::new(false),
             done: CancellationToken::new(),
+            tasks: OnceLock::new(),
             pending: AtomicUsize::new(0),
             progress_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             max_inflight,
         });
-        tokio::spawn(write_loop(conn.clone(), wr));
-        tokio::spawn(read_loop(conn.clone(), rd));
+        let w = tokio::spawn(write_loop(conn.clone(), wr));
+        let r = tokio::spawn(read_loop(conn.clone(), rd));
+        let _ = conn.tasks.set([r.abort_handle(), w.abort_handle()]);
+        if conn.is_closed() {
+            conn.abort();
+        }
         conn
     }
 
@@ -152,8 +163,17 @@ impl Conn {
     }
 
     /// Is the connection finished?
+    #[inline]
     pub fn is_closed(&self) -> bool {
-        self.done.is_cancelled()
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn abort(&self) {
+        if let Some(tasks) = self.tasks.get() {
+            for t in tasks {
+                t.abort();
+            }
+        }
     }
 
     /// Resolves when the connection is finished.
@@ -177,7 +197,8 @@ impl Conn {
         )
     }
 
-    /// Close the connection; the reader fails every waiter with `error`.
+    /// Close the connection; every waiter is failed with `error` (by the
+    /// reader's drop guard, exactly once).
     pub fn fail(&self, error: Error) {
         {
             let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -185,32 +206,28 @@ impl Conn {
                 q.closed = Some(error);
             }
         }
+        self.closed.store(true, Ordering::Release);
         self.done.cancel();
+        self.abort();
     }
 }
 
 async fn write_loop(conn: Arc<Conn>, mut wr: OwnedWriteHalf) {
     let mut spare = BytesMut::with_capacity(16 * 1024);
     loop {
-        tokio::select! {
-            biased;
-            _ = conn.done.cancelled() => return,
-            _ = conn.wake.notified() => {}
-        }
+        conn.wake.notified().await;
         let mut out = {
             let mut q = conn.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if q.closed.is_some() {
+                return;
+            }
             if q.wbuf.is_empty() {
                 continue;
             }
             q.written_below = q.next_seq;
             std::mem::replace(&mut q.wbuf, spare)
         };
-        let res = tokio::select! {
-            biased;
-            _ = conn.done.cancelled() => return,
-            r = wr.write_all(&out) => r,
-        };
-        if let Err(e) = res {
+        if let Err(e) = wr.write_all(&out).await {
             conn.fail(Error::upstream(
                 Kind::OutcomeUnknown,
                 format!("{}: write failed: {e}", conn.address),
@@ -227,131 +244,141 @@ async fn write_loop(conn: Arc<Conn>, mut wr: OwnedWriteHalf) {
     }
 }
 
+/// The reader's state. Its `Drop` fails every waiter still queued, so the
+/// waiters are answered exactly once however the reader ends: an I/O error,
+/// a protocol error, or `fail` aborting the task.
+struct ReadState {
+    conn: Arc<Conn>,
+    buf: BytesMut,
+    scanner: Scanner,
+    /// Waiters moved out of the shared queue, so the lock is taken once per
+    /// read rather than once per reply.
+    local: VecDeque<Waiter>,
+    /// Complete replies received for the front waiter.
+    frames: u32,
+    /// Bytes of the front waiter's complete replies charged to its meter.
+    charged: usize,
+}
+
 async fn read_loop(conn: Arc<Conn>, mut rd: OwnedReadHalf) {
-    let mut buf = BytesMut::with_capacity(16 * 1024);
-    let mut scanner = Scanner::new();
-    // Waiters moved out of the shared queue, so the lock is taken once per
-    // read rather than once per reply.
-    let mut local: VecDeque<Waiter> = VecDeque::new();
-    let mut frames: u32 = 0;
-    // Bytes of the front waiter's complete replies already charged to its meter.
-    let mut charged = 0usize;
-    let error = 'run: loop {
-        let want = scanner.need().saturating_sub(buf.len()).max(8 * 1024);
-        if buf.capacity() - buf.len() < want {
-            buf.reserve(want);
+    let mut st = ReadState {
+        conn,
+        buf: BytesMut::with_capacity(16 * 1024),
+        scanner: Scanner::new(),
+        local: VecDeque::new(),
+        frames: 0,
+        charged: 0,
+    };
+    let error = loop {
+        let want = st.scanner.need().saturating_sub(st.buf.len()).max(8 * 1024);
+        if st.buf.capacity() - st.buf.len() < want {
+            st.buf.reserve(want);
         }
-        let n = tokio::select! {
-            biased;
-            _ = conn.done.cancelled() => break 'run None,
-            r = rd.read_buf(&mut buf) => r,
-        };
-        match n {
-            Ok(0) => {
-                break Some(Error::upstream(
-                    Kind::OutcomeUnknown,
-                    format!("{}: connection closed by upstream", conn.address),
-                ))
-            }
-            Err(e) => {
-                break Some(Error::upstream(
-                    Kind::OutcomeUnknown,
-                    format!("{}: read failed: {e}", conn.address),
-                ))
-            }
+        match rd.read_buf(&mut st.buf).await {
+            Ok(0) => break format!("{}: connection closed by upstream", st.conn.address),
+            Err(e) => break format!("{}: read failed: {e}", st.conn.address),
             Ok(_) => {}
         }
+        if let Err(e) = st.deliver() {
+            break e;
+        }
+    };
+    st.conn.fail(Error::upstream(Kind::OutcomeUnknown, error));
+}
+
+impl ReadState {
+    /// Hand every complete batch of replies to its waiter.
+    fn deliver(&mut self) -> Result<(), String> {
         let mut delivered = 0usize;
         loop {
-            match scanner.next(&buf) {
-                Ok(Some(_)) => frames += 1,
+            match self.scanner.next(&self.buf) {
+                Ok(Some(_)) => self.frames += 1,
                 Ok(None) => break,
-                Err(e) => {
-                    break 'run Some(Error::upstream(
-                        Kind::Protocol,
-                        format!("{}: {e}", conn.address),
-                    ))
-                }
+                Err(e) => return Err(format!("{}: {e}", self.conn.address)),
             }
-            if local.is_empty() {
-                let mut q = conn.queue.lock().unwrap_or_else(|e| e.into_inner());
-                local.extend(q.waiters.drain(..));
+            if self.local.is_empty() {
+                let mut q = self.conn.queue.lock().unwrap_or_else(|e| e.into_inner());
+                self.local.extend(q.waiters.drain(..));
             }
-            let Some(front) = local.front_mut() else {
-                break 'run Some(Error::upstream(
-                    Kind::Protocol,
-                    format!("{}: reply with no request", conn.address),
-                ));
+            let Some(front) = self.local.front_mut() else {
+                return Err(format!("{}: reply with no request", self.conn.address));
             };
             // Charge each reply to its client as it completes, so a client
             // that stopped reading is cut off mid-batch, and once it is,
             // drop its replies instead of buffering them.
-            let end = scanner.frame_start();
+            let end = self.scanner.frame_start();
             if let Some(m) = &front.meter {
-                m.add(end - charged);
-                if m.over.is_cancelled() {
+                m.add(end - self.charged);
+                if m.is_killed() {
                     front.discard = true;
                 }
             }
-            charged = end;
+            self.charged = end;
             if front.discard {
-                buf.advance(end);
-                scanner.consumed(end);
-                charged = 0;
+                self.buf.advance(end);
+                self.scanner.consumed(end);
+                self.charged = 0;
             }
-            if frames == front.count {
-                let w = local.pop_front().expect("front exists");
-                frames = 0;
+            if self.frames == front.count {
+                let w = self.local.pop_front().expect("front exists");
+                self.frames = 0;
+                self.charged = 0;
                 delivered += w.count as usize;
                 if !w.discard {
-                    let data = buf.split_to(end).freeze();
-                    scanner.consumed(end);
+                    let end = self.scanner.frame_start();
+                    let data = self.buf.split_to(end).freeze();
+                    self.scanner.consumed(end);
                     let _ = w.tx.send(Ok(data));
                 }
-                charged = 0;
             }
         }
         if delivered > 0 {
-            conn.pending.fetch_sub(delivered, Ordering::Relaxed);
-            conn.touch();
+            self.conn.pending.fetch_sub(delivered, Ordering::Relaxed);
+            self.conn.touch();
         }
-    };
-    // Fail everything still waiting, exactly once.
-    let (error, rest, written_below) = {
-        let mut q = conn.queue.lock().unwrap_or_else(|e| e.into_inner());
-        let error = error.or_else(|| q.closed.clone()).unwrap_or_else(|| {
-            Error::upstream(
-                Kind::OutcomeUnknown,
-                format!("{}: connection closed", conn.address),
-            )
-        });
-        if q.closed.is_none() {
-            q.closed = Some(error.clone());
-        }
-        (error, std::mem::take(&mut q.waiters), q.written_below)
-    };
-    conn.done.cancel();
-    let mut first = true;
-    for w in local.into_iter().chain(rest) {
-        let sent = w.seq < written_below;
-        let (delivered, done) = if first && frames > 0 {
-            let end = scanner.frame_start();
-            (buf.split_to(end).freeze(), frames)
-        } else {
-            (Bytes::new(), 0)
-        };
-        first = false;
-        let kind = if sent {
-            Kind::OutcomeUnknown
-        } else {
-            Kind::NotSent
-        };
-        let _ = w.tx.send(Err(BatchError {
-            delivered,
-            done,
-            sent,
-            error: Error::upstream(kind, error.detail.clone()),
-        }));
+        Ok(())
     }
-    conn.pending.store(0, Ordering::Relaxed);
+}
+
+impl Drop for ReadState {
+    fn drop(&mut self) {
+        let (error, rest, written_below) = {
+            let mut q = self.conn.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let error = q.closed.clone().unwrap_or_else(|| {
+                Error::upstream(
+                    Kind::OutcomeUnknown,
+                    format!("{}: connection closed", self.conn.address),
+                )
+            });
+            if q.closed.is_none() {
+                q.closed = Some(error.clone());
+            }
+            (error, std::mem::take(&mut q.waiters), q.written_below)
+        };
+        self.conn.closed.store(true, Ordering::Release);
+        self.conn.done.cancel();
+        let mut first = true;
+        for w in self.local.drain(..).chain(rest) {
+            let sent = w.seq < written_below;
+            let (delivered, done) = if first && self.frames > 0 && !w.discard {
+                let end = self.scanner.frame_start();
+                (self.buf.split_to(end).freeze(), self.frames)
+            } else {
+                (Bytes::new(), 0)
+            };
+            first = false;
+            let kind = if sent {
+                Kind::OutcomeUnknown
+            } else {
+                Kind::NotSent
+            };
+            let _ = w.tx.send(Err(BatchError {
+                delivered,
+                done,
+                sent,
+                error: Error::upstream(kind, error.detail.clone()),
+            }));
+        }
+        self.conn.pending.store(0, Ordering::Relaxed);
+    }
 }

@@ -1,0 +1,1103 @@
+//! Stateful command families through keyward, byte-exact on the wire:
+//! transactions (MULTI/EXEC/DISCARD/WATCH), blocking commands, Pub/Sub in
+//! RESP2 and RESP3 (channels, patterns, shard channels), MONITOR, SELECT,
+//! per-connection CLIENT state (SETNAME, ID, REPLY), RESET and QUIT, and a
+//! pipeline that crosses all of them.
+//!
+//! These are the commands keyward cannot serve from its shared upstream
+//! connections, so each test checks both the replies and that the state
+//! stays with the one client that created it: other clients through the
+//! proxy must neither see it nor wait for it. Where Redis's own answer is the
+//! reference, the same bytes are also sent straight to the redis-server.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// Start a redis-server and a keyward in front of it, and wait until keyward
+/// reports ready (`GET /ready` is 200: upstream connected, command table
+/// loaded); before that keyward fails requests fast by design.
+async fn setup() -> (Redis, Keyward) {
+    let redis = Redis::start();
+    let kw = Keyward::start(&redis.addr());
+    let admin = kw.admin_port();
+    wait_until("keyward /ready answers 200", DEADLINE, move || async move {
+        tokio::task::spawn_blocking(move || http_get(admin, "/ready").0 == 200)
+            .await
+            .expect("http_get task")
+    })
+    .await;
+    (redis, kw)
+}
+
+/// Assert `got == want`, showing both escaped.
+#[track_caller]
+fn same(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(esc(got), esc(want), "{what}");
+}
+
+/// Poll redis's `INFO clients` until `blocked_clients:<n>`: proof that a
+/// blocking command sent through keyward really is blocked upstream.
+async fn wait_blocked(redis_port: u16, n: usize) {
+    let needle = format!("blocked_clients:{n}\r\n");
+    wait_until(
+        &format!("redis reports {}", needle.trim()),
+        DEADLINE,
+        move || {
+            let needle = needle.clone();
+            async move {
+                let mut probe = Raw::connect(redis_port).await;
+                let info = probe.call(&[b"INFO", b"clients"]).await;
+                String::from_utf8_lossy(&info).contains(&needle)
+            }
+        },
+    )
+    .await;
+}
+
+/// Send `frames` and read replies until (and including) the first one equal
+/// to `last`: for sequences where some commands get no reply at all.
+async fn replies_until(c: &mut Raw, frames: &[u8], last: &[u8]) -> Vec<u8> {
+    c.send(frames).await;
+    let mut out = Vec::new();
+    loop {
+        let r = c.read_reply().await;
+        out.extend_from_slice(&r);
+        if r == last {
+            return out;
+        }
+    }
+}
+
+/// Concatenate encoded commands into one write.
+fn pipeline(cmds: &[&[&[u8]]]) -> Vec<u8> {
+    cmds.iter().flat_map(|c| cmd(c)).collect()
+}
+
+// ---------------------------------------------------------------------------
+// Transactions
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_exec_discard_and_watch() {
+    let (redis, kw) = setup().await;
+    let mut a = Raw::connect(kw.port()).await;
+    let mut b = Raw::connect(kw.port()).await;
+
+    // MULTI / SET / INCR / EXEC returns every queued command's reply.
+    let table: &[(&[&[u8]], &[u8])] = &[
+        (&[b"MULTI"], b"+OK\r\n"),
+        (&[b"SET", b"t", b"1"], b"+QUEUED\r\n"),
+        (&[b"INCR", b"t"], b"+QUEUED\r\n"),
+        (&[b"EXEC"], b"*2\r\n+OK\r\n:2\r\n"),
+        (&[b"GET", b"t"], b"$1\r\n2\r\n"),
+        // DISCARD drops what was queued.
+        (&[b"MULTI"], b"+OK\r\n"),
+        (&[b"SET", b"d", b"1"], b"+QUEUED\r\n"),
+        (&[b"DISCARD"], b"+OK\r\n"),
+        (&[b"GET", b"d"], b"$-1\r\n"),
+        // EXEC / DISCARD without MULTI are errors, as on Redis.
+        (&[b"EXEC"], b"-ERR EXEC without MULTI\r\n"),
+        (&[b"DISCARD"], b"-ERR DISCARD without MULTI\r\n"),
+        // WATCH with no conflicting write: EXEC runs.
+        (&[b"WATCH", b"w"], b"+OK\r\n"),
+        (&[b"MULTI"], b"+OK\r\n"),
+        (&[b"SET", b"w", b"mine"], b"+QUEUED\r\n"),
+        (&[b"EXEC"], b"*1\r\n+OK\r\n"),
+        (&[b"GET", b"w"], b"$4\r\nmine\r\n"),
+    ];
+    for (req, want) in table {
+        same(
+            &format!("{} through keyward", esc(&cmd(req))),
+            &a.call(req).await,
+            want,
+        );
+    }
+
+    // Other clients see the transaction's effect only after EXEC.
+    same("MULTI", &a.call(&[b"MULTI"]).await, b"+OK\r\n");
+    same(
+        "queued SET",
+        &a.call(&[b"SET", b"iso", b"x"]).await,
+        b"+QUEUED\r\n",
+    );
+    same(
+        "B's GET before EXEC",
+        &b.call(&[b"GET", b"iso"]).await,
+        b"$-1\r\n",
+    );
+    same("EXEC", &a.call(&[b"EXEC"]).await, b"*1\r\n+OK\r\n");
+    same(
+        "B's GET after EXEC",
+        &b.call(&[b"GET", b"iso"]).await,
+        b"$1\r\nx\r\n",
+    );
+
+    // WATCH, then a conflicting write from another client through keyward:
+    // EXEC aborts with a null array and nothing queued runs.
+    same("WATCH", &a.call(&[b"WATCH", b"w"]).await, b"+OK\r\n");
+    same(
+        "B's conflicting SET",
+        &b.call(&[b"SET", b"w", b"changed"]).await,
+        b"+OK\r\n",
+    );
+    same("MULTI", &a.call(&[b"MULTI"]).await, b"+OK\r\n");
+    same(
+        "queued SET",
+        &a.call(&[b"SET", b"w", b"mine2"]).await,
+        b"+QUEUED\r\n",
+    );
+    same(
+        "queued INCR",
+        &a.call(&[b"INCR", b"counter"]).await,
+        b"+QUEUED\r\n",
+    );
+    same(
+        "EXEC after a conflict",
+        &a.call(&[b"EXEC"]).await,
+        b"*-1\r\n",
+    );
+
+    // The client keeps working, and the aborted commands had no effect.
+    same(
+        "GET after aborted EXEC",
+        &a.call(&[b"GET", b"w"]).await,
+        b"$7\r\nchanged\r\n",
+    );
+    same(
+        "GET counter",
+        &a.call(&[b"GET", b"counter"]).await,
+        b"$-1\r\n",
+    );
+    same(
+        "SET after",
+        &a.call(&[b"SET", b"after", b"1"]).await,
+        b"+OK\r\n",
+    );
+    same(
+        "direct GET w",
+        &redis.call(&[b"GET", b"w"]),
+        b"$7\r\nchanged\r\n",
+    );
+
+    // UNWATCH clears the watch: a later conflicting write no longer aborts.
+    same("WATCH", &a.call(&[b"WATCH", b"w"]).await, b"+OK\r\n");
+    same("UNWATCH", &a.call(&[b"UNWATCH"]).await, b"+OK\r\n");
+    same(
+        "B's SET",
+        &b.call(&[b"SET", b"w", b"again"]).await,
+        b"+OK\r\n",
+    );
+    same("MULTI", &a.call(&[b"MULTI"]).await, b"+OK\r\n");
+    same("queued GET", &a.call(&[b"GET", b"w"]).await, b"+QUEUED\r\n");
+    same("EXEC", &a.call(&[b"EXEC"]).await, b"*1\r\n$5\r\nagain\r\n");
+
+    // A queued command with a syntax error aborts the whole transaction.
+    same("MULTI", &a.call(&[b"MULTI"]).await, b"+OK\r\n");
+    let bad = a.call(&[b"SET", b"only-one-arg"]).await;
+    same(
+        "bad queued command",
+        &bad,
+        b"-ERR wrong number of arguments for 'set' command\r\n",
+    );
+    same(
+        "EXEC after a queuing error",
+        &a.call(&[b"EXEC"]).await,
+        b"-EXECABORT Transaction discarded because of previous errors.\r\n",
+    );
+    same("PING after", &a.call(&[b"PING"]).await, b"+PONG\r\n");
+}
+
+// ---------------------------------------------------------------------------
+// Blocking commands
+// ---------------------------------------------------------------------------
+
+/// One blocking command, woken by another client's write.
+struct BlockingCase {
+    name: &'static str,
+    block: &'static [&'static [u8]],
+    wake: &'static [&'static [u8]],
+    wake_reply: &'static [u8],
+    blocked_reply: &'static [u8],
+    /// A read (through another client) and its reply after the wake-up.
+    after: (&'static [&'static [u8]], &'static [u8]),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_commands_wake_and_do_not_stall_others() {
+    let (redis, kw) = setup().await;
+    let cases = [
+        BlockingCase {
+            name: "BLPOP",
+            block: &[b"BLPOP", b"bl", b"0"],
+            wake: &[b"LPUSH", b"bl", b"x"],
+            wake_reply: b":1\r\n",
+            blocked_reply: b"*2\r\n$2\r\nbl\r\n$1\r\nx\r\n",
+            after: (&[b"EXISTS", b"bl"], b":0\r\n"),
+        },
+        BlockingCase {
+            name: "BRPOP",
+            block: &[b"BRPOP", b"br", b"0"],
+            wake: &[b"RPUSH", b"br", b"a", b"b"],
+            wake_reply: b":2\r\n",
+            blocked_reply: b"*2\r\n$2\r\nbr\r\n$1\r\nb\r\n",
+            after: (&[b"LRANGE", b"br", b"0", b"-1"], b"*1\r\n$1\r\na\r\n"),
+        },
+        BlockingCase {
+            name: "BLMOVE",
+            block: &[b"BLMOVE", b"src", b"dst", b"LEFT", b"RIGHT", b"0"],
+            wake: &[b"LPUSH", b"src", b"e"],
+            wake_reply: b":1\r\n",
+            blocked_reply: b"$1\r\ne\r\n",
+            after: (&[b"LRANGE", b"dst", b"0", b"-1"], b"*1\r\n$1\r\ne\r\n"),
+        },
+        BlockingCase {
+            name: "BZPOPMIN",
+            block: &[b"BZPOPMIN", b"z", b"0"],
+            wake: &[b"ZADD", b"z", b"1", b"m"],
+            wake_reply: b":1\r\n",
+            blocked_reply: b"*3\r\n$1\r\nz\r\n$1\r\nm\r\n$1\r\n1\r\n",
+            after: (&[b"ZCARD", b"z"], b":0\r\n"),
+        },
+        BlockingCase {
+            name: "XREAD BLOCK",
+            block: &[b"XREAD", b"BLOCK", b"0", b"STREAMS", b"s", b"$"],
+            wake: &[b"XADD", b"s", b"1-1", b"f", b"v"],
+            wake_reply: b"$3\r\n1-1\r\n",
+            blocked_reply:
+                b"*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n1-1\r\n*2\r\n$1\r\nf\r\n$1\r\nv\r\n",
+            after: (&[b"XLEN", b"s"], b":1\r\n"),
+        },
+    ];
+
+    let mut b = Raw::connect(kw.port()).await;
+    let mut c = Raw::connect(kw.port()).await;
+    for case in &cases {
+        let name = case.name;
+        let mut a = Raw::connect(kw.port()).await;
+        a.send(&cmd(case.block)).await;
+        wait_blocked(redis.port(), 1).await;
+
+        // A third client is not held up by A's blocked command.
+        let key = format!("third:{name}");
+        same(
+            &format!("{name}: third client's SET while A is blocked"),
+            &c.call(&[b"SET", key.as_bytes(), b"free"]).await,
+            b"+OK\r\n",
+        );
+        same(
+            &format!("{name}: third client's GET while A is blocked"),
+            &c.call(&[b"GET", key.as_bytes()]).await,
+            b"$4\r\nfree\r\n",
+        );
+        // ...and those completed while A was still blocked.
+        let info = String::from_utf8_lossy(&redis.call(&[b"INFO", b"clients"])).into_owned();
+        assert!(
+            info.contains("blocked_clients:1\r\n"),
+            "{name}: A should still be blocked after the third client's commands:\n{info}"
+        );
+
+        same(
+            &format!("{name}: waking write from B"),
+            &b.call(case.wake).await,
+            case.wake_reply,
+        );
+        same(
+            &format!("{name}: A's reply once woken"),
+            &a.read_reply().await,
+            case.blocked_reply,
+        );
+        same(
+            &format!("{name}: state after the wake-up"),
+            &b.call(case.after.0).await,
+            case.after.1,
+        );
+        // A is an ordinary client again.
+        same(
+            &format!("{name}: A's SET afterwards"),
+            &a.call(&[b"SET", b"a-after", name.as_bytes()]).await,
+            b"+OK\r\n",
+        );
+        same(
+            &format!("{name}: A's GET afterwards"),
+            &a.call(&[b"GET", b"a-after"]).await,
+            &[format!("${}\r\n{name}\r\n", name.len()).as_bytes()].concat(),
+        );
+        wait_blocked(redis.port(), 0).await;
+    }
+
+    // Timeouts and non-blocking forms.
+    let mut a = Raw::connect(kw.port()).await;
+    same("WAIT 0 0", &a.call(&[b"WAIT", b"0", b"0"]).await, b":0\r\n");
+    let started = Instant::now();
+    same(
+        "BLPOP with a 0.1 s timeout on an empty list",
+        &a.call(&[b"BLPOP", b"empty", b"0.1"]).await,
+        b"*-1\r\n",
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(100),
+        "BLPOP 0.1 returned before its timeout ({:?})",
+        started.elapsed()
+    );
+    same(
+        "BZPOPMIN with a timeout",
+        &a.call(&[b"BZPOPMIN", b"emptyz", b"0.1"]).await,
+        b"*-1\r\n",
+    );
+    same(
+        "XREAD BLOCK with a timeout",
+        &a.call(&[b"XREAD", b"BLOCK", b"100", b"STREAMS", b"nostream", b"$"])
+            .await,
+        b"*-1\r\n",
+    );
+    same(
+        "BLPOP on a non-empty list answers at once",
+        &{
+            same(
+                "RPUSH",
+                &a.call(&[b"RPUSH", b"full", b"1"]).await,
+                b":1\r\n",
+            );
+            a.call(&[b"BLPOP", b"full", b"0"]).await
+        },
+        b"*2\r\n$4\r\nfull\r\n$1\r\n1\r\n",
+    );
+    same("PING after", &a.call(&[b"PING"]).await, b"+PONG\r\n");
+}
+
+// ---------------------------------------------------------------------------
+// Pub/Sub
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_and_psubscribe_in_resp2() {
+    let (redis, kw) = setup().await;
+    let mut sub = Raw::connect(kw.port()).await;
+    let mut publisher = Raw::connect(kw.port()).await;
+
+    sub.send(&cmd(&[b"SUBSCRIBE", b"ch1", b"ch2"])).await;
+    sub.expect(b"*3\r\n$9\r\nsubscribe\r\n$3\r\nch1\r\n:1\r\n")
+        .await;
+    sub.expect(b"*3\r\n$9\r\nsubscribe\r\n$3\r\nch2\r\n:2\r\n")
+        .await;
+    same(
+        "PSUBSCRIBE",
+        &sub.call(&[b"PSUBSCRIBE", b"p.*"]).await,
+        b"*3\r\n$10\r\npsubscribe\r\n$3\r\np.*\r\n:3\r\n",
+    );
+
+    // PUBLISH through keyward reaches the subscriber through keyward.
+    same(
+        "PUBLISH ch1",
+        &publisher.call(&[b"PUBLISH", b"ch1", b"hello"]).await,
+        b":1\r\n",
+    );
+    same(
+        "message on ch1",
+        &sub.read_reply().await,
+        b"*3\r\n$7\r\nmessage\r\n$3\r\nch1\r\n$5\r\nhello\r\n",
+    );
+    same(
+        "PUBLISH p.x",
+        &publisher.call(&[b"PUBLISH", b"p.x", b"hi"]).await,
+        b":1\r\n",
+    );
+    same(
+        "pmessage on p.x",
+        &sub.read_reply().await,
+        b"*4\r\n$8\r\npmessage\r\n$3\r\np.*\r\n$3\r\np.x\r\n$2\r\nhi\r\n",
+    );
+    // Binary payloads are delivered verbatim.
+    same(
+        "PUBLISH binary",
+        &publisher.call(&[b"PUBLISH", b"ch2", b"a\r\n\0b"]).await,
+        b":1\r\n",
+    );
+    same(
+        "binary message on ch2",
+        &sub.read_reply().await,
+        b"*3\r\n$7\r\nmessage\r\n$3\r\nch2\r\n$5\r\na\r\n\0b\r\n",
+    );
+
+    // In RESP2 subscribed mode only (P|S)(UN)SUBSCRIBE, PING, QUIT and RESET
+    // are allowed: keyward gives exactly Redis's answers.
+    let mut direct = Raw::connect(redis.port()).await;
+    same(
+        "direct SUBSCRIBE",
+        &direct.call(&[b"SUBSCRIBE", b"other"]).await,
+        b"*3\r\n$9\r\nsubscribe\r\n$5\r\nother\r\n:1\r\n",
+    );
+    let while_subscribed: [&[&[u8]]; 3] = [&[b"GET", b"k"], &[b"PING"], &[b"PING", b"hey"]];
+    for req in while_subscribed {
+        let want = direct.call(req).await;
+        same(
+            &format!("{} while subscribed (vs redis)", esc(&cmd(req))),
+            &sub.call(req).await,
+            &want,
+        );
+    }
+
+    same(
+        "UNSUBSCRIBE ch1 ch2 (first reply)",
+        &{
+            sub.send(&cmd(&[b"UNSUBSCRIBE", b"ch1", b"ch2"])).await;
+            sub.read_reply().await
+        },
+        b"*3\r\n$11\r\nunsubscribe\r\n$3\r\nch1\r\n:2\r\n",
+    );
+    same(
+        "UNSUBSCRIBE ch1 ch2 (second reply)",
+        &sub.read_reply().await,
+        b"*3\r\n$11\r\nunsubscribe\r\n$3\r\nch2\r\n:1\r\n",
+    );
+    same(
+        "PUBLISH to a channel nobody listens on",
+        &publisher.call(&[b"PUBLISH", b"ch1", b"lost"]).await,
+        b":0\r\n",
+    );
+    same(
+        "PUNSUBSCRIBE",
+        &sub.call(&[b"PUNSUBSCRIBE"]).await,
+        b"*3\r\n$12\r\npunsubscribe\r\n$3\r\np.*\r\n:0\r\n",
+    );
+
+    // Out of subscribed mode: ordinary commands work on the same connection.
+    same(
+        "SET after",
+        &sub.call(&[b"SET", b"k", b"v"]).await,
+        b"+OK\r\n",
+    );
+    same(
+        "GET after",
+        &sub.call(&[b"GET", b"k"]).await,
+        b"$1\r\nv\r\n",
+    );
+    same("PING after", &sub.call(&[b"PING"]).await, b"+PONG\r\n");
+    same(
+        "PUBLISH after unsubscribing",
+        &publisher.call(&[b"PUBLISH", b"p.x", b"gone"]).await,
+        b":0\r\n",
+    );
+    assert!(
+        !sub.is_closed_within(Duration::from_millis(200)).await && sub.buffered().is_empty(),
+        "no message may arrive after unsubscribing: {}",
+        esc(sub.buffered())
+    );
+
+    // UNSUBSCRIBE with no subscriptions answers like Redis.
+    let mut fresh_direct = Raw::connect(redis.port()).await;
+    same(
+        "UNSUBSCRIBE when not subscribed (vs redis)",
+        &sub.call(&[b"UNSUBSCRIBE"]).await,
+        &fresh_direct.call(&[b"UNSUBSCRIBE"]).await,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssubscribe_and_spublish() {
+    let (_redis, kw) = setup().await;
+    let mut sub = Raw::connect(kw.port()).await;
+    let mut publisher = Raw::connect(kw.port()).await;
+
+    same(
+        "SSUBSCRIBE",
+        &sub.call(&[b"SSUBSCRIBE", b"sch"]).await,
+        b"*3\r\n$10\r\nssubscribe\r\n$3\r\nsch\r\n:1\r\n",
+    );
+    same(
+        "SPUBLISH",
+        &publisher.call(&[b"SPUBLISH", b"sch", b"m"]).await,
+        b":1\r\n",
+    );
+    same(
+        "smessage",
+        &sub.read_reply().await,
+        b"*3\r\n$8\r\nsmessage\r\n$3\r\nsch\r\n$1\r\nm\r\n",
+    );
+    same(
+        "SUNSUBSCRIBE",
+        &sub.call(&[b"SUNSUBSCRIBE", b"sch"]).await,
+        b"*3\r\n$12\r\nsunsubscribe\r\n$3\r\nsch\r\n:0\r\n",
+    );
+    same(
+        "SPUBLISH after",
+        &publisher.call(&[b"SPUBLISH", b"sch", b"gone"]).await,
+        b":0\r\n",
+    );
+    same(
+        "SET after",
+        &sub.call(&[b"SET", b"k", b"v"]).await,
+        b"+OK\r\n",
+    );
+    same(
+        "GET after",
+        &sub.call(&[b"GET", b"k"]).await,
+        b"$1\r\nv\r\n",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_in_resp3_uses_pushes_and_allows_commands() {
+    let (_redis, kw) = setup().await;
+    let mut sub = Raw::connect(kw.port()).await;
+    let mut publisher = Raw::connect(kw.port()).await;
+    same(
+        "SET",
+        &publisher.call(&[b"SET", b"k", b"v"]).await,
+        b"+OK\r\n",
+    );
+
+    let hello = sub.call(&[b"HELLO", b"3"]).await;
+    assert!(hello.starts_with(b"%7\r\n"), "HELLO 3: {}", esc(&hello));
+    same(
+        "SUBSCRIBE in RESP3",
+        &sub.call(&[b"SUBSCRIBE", b"ch"]).await,
+        b">3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n",
+    );
+    same(
+        "PSUBSCRIBE in RESP3",
+        &sub.call(&[b"PSUBSCRIBE", b"c*"]).await,
+        b">3\r\n$10\r\npsubscribe\r\n$2\r\nc*\r\n:2\r\n",
+    );
+    // RESP3 lets a subscribed connection run ordinary commands.
+    same(
+        "GET while subscribed",
+        &sub.call(&[b"GET", b"k"]).await,
+        b"$1\r\nv\r\n",
+    );
+    same(
+        "GET missing while subscribed",
+        &sub.call(&[b"GET", b"nope"]).await,
+        b"_\r\n",
+    );
+    same(
+        "PING while subscribed",
+        &sub.call(&[b"PING"]).await,
+        b"+PONG\r\n",
+    );
+
+    same(
+        "PUBLISH",
+        &publisher.call(&[b"PUBLISH", b"ch", b"x"]).await,
+        b":2\r\n",
+    );
+    // Redis delivers the channel message, then the pattern one.
+    same(
+        "message push",
+        &sub.read_reply().await,
+        b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$1\r\nx\r\n",
+    );
+    same(
+        "pmessage push",
+        &sub.read_reply().await,
+        b">4\r\n$8\r\npmessage\r\n$2\r\nc*\r\n$2\r\nch\r\n$1\r\nx\r\n",
+    );
+    // A command sent after the publish completed: Redis has already queued
+    // both pushes on the subscriber's connection, so they come first, whole,
+    // and the GET reply follows (exactly what a direct connection sees).
+    same(
+        "PUBLISH again",
+        &publisher.call(&[b"PUBLISH", b"ch", b"y"]).await,
+        b":2\r\n",
+    );
+    sub.send(&cmd(&[b"GET", b"k"])).await;
+    let got = sub.read_replies(3).await;
+    let want: [&[u8]; 3] = [
+        b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$1\r\ny\r\n",
+        b">4\r\n$8\r\npmessage\r\n$2\r\nc*\r\n$2\r\nch\r\n$1\r\ny\r\n",
+        b"$1\r\nv\r\n",
+    ];
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        same(&format!("frame #{i} after PUBLISH then GET"), g, w);
+    }
+
+    same(
+        "UNSUBSCRIBE",
+        &sub.call(&[b"UNSUBSCRIBE", b"ch"]).await,
+        b">3\r\n$11\r\nunsubscribe\r\n$2\r\nch\r\n:1\r\n",
+    );
+    same(
+        "PUNSUBSCRIBE",
+        &sub.call(&[b"PUNSUBSCRIBE", b"c*"]).await,
+        b">3\r\n$12\r\npunsubscribe\r\n$2\r\nc*\r\n:0\r\n",
+    );
+    same(
+        "SET after",
+        &sub.call(&[b"SET", b"k2", b"w"]).await,
+        b"+OK\r\n",
+    );
+    same(
+        "GET after",
+        &sub.call(&[b"GET", b"k2"]).await,
+        b"$1\r\nw\r\n",
+    );
+    same(
+        "PUBLISH after",
+        &publisher.call(&[b"PUBLISH", b"ch", b"z"]).await,
+        b":0\r\n",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// MONITOR
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_sees_other_clients_commands() {
+    let (_redis, kw) = setup().await;
+    let mut mon = Raw::connect(kw.port()).await;
+    let mut b = Raw::connect(kw.port()).await;
+
+    same("MONITOR", &mon.call(&[b"MONITOR"]).await, b"+OK\r\n");
+    same(
+        "SET through keyward",
+        &b.call(&[b"SET", b"mon", b"v"]).await,
+        b"+OK\r\n",
+    );
+
+    // MONITOR lines are status replies; anything else keyward itself sends
+    // upstream may show up too, so look for ours within the deadline.
+    let deadline = Instant::now() + DEADLINE;
+    let mut seen = Vec::new();
+    loop {
+        let line = mon.read_reply().await;
+        assert!(
+            line.starts_with(b"+"),
+            "MONITOR output must be status lines: {}",
+            esc(&line)
+        );
+        let text = String::from_utf8_lossy(&line).into_owned();
+        if text.contains(r#""SET" "mon" "v""#) {
+            break;
+        }
+        seen.push(text);
+        assert!(
+            Instant::now() < deadline,
+            "MONITOR did not show \"SET\" \"mon\" \"v\" within {DEADLINE:?}; saw: {seen:?}"
+        );
+    }
+    // Other clients are unaffected by someone monitoring.
+    same("GET by B", &b.call(&[b"GET", b"mon"]).await, b"$1\r\nv\r\n");
+}
+
+// ---------------------------------------------------------------------------
+// SELECT
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn select_is_per_client() {
+    let (redis, kw) = setup().await;
+    let mut a = Raw::connect(kw.port()).await;
+    let mut b = Raw::connect(kw.port()).await;
+
+    same(
+        "B sets in db 0",
+        &b.call(&[b"SET", b"zero", b"db0"]).await,
+        b"+OK\r\n",
+    );
+    same("SELECT 1", &a.call(&[b"SELECT", b"1"]).await, b"+OK\r\n");
+    same(
+        "SET in db 1",
+        &a.call(&[b"SET", b"sel", b"one"]).await,
+        b"+OK\r\n",
+    );
+    same(
+        "GET in db 1",
+        &a.call(&[b"GET", b"sel"]).await,
+        b"$3\r\none\r\n",
+    );
+    same(
+        "db 0 key not visible from db 1",
+        &a.call(&[b"GET", b"zero"]).await,
+        b"$-1\r\n",
+    );
+
+    // Another client through keyward is still in db 0.
+    same(
+        "B does not see db 1",
+        &b.call(&[b"GET", b"sel"]).await,
+        b"$-1\r\n",
+    );
+    same(
+        "B still sees db 0",
+        &b.call(&[b"GET", b"zero"]).await,
+        b"$3\r\ndb0\r\n",
+    );
+
+    // It really went to db 1 upstream.
+    let direct = redis_pipeline(redis.port(), &[&[b"SELECT", b"1"], &[b"GET", b"sel"]]);
+    same("direct GET in db 1", &direct[1], b"$3\r\none\r\n");
+    same(
+        "direct GET in db 0",
+        &redis.call(&[b"GET", b"sel"]),
+        b"$-1\r\n",
+    );
+
+    // Bad SELECTs answer like Redis and leave the db unchanged.
+    let mut d = Raw::connect(redis.port()).await;
+    let bad_selects: [&[&[u8]]; 2] = [&[b"SELECT", b"99999"], &[b"SELECT", b"x"]];
+    for req in bad_selects {
+        let want = d.call(req).await;
+        same(
+            &format!("{} (vs redis)", esc(&cmd(req))),
+            &a.call(req).await,
+            &want,
+        );
+    }
+    same(
+        "still db 1",
+        &a.call(&[b"GET", b"sel"]).await,
+        b"$3\r\none\r\n",
+    );
+
+    same("SELECT 0", &a.call(&[b"SELECT", b"0"]).await, b"+OK\r\n");
+    same(
+        "db 0 data again",
+        &a.call(&[b"GET", b"zero"]).await,
+        b"$3\r\ndb0\r\n",
+    );
+    same(
+        "db 1 data gone from view",
+        &a.call(&[b"GET", b"sel"]).await,
+        b"$-1\r\n",
+    );
+    same(
+        "write in db 0",
+        &a.call(&[b"SET", b"back", b"0"]).await,
+        b"+OK\r\n",
+    );
+    same(
+        "B sees it",
+        &b.call(&[b"GET", b"back"]).await,
+        b"$1\r\n0\r\n",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// CLIENT state
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_setname_getname_and_id() {
+    let (redis, kw) = setup().await;
+    let mut a = Raw::connect(kw.port()).await;
+    let mut b = Raw::connect(kw.port()).await;
+
+    same(
+        "GETNAME before",
+        &a.call(&[b"CLIENT", b"GETNAME"]).await,
+        b"$-1\r\n",
+    );
+    same(
+        "SETNAME x",
+        &a.call(&[b"CLIENT", b"SETNAME", b"x"]).await,
+        b"+OK\r\n",
+    );
+    same(
+        "GETNAME",
+        &a.call(&[b"CLIENT", b"GETNAME"]).await,
+        b"$1\r\nx\r\n",
+    );
+    same(
+        "GETNAME again",
+        &a.call(&[b"CLIENT", b"GETNAME"]).await,
+        b"$1\r\nx\r\n",
+    );
+    // The name belongs to A's connection only.
+    same(
+        "B's GETNAME",
+        &b.call(&[b"CLIENT", b"GETNAME"]).await,
+        b"$-1\r\n",
+    );
+    let mut direct = Raw::connect(redis.port()).await;
+    let refused = direct.call(&[b"CLIENT", b"SETNAME", b"a b"]).await;
+    assert!(
+        refused.starts_with(b"-ERR "),
+        "redis refuses a name with a space: {}",
+        esc(&refused)
+    );
+    same(
+        "SETNAME with a space is refused like Redis",
+        &a.call(&[b"CLIENT", b"SETNAME", b"a b"]).await,
+        &refused,
+    );
+    same(
+        "name unchanged",
+        &a.call(&[b"CLIENT", b"GETNAME"]).await,
+        b"$1\r\nx\r\n",
+    );
+
+    let id1 = a.call(&[b"CLIENT", b"ID"]).await;
+    assert!(
+        id1.starts_with(b":") && id1.ends_with(b"\r\n") && id1.len() > 3,
+        "CLIENT ID is an integer: {}",
+        esc(&id1)
+    );
+    same(
+        "GET in between",
+        &a.call(&[b"GET", b"nothing"]).await,
+        b"$-1\r\n",
+    );
+    let id2 = a.call(&[b"CLIENT", b"ID"]).await;
+    same("CLIENT ID twice on one connection", &id2, &id1);
+    let other = b.call(&[b"CLIENT", b"ID"]).await;
+    assert!(other.starts_with(b":"), "B's CLIENT ID: {}", esc(&other));
+    assert_ne!(
+        esc(&other),
+        esc(&id1),
+        "two clients must not share a CLIENT ID"
+    );
+    same(
+        "B's id is stable too",
+        &b.call(&[b"CLIENT", b"ID"]).await,
+        &other,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reply_off_on_skip_matches_redis() {
+    let (redis, kw) = setup().await;
+
+    let skip = pipeline(&[
+        &[b"CLIENT", b"REPLY", b"SKIP"],
+        &[b"SET", b"a", b"1"],
+        &[b"GET", b"a"],
+        &[b"PING"],
+    ]);
+    let off_on = pipeline(&[
+        &[b"CLIENT", b"REPLY", b"OFF"],
+        &[b"SET", b"b", b"2"],
+        &[b"GET", b"b"],
+        &[b"PING"],
+        &[b"CLIENT", b"REPLY", b"ON"],
+        &[b"GET", b"b"],
+        &[b"PING"],
+    ]);
+    let table: &[(&str, &[u8], &[u8])] = &[
+        // SKIP suppresses the SKIP reply and the next command's (SET).
+        (
+            "CLIENT REPLY SKIP, SET a 1, GET a, PING",
+            &skip,
+            b"$1\r\n1\r\n+PONG\r\n",
+        ),
+        // OFF suppresses everything until ON, whose +OK is sent.
+        (
+            "CLIENT REPLY OFF, SET, GET, PING, CLIENT REPLY ON, GET, PING",
+            &off_on,
+            b"+OK\r\n$1\r\n2\r\n+PONG\r\n",
+        ),
+    ];
+    for (name, frames, want) in table {
+        let mut proxied = Raw::connect(kw.port()).await;
+        let got = replies_until(&mut proxied, frames, b"+PONG\r\n").await;
+        same(&format!("{name} through keyward"), &got, want);
+        let mut direct = Raw::connect(redis.port()).await;
+        let from_redis = replies_until(&mut direct, frames, b"+PONG\r\n").await;
+        same(&format!("{name}: keyward vs redis"), &got, &from_redis);
+        // Replies are back on afterwards.
+        same(
+            &format!("{name}: GET afterwards"),
+            &proxied.call(&[b"GET", b"a"]).await,
+            b"$1\r\n1\r\n",
+        );
+    }
+
+    // The writes made with replies off did happen.
+    same("direct GET b", &redis.call(&[b"GET", b"b"]), b"$1\r\n2\r\n");
+}
+
+// ---------------------------------------------------------------------------
+// RESET and QUIT
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_restores_a_fresh_connection_and_quit_closes() {
+    let (_redis, kw) = setup().await;
+    let mut other = Raw::connect(kw.port()).await;
+    same(
+        "db 0 data",
+        &other.call(&[b"SET", b"k0", b"zero"]).await,
+        b"+OK\r\n",
+    );
+    same(
+        "hash in db 0",
+        &other.call(&[b"HSET", b"h", b"f", b"v"]).await,
+        b":1\r\n",
+    );
+
+    let mut a = Raw::connect(kw.port()).await;
+    let hello = a.call(&[b"HELLO", b"3"]).await;
+    assert!(hello.starts_with(b"%"), "HELLO 3: {}", esc(&hello));
+    same("SELECT 1", &a.call(&[b"SELECT", b"1"]).await, b"+OK\r\n");
+    same(
+        "SETNAME",
+        &a.call(&[b"CLIENT", b"SETNAME", b"n"]).await,
+        b"+OK\r\n",
+    );
+    same(
+        "SUBSCRIBE",
+        &a.call(&[b"SUBSCRIBE", b"ch"]).await,
+        b">3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n",
+    );
+    same(
+        "PUBLISH while subscribed",
+        &other.call(&[b"PUBLISH", b"ch", b"m"]).await,
+        b":1\r\n",
+    );
+    same(
+        "message",
+        &a.read_reply().await,
+        b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$1\r\nm\r\n",
+    );
+
+    same("RESET", &a.call(&[b"RESET"]).await, b"+RESET\r\n");
+
+    // RESP2 again: null bulk and arrays, not `_` and maps.
+    same(
+        "GET missing after RESET",
+        &a.call(&[b"GET", b"missing"]).await,
+        b"$-1\r\n",
+    );
+    same(
+        "HGETALL after RESET",
+        &a.call(&[b"HGETALL", b"h"]).await,
+        b"*2\r\n$1\r\nf\r\n$1\r\nv\r\n",
+    );
+    // db 0 again.
+    same(
+        "GET k0 after RESET",
+        &a.call(&[b"GET", b"k0"]).await,
+        b"$4\r\nzero\r\n",
+    );
+    // Not subscribed: nobody receives, and RESP2 commands are allowed.
+    same(
+        "PUBLISH after RESET",
+        &other.call(&[b"PUBLISH", b"ch", b"m2"]).await,
+        b":0\r\n",
+    );
+    same(
+        "SET after RESET",
+        &a.call(&[b"SET", b"k1", b"v"]).await,
+        b"+OK\r\n",
+    );
+    same("PING after RESET", &a.call(&[b"PING"]).await, b"+PONG\r\n");
+    // The name is cleared, as Redis's RESET does.
+    same(
+        "GETNAME after RESET",
+        &a.call(&[b"CLIENT", b"GETNAME"]).await,
+        b"$-1\r\n",
+    );
+    // A transaction open at RESET is discarded.
+    same("MULTI", &a.call(&[b"MULTI"]).await, b"+OK\r\n");
+    same(
+        "queued",
+        &a.call(&[b"SET", b"never", b"1"]).await,
+        b"+QUEUED\r\n",
+    );
+    same("RESET in MULTI", &a.call(&[b"RESET"]).await, b"+RESET\r\n");
+    same(
+        "EXEC after RESET",
+        &a.call(&[b"EXEC"]).await,
+        b"-ERR EXEC without MULTI\r\n",
+    );
+    same(
+        "discarded write",
+        &other.call(&[b"GET", b"never"]).await,
+        b"$-1\r\n",
+    );
+
+    // QUIT: +OK, then the connection closes.
+    a.send(&cmd(&[b"QUIT"])).await;
+    same("QUIT then close", &a.read_to_close().await, b"+OK\r\n");
+    // Pipelined after QUIT: never executed.
+    let mut q = Raw::connect(kw.port()).await;
+    q.send(&pipeline(&[&[b"QUIT"], &[b"SET", b"after-quit", b"1"]]))
+        .await;
+    same("QUIT in a pipeline", &q.read_to_close().await, b"+OK\r\n");
+    same(
+        "command after QUIT not run",
+        &other.call(&[b"GET", b"after-quit"]).await,
+        b"$-1\r\n",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Everything in one pipeline
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_stateful_pipeline_keeps_order() {
+    let (redis, kw) = setup().await;
+    let frames = pipeline(&[
+        &[b"SET", b"a", b"1"],
+        &[b"MULTI"],
+        &[b"INCR", b"a"],
+        &[b"EXEC"],
+        &[b"GET", b"a"],
+        &[b"SUBSCRIBE", b"ch"],
+        &[b"UNSUBSCRIBE", b"ch"],
+        &[b"GET", b"a"],
+    ]);
+    let want: [&[u8]; 8] = [
+        b"+OK\r\n",
+        b"+OK\r\n",
+        b"+QUEUED\r\n",
+        b"*1\r\n:2\r\n",
+        b"$1\r\n2\r\n",
+        b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n",
+        b"*3\r\n$11\r\nunsubscribe\r\n$2\r\nch\r\n:0\r\n",
+        b"$1\r\n2\r\n",
+    ];
+
+    let mut proxied = Raw::connect(kw.port()).await;
+    proxied.send(&frames).await;
+    let got = proxied.read_replies(want.len()).await;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        same(&format!("reply #{i} through keyward"), g, w);
+    }
+    assert!(
+        !proxied.is_closed_within(Duration::from_millis(200)).await,
+        "connection should stay open"
+    );
+    assert!(
+        proxied.buffered().is_empty(),
+        "stray: {}",
+        esc(proxied.buffered())
+    );
+
+    // Redis answers the same bytes with the same bytes.
+    assert_eq!(redis.call(&[b"FLUSHALL"]), b"+OK\r\n");
+    let mut direct = Raw::connect(redis.port()).await;
+    direct.send(&frames).await;
+    let from_redis = direct.read_replies(want.len()).await;
+    for (i, (g, w)) in got.iter().zip(&from_redis).enumerate() {
+        same(&format!("reply #{i}: keyward vs redis"), g, w);
+    }
+
+    // Twice in a row on one connection, back to back with plain commands.
+    let mut again = frames.clone();
+    again.extend(cmd(&[b"PING"]));
+    again.extend(frames.clone());
+    let mut p2 = Raw::connect(kw.port()).await;
+    assert_eq!(redis.call(&[b"FLUSHALL"]), b"+OK\r\n");
+    p2.send(&again).await;
+    let got2 = p2.read_replies(17).await;
+    let mut want2: Vec<&[u8]> = want.to_vec();
+    want2.push(b"+PONG\r\n");
+    want2.extend([
+        b"+OK\r\n" as &[u8],
+        b"+OK\r\n",
+        b"+QUEUED\r\n",
+        b"*1\r\n:2\r\n",
+        b"$1\r\n2\r\n",
+        b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n",
+        b"*3\r\n$11\r\nunsubscribe\r\n$2\r\nch\r\n:0\r\n",
+        b"$1\r\n2\r\n",
+    ]);
+    for (i, (g, w)) in got2.iter().zip(&want2).enumerate() {
+        same(&format!("doubled pipeline reply #{i}"), g, w);
+    }
+}
