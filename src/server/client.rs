@@ -220,6 +220,8 @@ impl Reader {
     async fn process(&mut self) {
         // The run of pool-bound requests occupies buf[..off].
         let mut off = 0usize;
+        // One snapshot of the command table per read, not per request.
+        let table = self.ctx.node.table.load_full();
         loop {
             if self.closing {
                 return;
@@ -257,7 +259,6 @@ impl Reader {
                     Some(f) => f,
                     None => &self.buf[off..off + req.consumed],
                 };
-                let table = self.ctx.node.table.load();
                 let args: SmallVec<[&[u8]; 8]> = ArgView::new(frame, &req.args).collect();
                 classify(table.as_deref(), &args)
             };

@@ -244,6 +244,10 @@ async fn write_loop(conn: Arc<Conn>, mut wr: OwnedWriteHalf) {
     }
 }
 
+/// Reply bytes a batch may accumulate before they are charged to the
+/// client's output meter.
+const CHARGE_STEP: usize = 64 * 1024;
+
 /// The reader's state. Its `Drop` fails every waiter still queued, so the
 /// waiters are answered exactly once however the reader ends: an I/O error,
 /// a protocol error, or `fail` aborting the task.
@@ -307,13 +311,18 @@ impl ReadState {
             // that stopped reading is cut off mid-batch, and once it is,
             // drop its replies instead of buffering them.
             let end = self.scanner.frame_start();
+            // Charged in steps of CHARGE_STEP (and at the end of the batch)
+            // so the common small batch costs one atomic add.
+            let last = self.frames == front.count;
             if let Some(m) = &front.meter {
-                m.add(end - self.charged);
-                if m.is_killed() {
-                    front.discard = true;
+                if last || end - self.charged >= CHARGE_STEP {
+                    m.add(end - self.charged);
+                    self.charged = end;
+                    if m.is_killed() {
+                        front.discard = true;
+                    }
                 }
             }
-            self.charged = end;
             if front.discard {
                 self.buf.advance(end);
                 self.scanner.consumed(end);
