@@ -460,6 +460,22 @@ async fn inline_commands() {
 
 /// Malformed requests: each gets one exact error reply, then keyward closes
 /// that connection (as Redis does) and nobody else notices.
+/// A replication stream is not RESP: keyward refuses SYNC/PSYNC with an
+/// error instead of letting it wreck a shared upstream connection, and the
+/// client and everyone else carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_commands_are_refused_without_harm() {
+    let (_redis, kw) = setup().await;
+    let mut raw = Raw::connect(kw.port()).await;
+    for req in [cmd(&[b"SYNC"]), cmd(&[b"PSYNC", b"?", b"-1"])] {
+        raw.send(&req).await;
+        raw.expect(b"-ERR keyward does not forward SYNC/PSYNC; connect replicas to Redis directly\r\n")
+            .await;
+    }
+    assert_eq!(esc(&raw.call(&[b"SET", b"after", b"sync"]).await), esc(b"+OK\r\n"));
+    assert_eq!(esc(&raw.call(&[b"GET", b"after"]).await), esc(b"$4\r\nsync\r\n"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_get_an_error_and_close_only_that_connection() {
     let (redis, kw) = setup().await;

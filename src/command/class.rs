@@ -50,6 +50,9 @@ pub enum Class {
     /// CLIENT subcommands whose effect or answer belongs to one connection.
     ClientState,
     ClientReply(ReplyMode),
+    /// SYNC/PSYNC: a replication stream is not RESP and would wreck a
+    /// shared connection, so keyward refuses it.
+    Replication,
 }
 
 /// Classify a request from its arguments (`args[0]` is the command name).
@@ -80,6 +83,7 @@ pub fn classify(table: Option<&CommandTable>, args: &[&[u8]]) -> Class {
         b"punsubscribe" => return Class::Unsubscribe(SubKind::Pattern),
         b"sunsubscribe" => return Class::Unsubscribe(SubKind::Shard),
         b"monitor" => return Class::Monitor,
+        b"sync" | b"psync" => return Class::Replication,
         b"wait" | b"waitaof" => return Class::Blocking,
         b"client" => return classify_client(args),
         b"xread" | b"xreadgroup" => {

@@ -587,6 +587,12 @@ impl Reader {
                     self.send_pinned(&frame, expect).await;
                 }
             }
+            Class::Replication => {
+                self.local_error(
+                    "ERR keyward does not forward SYNC/PSYNC; connect replicas to Redis directly",
+                )
+                .await
+            }
             Class::Forward => self.forward(req, frame).await,
         }
     }

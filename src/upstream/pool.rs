@@ -164,7 +164,7 @@ async fn learn(node: &Node, stream: &mut tokio::net::TcpStream) -> Result<(), Er
         .unwrap_or("7.0.0")
         .trim()
         .to_string();
-    tracing::info!(commands = table.len(), %version, upstream = %node.settings.address, "learned upstream command table");
+    tracing::debug!(commands = table.len(), %version, upstream = %node.settings.address, "learned upstream command table");
     node.table.store(Some(Arc::new(table)));
     node.facts.store(Arc::new(ServerFacts { version }));
     Ok(())
@@ -177,7 +177,10 @@ async fn maintain(pool: Arc<Pool>, slot: usize, shutdown: CancellationToken) {
     loop {
         let attempt = async {
             let mut stream = connector::connect(&node.settings, pool.proto).await?;
-            if node.table.load().is_none() && pool.proto == Proto::Resp2 {
+            // Learn the command table when it is missing, and again on every
+            // reconnect of the first slot: a restarted upstream may be a new
+            // version or have loaded modules.
+            if pool.proto == Proto::Resp2 && (slot == 0 || node.table.load().is_none()) {
                 learn(&node, &mut stream).await?;
             }
             Ok::<_, Error>(stream)
