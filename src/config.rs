@@ -17,6 +17,7 @@ use serde::Serialize;
 pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
+    pub sentinel: SentinelConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
 }
@@ -71,6 +72,31 @@ pub struct UpstreamConfig {
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SentinelConfig {
+    /// Sentinels to follow (`host:port`); empty means a static upstream.
+    pub addresses: Vec<String>,
+    /// The master name the Sentinels monitor.
+    pub master_name: String,
+    /// ACL user and password for the Sentinels themselves.
+    pub username: String,
+    #[serde(serialize_with = "redact")]
+    pub password: String,
+    /// Sentinel poll interval while healthy (pub/sub can lose messages).
+    pub poll_ms: u64,
+    /// Poll interval while a failure is suspected or a failover runs.
+    pub suspect_poll_ms: u64,
+    /// keyward's own ROLE checks on the master.
+    pub ping_ms: u64,
+    /// Consecutive failed checks before the master is suspect.
+    pub ping_failures: u32,
+    /// How long requests are held while no verified master takes writes;
+    /// past it they fail with -MASTERDOWN.
+    pub hold_ms: u64,
+    /// Time allowed for each Sentinel query and ROLE check.
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct AdminConfig {
     /// HTTP listener for /live and /ready; empty disables it.
     pub listen: String,
@@ -113,6 +139,18 @@ impl Default for Config {
                 command_timeout_ms: 5_000,
                 backoff_min_ms: 50,
                 backoff_max_ms: 2_000,
+            },
+            sentinel: SentinelConfig {
+                addresses: Vec::new(),
+                master_name: "mymaster".into(),
+                username: String::new(),
+                password: String::new(),
+                poll_ms: 1_000,
+                suspect_poll_ms: 100,
+                ping_ms: 250,
+                ping_failures: 2,
+                hold_ms: 5_000,
+                timeout_ms: 500,
             },
             admin: AdminConfig {
                 listen: "127.0.0.1:9380".into(),
@@ -219,6 +257,25 @@ impl Config {
         {
             p.push("upstream.backoff_min_ms: must be > 0 and <= upstream.backoff_max_ms".into());
         }
+        for a in &self.sentinel.addresses {
+            if !valid_host_port(a) {
+                p.push(format!("sentinel.addresses: `{a}` is not host:port"));
+            }
+        }
+        if !self.sentinel.addresses.is_empty() && self.sentinel.master_name.is_empty() {
+            p.push("sentinel.master_name: required when sentinel.addresses is set".into());
+        }
+        for (name, v) in [
+            ("sentinel.poll_ms", self.sentinel.poll_ms),
+            ("sentinel.suspect_poll_ms", self.sentinel.suspect_poll_ms),
+            ("sentinel.ping_ms", self.sentinel.ping_ms),
+            ("sentinel.ping_failures", self.sentinel.ping_failures as u64),
+            ("sentinel.timeout_ms", self.sentinel.timeout_ms),
+        ] {
+            if v == 0 {
+                p.push(format!("{name}: must be greater than 0"));
+            }
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             p.push(format!(
                 "log.format: `{}` is not \"text\" or \"json\"",
@@ -295,6 +352,30 @@ impl Config {
                     ("upstream", "backoff_max_ms") => {
                         set_num(&mut s.upstream.backoff_max_ms, &name, v, problems)
                     }
+                    ("sentinel", "addresses") => {
+                        set_list(&mut s.sentinel.addresses, &name, v, problems)
+                    }
+                    ("sentinel", "master_name") => {
+                        set_str(&mut s.sentinel.master_name, &name, v, problems)
+                    }
+                    ("sentinel", "username") => {
+                        set_str(&mut s.sentinel.username, &name, v, problems)
+                    }
+                    ("sentinel", "password") => {
+                        set_str(&mut s.sentinel.password, &name, v, problems)
+                    }
+                    ("sentinel", "poll_ms") => set_num(&mut s.sentinel.poll_ms, &name, v, problems),
+                    ("sentinel", "suspect_poll_ms") => {
+                        set_num(&mut s.sentinel.suspect_poll_ms, &name, v, problems)
+                    }
+                    ("sentinel", "ping_ms") => set_num(&mut s.sentinel.ping_ms, &name, v, problems),
+                    ("sentinel", "ping_failures") => {
+                        set_num(&mut s.sentinel.ping_failures, &name, v, problems)
+                    }
+                    ("sentinel", "hold_ms") => set_num(&mut s.sentinel.hold_ms, &name, v, problems),
+                    ("sentinel", "timeout_ms") => {
+                        set_num(&mut s.sentinel.timeout_ms, &name, v, problems)
+                    }
                     ("admin", "listen") => set_str(&mut s.admin.listen, &name, v, problems),
                     ("log", "level") => set_str(&mut s.log.level, &name, v, problems),
                     ("log", "format") => set_str(&mut s.log.format, &name, v, problems),
@@ -320,6 +401,11 @@ impl Config {
         Duration::from_millis(self.upstream.connect_timeout_ms)
     }
 
+    /// Following Sentinel rather than a static upstream?
+    pub fn uses_sentinel(&self) -> bool {
+        !self.sentinel.addresses.is_empty()
+    }
+
     pub fn command_timeout(&self) -> Duration {
         Duration::from_millis(self.upstream.command_timeout_ms)
     }
@@ -339,6 +425,24 @@ fn set_str(slot: &mut String, name: &str, v: &toml::Value, problems: &mut Vec<St
     match v.as_str() {
         Some(s) => *slot = s.to_string(),
         None => problems.push(format!("{name}: expected a string, got {}", v.type_str())),
+    }
+    true
+}
+
+fn set_list(
+    slot: &mut Vec<String>,
+    name: &str,
+    v: &toml::Value,
+    problems: &mut Vec<String>,
+) -> bool {
+    match v.as_array() {
+        Some(items) if items.iter().all(|i| i.is_str()) => {
+            *slot = items
+                .iter()
+                .filter_map(|i| i.as_str().map(str::to_string))
+                .collect();
+        }
+        _ => problems.push(format!("{name}: expected a list of strings")),
     }
     true
 }

@@ -28,6 +28,8 @@ pub enum Kind {
     Handshake,
     /// A configured bound was reached.
     Limit,
+    /// No verified master within the hold time.
+    MasterDown,
     Io,
 }
 
@@ -67,6 +69,7 @@ impl Error {
             Kind::Protocol => format!("ERR upstream protocol error: {}", self.detail),
             Kind::Handshake => format!("ERR upstream refused the connection: {}", self.detail),
             Kind::Limit => format!("ERR {}", self.detail),
+            Kind::MasterDown => format!("MASTERDOWN {}", self.detail),
             Kind::Io => format!("ERR upstream I/O error: {}", self.detail),
         }
     }

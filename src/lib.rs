@@ -31,20 +31,17 @@ pub mod error;
 pub mod resp;
 pub mod server;
 pub mod shutdown;
+pub mod topology;
 pub mod upstream;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 
-use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
-use resp::{Limits, Proto};
 use server::Ctx;
-use upstream::{Node, Pool, ServerFacts, Settings};
+use topology::{State, Topology};
 
 /// Accept backlog; Redis's default tcp-backlog, so a burst of reconnecting
 /// clients is not dropped at the SYN queue.
@@ -92,48 +89,62 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let (listener, admin) = listeners;
-    let u = &config.upstream;
-    let node = Arc::new(Node {
-        settings: Settings {
-            address: u.address.clone(),
-            username: u.username.clone(),
-            password: u.password.clone(),
-            connect_timeout: config.connect_timeout(),
-            command_timeout: config.command_timeout(),
-        },
-        max_inflight: u.max_inflight,
-        backoff_min: std::time::Duration::from_millis(u.backoff_min_ms),
-        backoff_max: std::time::Duration::from_millis(u.backoff_max_ms),
-        table: ArcSwapOption::empty(),
-        facts: ArcSwap::from_pointee(ServerFacts::default()),
-    });
-    // Pools stop on their own token, after the clients have drained.
-    let pools_stop = CancellationToken::new();
-    let pool2 = Pool::start(node.clone(), Proto::Resp2, u.pool_size, pools_stop.clone());
-    let pool3 = Pool::start(node.clone(), Proto::Resp3, u.pool_size, pools_stop.clone());
-    let ctx = Arc::new(Ctx {
-        limits: Limits {
-            max_bulk: config.server.max_bulk_bytes,
-            max_request: config.server.max_request_bytes,
-        },
-        pinned: Arc::new(Semaphore::new(u.max_pinned)),
-        node,
-        pool2,
-        pool3,
-        next_client_id: AtomicU64::new(1),
-        clients: AtomicUsize::new(0),
-        shutdown,
-        config,
-    });
+    let sentinel = config.uses_sentinel();
+    let initial = if sentinel {
+        Topology {
+            master: None,
+            epoch: 0,
+            state: State::Discovering,
+            replicas: Vec::new(),
+            sentinels: config
+                .sentinel
+                .addresses
+                .iter()
+                .map(|a| topology::SentinelInfo {
+                    address: a.clone(),
+                    reachable: false,
+                })
+                .collect(),
+            master_name: Some(config.sentinel.master_name.clone()),
+            since_ms: topology::now_ms(),
+        }
+    } else {
+        Topology {
+            master: Some(config.upstream.address.clone()),
+            epoch: 0,
+            state: State::Healthy,
+            replicas: Vec::new(),
+            sentinels: Vec::new(),
+            master_name: None,
+            since_ms: topology::now_ms(),
+        }
+    };
+    let ctx = Arc::new(Ctx::new(config, initial, shutdown));
+    let tracker = if sentinel {
+        Some(tokio::spawn(topology::sentinel::run(ctx.clone())))
+    } else {
+        ctx.install(&ctx.config.upstream.address);
+        None
+    };
     tracing::info!(
         listen = %ctx.config.server.listen,
-        upstream = %ctx.config.upstream.address,
+        upstream = %if sentinel {
+            format!("sentinel master '{}' via {}", ctx.config.sentinel.master_name, ctx.config.sentinel.addresses.join(","))
+        } else {
+            ctx.config.upstream.address.clone()
+        },
         admin = %ctx.config.admin.listen,
         "keyward started"
     );
     let admin_task = admin.map(|l| tokio::spawn(admin::http::serve(ctx.clone(), l)));
     server::listener::serve(ctx.clone(), listener).await;
-    pools_stop.cancel();
+    if let Some(t) = tracker {
+        let _ = t.await;
+    }
+    // Close the upstream connections once the clients have drained.
+    if let Some(up) = ctx.upstream.swap(None) {
+        up.retire();
+    }
     if let Some(t) = admin_task {
         let _ = t.await;
     }

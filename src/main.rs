@@ -26,6 +26,12 @@ struct Cli {
     /// HTTP admin address for /live and /ready (admin.listen).
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<String>,
+    /// A Sentinel to follow (repeatable); replaces --upstream (sentinel.addresses).
+    #[arg(long = "sentinel", value_name = "HOST:PORT")]
+    sentinels: Vec<String>,
+    /// The master name the Sentinels monitor (sentinel.master_name).
+    #[arg(long, value_name = "NAME")]
+    master_name: Option<String>,
     /// Validate the configuration, print the effective one and exit (0 or 2).
     #[arg(long)]
     check_config: bool,
@@ -48,6 +54,12 @@ fn load(cli: &Cli) -> Result<Config, ConfigError> {
     }
     if let Some(v) = &cli.admin_listen {
         config.admin.listen = v.clone();
+    }
+    if !cli.sentinels.is_empty() {
+        config.sentinel.addresses = cli.sentinels.clone();
+    }
+    if let Some(v) = &cli.master_name {
+        config.sentinel.master_name = v.clone();
     }
     config.validate()?;
     Ok(config)

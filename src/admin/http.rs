@@ -3,6 +3,7 @@
 //! - `GET /live`: 200 while the process runs (liveness).
 //! - `GET /ready`: 200 when a shared upstream connection is up and the
 //!   command table is loaded, 503 otherwise, with a one-line reason.
+//! - `GET /topology`: the tracker's snapshot as JSON.
 
 use std::sync::Arc;
 
@@ -18,26 +19,39 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
     Router::new()
         .route("/live", get(|| async { "live\n" }))
         .route("/ready", get(ready))
+        .route("/topology", get(topology))
         .with_state(ctx)
 }
 
 async fn ready(State(ctx): State<Arc<Ctx>>) -> (StatusCode, String) {
-    if ctx.node.table.load().is_none() {
+    let t = ctx.topology.snapshot();
+    let Some(up) = ctx.current() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: no verified master (state: {})\n",
+                t.state.name()
+            ),
+        );
+    };
+    if ctx.learned.table.load().is_none() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: upstream command table not loaded yet\n".into(),
         );
     }
-    if ctx.pool2.live() == 0 {
+    if up.pool2.live() == 0 {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "not ready: no connection to upstream {}\n",
-                ctx.node.settings.address
-            ),
+            format!("not ready: no connection to upstream {}\n", up.address()),
         );
     }
     (StatusCode::OK, "ready\n".into())
+}
+
+/// The topology as JSON: master, epoch, state, replicas, sentinels.
+async fn topology(State(ctx): State<Arc<Ctx>>) -> axum::Json<crate::topology::Topology> {
+    axum::Json((*ctx.topology.snapshot()).clone())
 }
 
 /// Serve until shutdown.

@@ -221,7 +221,7 @@ impl Reader {
         // The run of pool-bound requests occupies buf[..off].
         let mut off = 0usize;
         // One snapshot of the command table per read, not per request.
-        let table = self.ctx.node.table.load_full();
+        let table = self.ctx.learned.table.load_full();
         loop {
             if self.closing {
                 return;
@@ -317,14 +317,21 @@ impl Reader {
     }
 
     async fn send_pool(&mut self, req: Bytes, count: u32) {
-        let pool = self.ctx.pool(self.proto).clone();
         let meter = Some(self.shared.meter.clone());
-        let mut sent = pool.send(self.id as usize, &req, count, meter.clone());
-        if sent.is_err() && pool.wait_first(self.ctx.config.connect_timeout()).await {
-            // Right after start the pool may still be connecting: wait for it
-            // (bounded by the connect timeout) rather than fail the request.
-            sent = pool.send(self.id as usize, &req, count, meter);
-        }
+        // Held here while a failover is suspected or under way.
+        let sent = match self.ctx.upstream().await {
+            Ok(up) => {
+                let pool = up.pool(self.proto);
+                let mut sent = pool.send(self.id as usize, &req, count, meter.clone());
+                if sent.is_err() && pool.wait_first(self.ctx.config.connect_timeout()).await {
+                    // Right after start the pool may still be connecting: wait
+                    // for it (bounded by the connect timeout) rather than fail.
+                    sent = pool.send(self.id as usize, &req, count, meter);
+                }
+                sent
+            }
+            Err(e) => Err(e),
+        };
         let rx = match sent {
             Ok(rx) => rx,
             Err(e) => {
@@ -445,9 +452,16 @@ impl Reader {
             .await;
             return false;
         };
+        let up = match self.ctx.upstream().await {
+            Ok(up) => up,
+            Err(e) => {
+                self.local_error(&e.resp_text()).await;
+                return false;
+            }
+        };
         let (tx, rx) = mpsc::channel(64);
         match Pinned::open(
-            &self.ctx.node.settings,
+            &up,
             self.proto,
             permit,
             tx.clone(),
@@ -646,15 +660,14 @@ impl Reader {
                 }
             }
         }
-        if self.ctx.node.facts.load().version.is_empty() {
+        if self.ctx.learned.facts.load().version.is_empty() {
             // HELLO reports the upstream's version: learn it first.
-            self.ctx
-                .pool2
-                .wait_first(self.ctx.config.connect_timeout())
-                .await;
+            if let Ok(up) = self.ctx.upstream().await {
+                up.pool2.wait_first(self.ctx.config.connect_timeout()).await;
+            }
         }
         let mut out = BytesMut::new();
-        let version = self.ctx.node.facts.load().version.clone();
+        let version = self.ctx.learned.facts.load().version.clone();
         local::hello_reply(&mut out, proto, self.id, &version);
         self.local_reply(out.freeze(), 1).await;
     }
@@ -843,11 +856,10 @@ impl Writer<'_> {
         if !e.delivered.is_empty() && !self.put(e.delivered).await {
             return false;
         }
-        let table = ctx.node.table.load();
+        let table = ctx.learned.table.load();
         let mut parser = RequestParser::new();
         let mut off = 0usize;
         let mut index = 0u32;
-        let pool = ctx.pool(proto);
         while index < count {
             let r = match parser.parse(&req[off..], &ctx.limits) {
                 Ok(Some(Parsed::Request(r))) => r,
@@ -874,7 +886,22 @@ impl Writer<'_> {
                 // Reads are retried once. A write that never reached Redis is
                 // not retried either: its error says it was not sent.
                 if readonly {
-                    match pool.send(id as usize, &frame, 1, Some(self.shared.meter.clone())) {
+                    // Retried on the current master (after a failover, the new one).
+                    let up = match ctx.upstream().await {
+                        Ok(up) => up,
+                        Err(e2) => {
+                            if !self.put_local(&e2.resp_text()).await {
+                                return false;
+                            }
+                            continue;
+                        }
+                    };
+                    match up.pool(proto).send(
+                        id as usize,
+                        &frame,
+                        1,
+                        Some(self.shared.meter.clone()),
+                    ) {
                         Ok(rx) => {
                             if !self.flush().await {
                                 return false;

@@ -87,7 +87,12 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 impl Conn {
     /// Take over a connected, handshaken stream and start its tasks.
-    pub fn start(stream: TcpStream, address: String, max_inflight: usize) -> Arc<Conn> {
+    pub fn start(
+        stream: TcpStream,
+        address: String,
+        max_inflight: usize,
+        fenced: Arc<AtomicBool>,
+    ) -> Arc<Conn> {
         let (rd, wr) = stream.into_split();
         let conn = Arc::new(Conn {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -108,7 +113,7 @@ impl Conn {
             epoch: Instant::now(),
             max_inflight,
         });
-        let w = tokio::spawn(write_loop(conn.clone(), wr));
+        let w = tokio::spawn(write_loop(conn.clone(), wr, fenced));
         let r = tokio::spawn(read_loop(conn.clone(), rd));
         let _ = conn.tasks.set([r.abort_handle(), w.abort_handle()]);
         if conn.is_closed() {
@@ -212,7 +217,7 @@ impl Conn {
     }
 }
 
-async fn write_loop(conn: Arc<Conn>, mut wr: OwnedWriteHalf) {
+async fn write_loop(conn: Arc<Conn>, mut wr: OwnedWriteHalf, fenced: Arc<AtomicBool>) {
     let mut spare = BytesMut::with_capacity(16 * 1024);
     loop {
         conn.wake.notified().await;
@@ -223,6 +228,16 @@ async fn write_loop(conn: Arc<Conn>, mut wr: OwnedWriteHalf) {
             }
             if q.wbuf.is_empty() {
                 continue;
+            }
+            if fenced.load(Ordering::Acquire) {
+                // The node failed over (or is about to): nothing more may
+                // reach it. Queued requests were never sent.
+                drop(q);
+                conn.fail(Error::upstream(
+                    Kind::NotSent,
+                    format!("{}: master is being replaced (fenced)", conn.address),
+                ));
+                return;
             }
             q.written_below = q.next_seq;
             std::mem::replace(&mut q.wbuf, spare)

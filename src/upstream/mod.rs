@@ -3,12 +3,14 @@
 
 pub mod conn;
 pub mod connector;
+pub mod generation;
 pub mod meter;
 pub mod pinned;
 pub mod pool;
 
 pub use conn::{BatchError, BatchResult, Conn};
 pub use connector::Settings;
+pub use generation::Upstream;
 pub use meter::Meter;
 pub use pinned::{PinMsg, Pinned};
-pub use pool::{Node, Pool, ServerFacts};
+pub use pool::{Learned, Node, Pool, ServerFacts};

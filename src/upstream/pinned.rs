@@ -18,7 +18,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
-use super::connector::{self, Settings};
+use super::connector;
+use super::generation::Upstream;
 use super::meter::Meter;
 use crate::error::{Error, Kind};
 use crate::resp::{Proto, Scanner};
@@ -59,23 +60,44 @@ pub struct Pinned {
 impl Pinned {
     /// Connect and start the relay reader feeding `tx`.
     pub async fn open(
-        settings: &Settings,
+        upstream: &Upstream,
         proto: Proto,
         permit: OwnedSemaphorePermit,
         tx: mpsc::Sender<PinMsg>,
         meter: Arc<Meter>,
     ) -> Result<Pinned, Error> {
+        let settings = &upstream.node.settings;
         let stream = connector::connect(settings, proto).await?;
+        // A second handle on the socket lets a retired generation shut it
+        // down (both directions) while the session still owns the write half.
+        let io =
+            |e: std::io::Error| Error::upstream(Kind::Io, format!("{}: {e}", settings.address));
+        let std_stream = stream.into_std().map_err(io)?;
+        let fence = std_stream.try_clone().map_err(io)?;
+        let stream = tokio::net::TcpStream::from_std(std_stream).map_err(io)?;
         let (rd, wr) = stream.into_split();
         let shared = Arc::new(PinShared::default());
-        tokio::spawn(relay(
+        let relay = relay(
             rd,
             shared.clone(),
             proto,
             tx,
             meter,
             settings.address.clone(),
-        ));
+        );
+        let retired = upstream.retired.clone();
+        tokio::spawn(async move {
+            tokio::pin!(relay);
+            tokio::select! {
+                _ = &mut relay => return,
+                _ = retired.cancelled() => {
+                    // The master is being replaced: nothing more may reach
+                    // it. The relay sees the shutdown and reports the loss.
+                    let _ = fence.shutdown(std::net::Shutdown::Both);
+                }
+            }
+            relay.await;
+        });
         Ok(Pinned {
             wr,
             shared,

@@ -30,15 +30,24 @@ pub struct ServerFacts {
     pub version: String,
 }
 
+/// What keyward learns from the upstream, kept across master changes.
+#[derive(Default)]
+pub struct Learned {
+    /// Loaded from `COMMAND`.
+    pub table: ArcSwapOption<CommandTable>,
+    pub facts: ArcSwap<ServerFacts>,
+}
+
 /// State shared by every pool of one upstream node.
 pub struct Node {
     pub settings: Settings,
     pub max_inflight: usize,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
-    /// Loaded from `COMMAND` by the first connection that finds it missing.
-    pub table: ArcSwapOption<CommandTable>,
-    pub facts: ArcSwap<ServerFacts>,
+    pub learned: Arc<Learned>,
+    /// Set when this node may no longer receive writes (it failed over or is
+    /// about to): shared connections stop writing at once.
+    pub fenced: Arc<AtomicBool>,
 }
 
 pub struct Pool {
@@ -165,8 +174,8 @@ async fn learn(node: &Node, stream: &mut tokio::net::TcpStream) -> Result<(), Er
         .trim()
         .to_string();
     tracing::debug!(commands = table.len(), %version, upstream = %node.settings.address, "learned upstream command table");
-    node.table.store(Some(Arc::new(table)));
-    node.facts.store(Arc::new(ServerFacts { version }));
+    node.learned.table.store(Some(Arc::new(table)));
+    node.learned.facts.store(Arc::new(ServerFacts { version }));
     Ok(())
 }
 
@@ -180,7 +189,7 @@ async fn maintain(pool: Arc<Pool>, slot: usize, shutdown: CancellationToken) {
             // Learn the command table when it is missing, and again on every
             // reconnect of the first slot: a restarted upstream may be a new
             // version or have loaded modules.
-            if pool.proto == Proto::Resp2 && (slot == 0 || node.table.load().is_none()) {
+            if pool.proto == Proto::Resp2 && (slot == 0 || node.learned.table.load().is_none()) {
                 learn(&node, &mut stream).await?;
             }
             Ok::<_, Error>(stream)
@@ -191,7 +200,12 @@ async fn maintain(pool: Arc<Pool>, slot: usize, shutdown: CancellationToken) {
         };
         match res {
             Ok(stream) => {
-                let conn = Conn::start(stream, node.settings.address.clone(), node.max_inflight);
+                let conn = Conn::start(
+                    stream,
+                    node.settings.address.clone(),
+                    node.max_inflight,
+                    node.fenced.clone(),
+                );
                 pool.slots[slot].store(Some(conn.clone()));
                 pool.live.fetch_add(1, Ordering::Relaxed);
                 pool.ever_connected.store(true, Ordering::Release);

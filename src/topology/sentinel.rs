@@ -1,0 +1,566 @@
+//! The Sentinel tracker: finds the master through every Sentinel, watches
+//! their events, checks the master itself, and moves traffic on failover.
+//!
+//! It subscribes to every Sentinel before it first queries them, so no event
+//! falls between the two, and also polls them (about 1 s normally, 100 ms
+//! while something is wrong) because pub/sub can lose messages. A master is
+//! adopted only after `ROLE` on it says `master`, and never in a lower
+//! config epoch than the current one.
+//!
+//! States (see `topology::State`): a failing own check or `+sdown` makes the
+//! master Suspect and new requests are held; `+odown`, `+try-failover`,
+//! `+elected-leader` or a demoted master Fence it: its connections are
+//! retired and nothing more is written to it; `+switch-master`,
+//! `+promoted-slave` or a poll showing another master in a higher epoch
+//! start the Switch: ROLE is verified on the new master, a new generation of
+//! connections is installed and held requests go on. Every change is logged
+//! with its timing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use redis_protocol::resp2::types::OwnedFrame;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::{SentinelInfo, State, Topology};
+use crate::error::{Error, Kind};
+use crate::resp::{Proto, Scanner};
+use crate::server::Ctx;
+use crate::upstream::{connector, Settings};
+
+/// One event from a Sentinel's pub/sub, e.g. `+switch-master`.
+#[derive(Debug, Clone)]
+struct Event {
+    channel: String,
+    payload: String,
+}
+
+/// What one Sentinel said in a poll.
+#[derive(Debug, Default)]
+struct Report {
+    master: Option<(String, u64, String)>,
+    replicas: Vec<String>,
+    sentinels: Vec<String>,
+}
+
+struct Tracker {
+    ctx: Arc<Ctx>,
+    name: String,
+    sentinel: Settings,
+    upstream: Settings,
+    /// Configured and learned Sentinels, with reachability.
+    sentinels: BTreeMap<String, bool>,
+    master: Option<String>,
+    epoch: u64,
+    state: State,
+    replicas: Vec<String>,
+    failed_checks: u32,
+    /// A Sentinel reported +sdown for the master and no -sdown since.
+    sdown: bool,
+    events: mpsc::Sender<Event>,
+    subscribed: BTreeSet<String>,
+}
+
+/// Run the tracker until shutdown.
+pub async fn run(ctx: Arc<Ctx>) {
+    let cfg = ctx.config.sentinel.clone();
+    let timeout = Duration::from_millis(cfg.timeout_ms);
+    let (tx, mut rx) = mpsc::channel(1024);
+    let mut t = Tracker {
+        name: cfg.master_name.clone(),
+        sentinel: Settings {
+            address: String::new(),
+            username: cfg.username.clone(),
+            password: cfg.password.clone(),
+            connect_timeout: timeout,
+            command_timeout: timeout,
+        },
+        upstream: Settings {
+            address: String::new(),
+            username: ctx.config.upstream.username.clone(),
+            password: ctx.config.upstream.password.clone(),
+            connect_timeout: timeout,
+            command_timeout: timeout,
+        },
+        sentinels: cfg.addresses.iter().map(|a| (a.clone(), false)).collect(),
+        master: None,
+        epoch: 0,
+        state: State::Discovering,
+        replicas: Vec::new(),
+        failed_checks: 0,
+        sdown: false,
+        events: tx,
+        subscribed: BTreeSet::new(),
+        ctx,
+    };
+    // Subscribe first, then query: no event can fall between the two.
+    t.subscribe_all();
+    t.poll().await;
+    let mut check = tokio::time::interval(Duration::from_millis(cfg.ping_ms));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_poll = tokio::time::Instant::now() + t.poll_interval();
+    let shutdown = t.ctx.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            Some(ev) = rx.recv() => {
+                t.on_event(ev).await;
+                next_poll = tokio::time::Instant::now() + t.poll_interval();
+            }
+            _ = tokio::time::sleep_until(next_poll) => {
+                t.poll().await;
+                next_poll = tokio::time::Instant::now() + t.poll_interval();
+            }
+            _ = check.tick() => t.check_master().await,
+        }
+    }
+}
+
+impl Tracker {
+    fn poll_interval(&self) -> Duration {
+        let c = &self.ctx.config.sentinel;
+        Duration::from_millis(if self.state == State::Healthy {
+            c.poll_ms
+        } else {
+            c.suspect_poll_ms
+        })
+    }
+
+    fn subscribe_all(&mut self) {
+        for addr in self.sentinels.keys().cloned().collect::<Vec<_>>() {
+            if self.subscribed.insert(addr.clone()) {
+                let mut settings = self.sentinel.clone();
+                settings.address = addr;
+                tokio::spawn(subscribe(
+                    settings,
+                    self.events.clone(),
+                    self.ctx.shutdown.clone(),
+                ));
+            }
+        }
+    }
+
+    /// Publish the snapshot for the admin side and the data path.
+    fn publish(&self) {
+        self.ctx.topology.publish(Topology {
+            master: self.master.clone(),
+            epoch: self.epoch,
+            state: self.state,
+            replicas: self.replicas.clone(),
+            sentinels: self
+                .sentinels
+                .iter()
+                .map(|(a, r)| SentinelInfo {
+                    address: a.clone(),
+                    reachable: *r,
+                })
+                .collect(),
+            master_name: Some(self.name.clone()),
+            since_ms: 0,
+        });
+    }
+
+    fn set_state(&mut self, state: State, why: &str) {
+        if self.state != state {
+            tracing::info!(
+                from = self.state.name(),
+                to = state.name(),
+                master = self.master.as_deref().unwrap_or("-"),
+                epoch = self.epoch,
+                reason = why,
+                "topology state change"
+            );
+            self.state = state;
+        }
+        self.publish();
+    }
+
+    /// Ask every Sentinel, in parallel, what it knows.
+    async fn poll(&mut self) {
+        let mut set = JoinSet::new();
+        for addr in self.sentinels.keys() {
+            let mut s = self.sentinel.clone();
+            s.address = addr.clone();
+            let name = self.name.clone();
+            set.spawn(async move {
+                let r = query(&s, &name).await;
+                (s.address, r)
+            });
+        }
+        let mut reports = Vec::new();
+        while let Some(Ok((addr, r))) = set.join_next().await {
+            match r {
+                Ok(rep) => {
+                    self.sentinels.insert(addr, true);
+                    reports.push(rep);
+                }
+                Err(e) => {
+                    if self.sentinels.get(&addr) == Some(&true) {
+                        tracing::warn!(sentinel = %addr, error = %e.detail, "sentinel unreachable");
+                    }
+                    self.sentinels.insert(addr, false);
+                }
+            }
+        }
+        // Learn Sentinels the others know about.
+        for rep in &reports {
+            for s in &rep.sentinels {
+                if !self.sentinels.contains_key(s) {
+                    tracing::info!(sentinel = %s, "learned a new sentinel");
+                    self.sentinels.insert(s.clone(), false);
+                }
+            }
+        }
+        self.subscribe_all();
+        // The address with the highest epoch; ties go to the most votes.
+        let mut votes: BTreeMap<(u64, String), usize> = BTreeMap::new();
+        let mut odown = 0;
+        for rep in &reports {
+            if let Some((addr, epoch, flags)) = &rep.master {
+                *votes.entry((*epoch, addr.clone())).or_default() += 1;
+                if flags
+                    .split(',')
+                    .any(|f| f == "o_down" || f == "failover_in_progress")
+                {
+                    odown += 1;
+                }
+            }
+        }
+        if let Some(rep) = reports.iter().find(|r| r.master.is_some()) {
+            self.replicas = rep.replicas.clone();
+        }
+        let best = votes
+            .iter()
+            .max_by(|a, b| a.0 .0.cmp(&b.0 .0).then(a.1.cmp(b.1)))
+            .map(|((e, a), _)| (a.clone(), *e));
+        let Some((addr, epoch)) = best else {
+            self.publish();
+            return;
+        };
+        if epoch < self.epoch {
+            // Never move to a lower epoch.
+            self.publish();
+            return;
+        }
+        if Some(&addr) != self.master.as_ref()
+            || self.state != State::Healthy && self.state != State::Suspect
+        {
+            if odown > 0 && Some(&addr) == self.master.as_ref() {
+                // Sentinels agree the master is down and a failover is
+                // coming: fence, then wait for the new master.
+                self.fence("sentinels report the master objectively down");
+                return;
+            }
+            self.switch(addr, epoch, "sentinel poll").await;
+        } else {
+            self.epoch = epoch;
+            if odown > 0 {
+                self.fence("sentinels report the master objectively down");
+            } else {
+                self.publish();
+            }
+        }
+    }
+
+    fn fence(&mut self, why: &str) {
+        if self.state == State::Fenced || self.state == State::Switching {
+            return;
+        }
+        self.ctx.fence();
+        self.set_state(State::Fenced, why);
+    }
+
+    /// Verify `addr` and move traffic to it.
+    async fn switch(&mut self, addr: String, epoch: u64, why: &str) {
+        let started = Instant::now();
+        let previous = self.state;
+        if self.master.as_deref() != Some(addr.as_str()) && self.master.is_some() {
+            self.ctx.fence();
+            self.set_state(State::Switching, why);
+        }
+        match role(&self.upstream, &addr).await {
+            Ok(r) if r == "master" => {
+                let old = self.master.replace(addr.clone());
+                self.epoch = self.epoch.max(epoch);
+                self.failed_checks = 0;
+                self.sdown = false;
+                self.ctx.install(&addr);
+                self.set_state(State::Healthy, why);
+                tracing::info!(
+                    old = old.as_deref().unwrap_or("-"),
+                    new = %addr,
+                    epoch = self.epoch,
+                    verify_ms = started.elapsed().as_millis() as u64,
+                    "master adopted (ROLE verified)"
+                );
+            }
+            Ok(r) => {
+                tracing::warn!(candidate = %addr, role = %r, "candidate master is not a master yet; waiting");
+                if previous == State::Discovering {
+                    self.publish();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(candidate = %addr, error = %e.detail, "cannot verify candidate master");
+                self.publish();
+            }
+        }
+    }
+
+    async fn on_event(&mut self, ev: Event) {
+        let words: Vec<&str> = ev.payload.split_whitespace().collect();
+        // "<type> <name> <ip> <port> ..." for instance events.
+        let about_master = words.len() >= 2 && words[0] == "master" && words[1] == self.name;
+        tracing::debug!(channel = %ev.channel, payload = %ev.payload, "sentinel event");
+        match ev.channel.as_str() {
+            "+switch-master" if words.first() == Some(&self.name.as_str()) && words.len() >= 5 => {
+                let addr = format!("{}:{}", words[3], words[4]);
+                // The epoch comes with the next poll; the event itself means
+                // the Sentinels elected a leader and promoted a replica.
+                self.switch(addr, self.epoch, "+switch-master").await;
+                self.poll().await;
+            }
+            "+sdown" if about_master => {
+                self.sdown = true;
+                if self.state == State::Healthy {
+                    self.set_state(State::Suspect, "+sdown");
+                }
+            }
+            "-sdown" if about_master => {
+                self.sdown = false;
+                self.poll().await;
+            }
+            "+odown"
+            | "+try-failover"
+            | "+elected-leader"
+            | "+failover-state-select-slave"
+            | "+selected-slave"
+            | "+failover-state-send-slaveof-noone"
+            | "+failover-state-wait-promotion"
+                if about_master || words.iter().any(|w| *w == self.name) =>
+            {
+                let why = ev.channel.clone();
+                self.fence(&why);
+            }
+            "+promoted-slave" | "+failover-state-reconf-slaves" | "+failover-end" => {
+                self.poll().await
+            }
+            c if c.starts_with("-failover-abort") || c == "-odown" => self.poll().await,
+            _ => {}
+        }
+    }
+
+    /// keyward's own check: ROLE on the master every `ping_ms`.
+    async fn check_master(&mut self) {
+        let Some(master) = self.master.clone() else {
+            return;
+        };
+        if self.state == State::Fenced || self.state == State::Switching {
+            return;
+        }
+        match role(&self.upstream, &master).await {
+            Ok(r) if r == "master" => {
+                self.failed_checks = 0;
+                if self.state == State::Suspect && !self.sdown {
+                    self.set_state(State::Healthy, "master answers ROLE again");
+                }
+            }
+            Ok(r) => {
+                // Demoted under us (a failover we missed, or REPLICAOF).
+                tracing::warn!(master = %master, role = %r, "master reports another role; fencing it");
+                self.fence("master was demoted");
+            }
+            Err(_) => {
+                self.failed_checks += 1;
+                if self.failed_checks >= self.ctx.config.sentinel.ping_failures
+                    && self.state == State::Healthy
+                {
+                    self.set_state(State::Suspect, "master does not answer ROLE");
+                }
+            }
+        }
+    }
+}
+
+/// `SENTINEL MASTER`, `REPLICAS` and `SENTINELS` for `name` on one Sentinel.
+async fn query(s: &Settings, name: &str) -> Result<Report, Error> {
+    let fut = async {
+        let mut stream = connector::connect(s, Proto::Resp2).await?;
+        let master = decode(
+            &connector::call(&mut stream, &[b"SENTINEL", b"MASTER", name.as_bytes()]).await?,
+        )?;
+        let replicas = decode(
+            &connector::call(&mut stream, &[b"SENTINEL", b"REPLICAS", name.as_bytes()]).await?,
+        )?;
+        let sentinels = decode(
+            &connector::call(&mut stream, &[b"SENTINEL", b"SENTINELS", name.as_bytes()]).await?,
+        )?;
+        let mut rep = Report::default();
+        if let OwnedFrame::Array(_) = &master {
+            let m = fields(&master);
+            if let (Some(ip), Some(port)) = (m.get("ip"), m.get("port")) {
+                let epoch = m
+                    .get("config-epoch")
+                    .and_then(|e| e.parse().ok())
+                    .unwrap_or(0);
+                rep.master = Some((
+                    format!("{ip}:{port}"),
+                    epoch,
+                    m.get("flags").cloned().unwrap_or_default(),
+                ));
+            }
+        }
+        for item in items(&replicas) {
+            let f = fields(item);
+            let down = f
+                .get("flags")
+                .map(|fl| fl.contains("down"))
+                .unwrap_or(false);
+            if let (Some(ip), Some(port), false) = (f.get("ip"), f.get("port"), down) {
+                rep.replicas.push(format!("{ip}:{port}"));
+            }
+        }
+        for item in items(&sentinels) {
+            let f = fields(item);
+            if let (Some(ip), Some(port)) = (f.get("ip"), f.get("port")) {
+                rep.sentinels.push(format!("{ip}:{port}"));
+            }
+        }
+        Ok(rep)
+    };
+    tokio::time::timeout(s.command_timeout * 2, fut)
+        .await
+        .map_err(|_| {
+            Error::upstream(
+                Kind::Timeout,
+                format!("{}: sentinel query timed out", s.address),
+            )
+        })?
+}
+
+/// `ROLE` on a Redis node: "master", "slave" or "sentinel".
+async fn role(s: &Settings, addr: &str) -> Result<String, Error> {
+    let mut s = s.clone();
+    s.address = addr.to_string();
+    let fut = async {
+        let mut stream = connector::connect(&s, Proto::Resp2).await?;
+        let reply = decode(&connector::call(&mut stream, &[b"ROLE"]).await?)?;
+        match items(&reply).first() {
+            Some(OwnedFrame::BulkString(b)) | Some(OwnedFrame::SimpleString(b)) => {
+                Ok(String::from_utf8_lossy(b).into_owned())
+            }
+            _ => Err(Error::upstream(
+                Kind::Protocol,
+                format!("{addr}: unexpected ROLE reply"),
+            )),
+        }
+    };
+    tokio::time::timeout(s.command_timeout, fut)
+        .await
+        .map_err(|_| Error::upstream(Kind::Timeout, format!("{addr}: ROLE timed out")))?
+}
+
+fn decode(bytes: &[u8]) -> Result<OwnedFrame, Error> {
+    match redis_protocol::resp2::decode::decode(bytes) {
+        Ok(Some((OwnedFrame::Error(e), _))) => Err(Error::upstream(Kind::Protocol, e)),
+        Ok(Some((f, _))) => Ok(f),
+        _ => Err(Error::upstream(Kind::Protocol, "undecodable reply")),
+    }
+}
+
+fn items(f: &OwnedFrame) -> &[OwnedFrame] {
+    match f {
+        OwnedFrame::Array(v) => v,
+        _ => &[],
+    }
+}
+
+/// A flat key/value array (Sentinel's format) as a map.
+fn fields(f: &OwnedFrame) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for pair in items(f).chunks(2) {
+        if let [OwnedFrame::BulkString(k), OwnedFrame::BulkString(v)] = pair {
+            out.insert(
+                String::from_utf8_lossy(k).into_owned(),
+                String::from_utf8_lossy(v).into_owned(),
+            );
+        }
+    }
+    out
+}
+
+/// Keep a pub/sub subscription on one Sentinel, forwarding its events;
+/// reconnect with jittered backoff.
+async fn subscribe(
+    s: Settings,
+    events: mpsc::Sender<Event>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let run = async {
+            let mut stream: TcpStream = connector::connect(&s, Proto::Resp2).await?;
+            let reply = connector::call(&mut stream, &[b"PSUBSCRIBE", b"*"]).await?;
+            decode(&reply)?;
+            tracing::debug!(sentinel = %s.address, "subscribed to sentinel events");
+            let mut buf = BytesMut::with_capacity(4096);
+            let mut scanner = Scanner::new();
+            loop {
+                while let Some(end) = scanner
+                    .next(&buf)
+                    .map_err(|e| Error::upstream(Kind::Protocol, e.to_string()))?
+                {
+                    let frame = buf.split_to(end);
+                    scanner.consumed(end);
+                    if let Ok(f) = decode(&frame) {
+                        // pmessage <pattern> <channel> <payload>
+                        if let [OwnedFrame::BulkString(kind), _, OwnedFrame::BulkString(ch), OwnedFrame::BulkString(p)] =
+                            items(&f)
+                        {
+                            if kind == b"pmessage" {
+                                let ev = Event {
+                                    channel: String::from_utf8_lossy(ch).into_owned(),
+                                    payload: String::from_utf8_lossy(p).into_owned(),
+                                };
+                                if events.send(ev).await.is_err() {
+                                    return Ok(());
+                                }
+                            }
+                        }
+                    }
+                }
+                let n = stream
+                    .read_buf(&mut buf)
+                    .await
+                    .map_err(|e| Error::upstream(Kind::Io, e.to_string()))?;
+                if n == 0 {
+                    return Err(Error::upstream(
+                        Kind::Unavailable,
+                        "sentinel closed the connection",
+                    ));
+                }
+            }
+        };
+        let res: Result<(), Error> = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = run => r,
+        };
+        match res {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::debug!(sentinel = %s.address, error = %e.detail, "sentinel subscription lost; reconnecting")
+            }
+        }
+        let jittered = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(jittered) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
