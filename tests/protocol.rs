@@ -469,11 +469,19 @@ async fn replication_commands_are_refused_without_harm() {
     let mut raw = Raw::connect(kw.port()).await;
     for req in [cmd(&[b"SYNC"]), cmd(&[b"PSYNC", b"?", b"-1"])] {
         raw.send(&req).await;
-        raw.expect(b"-ERR keyward does not forward SYNC/PSYNC; connect replicas to Redis directly\r\n")
-            .await;
+        raw.expect(
+            b"-ERR keyward does not forward SYNC/PSYNC; connect replicas to Redis directly\r\n",
+        )
+        .await;
     }
-    assert_eq!(esc(&raw.call(&[b"SET", b"after", b"sync"]).await), esc(b"+OK\r\n"));
-    assert_eq!(esc(&raw.call(&[b"GET", b"after"]).await), esc(b"$4\r\nsync\r\n"));
+    assert_eq!(
+        esc(&raw.call(&[b"SET", b"after", b"sync"]).await),
+        esc(b"+OK\r\n")
+    );
+    assert_eq!(
+        esc(&raw.call(&[b"GET", b"after"]).await),
+        esc(b"$4\r\nsync\r\n")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,6 +50,8 @@ pub enum Class {
     /// CLIENT subcommands whose effect or answer belongs to one connection.
     ClientState,
     ClientReply(ReplyMode),
+    /// The KEYWARD admin family, answered by keyward.
+    Keyward,
     /// SYNC/PSYNC: a replication stream is not RESP and would wreck a
     /// shared connection, so keyward refuses it.
     Replication,
@@ -84,6 +86,7 @@ pub fn classify(table: Option<&CommandTable>, args: &[&[u8]]) -> Class {
         b"sunsubscribe" => return Class::Unsubscribe(SubKind::Shard),
         b"monitor" => return Class::Monitor,
         b"sync" | b"psync" => return Class::Replication,
+        b"keyward" => return Class::Keyward,
         b"wait" | b"waitaof" => return Class::Blocking,
         b"client" => return classify_client(args),
         b"xread" | b"xreadgroup" => {

@@ -127,7 +127,7 @@ pub fn start(
         local: BytesMut::new(),
         local_n: 0,
         run_count: 0,
-        target: Target::Pool(Proto::Resp2),
+        target: Target::Pool(Proto::Resp2, 0),
         closing: false,
     };
     let slot = ClientSlot(ctx);
@@ -144,7 +144,8 @@ pub fn start(
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
-    Pool(Proto),
+    /// The shared pool of one RESP version in one upstream generation.
+    Pool(Proto, u64),
     Pinned,
 }
 
@@ -266,9 +267,10 @@ impl Reader {
                 self.maybe_release().await;
             }
             if class == Class::Forward && self.pinned.is_none() && req.inline.is_none() {
-                if self.target != Target::Pool(self.proto) {
+                if !self.on_pool() {
+                    // Leaving a pinned connection or the other RESP pool:
+                    // earlier replies first (send_pool waits for them).
                     self.emit_run(&mut off).await;
-                    self.switch_to(Target::Pool(self.proto)).await;
                 }
                 off += req.consumed;
                 self.run_count += 1;
@@ -321,6 +323,13 @@ impl Reader {
         // Held here while a failover is suspected or under way.
         let sent = match self.ctx.upstream().await {
             Ok(up) => {
+                let target = Target::Pool(self.proto, up.generation);
+                if self.target != target {
+                    // Another connection than the last batch used (other
+                    // RESP version, pinned before, or a new master): every
+                    // earlier reply first, so this batch cannot overtake.
+                    self.switch_to(target).await;
+                }
                 let pool = up.pool(self.proto);
                 let mut sent = pool.send(self.id as usize, &req, count, meter.clone());
                 if sent.is_err() && pool.wait_first(self.ctx.config.connect_timeout()).await {
@@ -352,7 +361,11 @@ impl Reader {
             count,
             proto: self.proto,
         });
-        self.target = Target::Pool(self.proto);
+    }
+
+    /// Is the last batch's route the shared pool for the current protocol?
+    fn on_pool(&self) -> bool {
+        matches!(self.target, Target::Pool(p, _) if p == self.proto)
     }
 
     fn push(&mut self, e: Entry) {
@@ -601,6 +614,11 @@ impl Reader {
                     self.send_pinned(&frame, expect).await;
                 }
             }
+            Class::Keyward => {
+                let mut out = BytesMut::new();
+                crate::admin::commands::keyward(&self.ctx, self.proto, &args[1..], &mut out);
+                self.local_reply(out.freeze(), 1).await;
+            }
             Class::Replication => {
                 self.local_error(
                     "ERR keyward does not forward SYNC/PSYNC; connect replicas to Redis directly",
@@ -617,7 +635,6 @@ impl Reader {
             let expect = self.state.replies_for_next();
             self.send_pinned(&frame, expect).await;
         } else {
-            self.switch_to(Target::Pool(self.proto)).await;
             self.flush_local();
             self.send_pool(frame, 1).await;
         }
@@ -882,10 +899,11 @@ impl Writer<'_> {
                 .and_then(|t| t.get_with_sub(name, sub))
                 .map(|i| i.has(flags::READONLY))
                 .unwrap_or(false);
-            if readonly || !e.sent {
-                // Reads are retried once. A write that never reached Redis is
-                // not retried either: its error says it was not sent.
-                if readonly {
+            {
+                // Reads are retried once, and so is any request that never
+                // reached Redis (its outcome is known: not executed). A
+                // write that may have run is never replayed.
+                if readonly || !e.sent {
                     // Retried on the current master (after a failover, the new one).
                     let up = match ctx.upstream().await {
                         Ok(up) => up,
@@ -918,7 +936,7 @@ impl Writer<'_> {
                                     // connection to the same dead server).
                                     let e2 = Error::upstream(
                                         Kind::Unavailable,
-                                        format!("{} (read retried once)", e2.error.detail),
+                                        format!("{} (retried once)", e2.error.detail),
                                     );
                                     if !self.put_local(&e2.resp_text()).await {
                                         return false;

@@ -277,6 +277,12 @@ impl Tracker {
 
     /// Verify `addr` and move traffic to it.
     async fn switch(&mut self, addr: String, epoch: u64, why: &str) {
+        if self.master.as_deref() == Some(addr.as_str()) && self.state == State::Healthy {
+            // Already there (several Sentinels announce the same switch).
+            self.epoch = self.epoch.max(epoch);
+            self.publish();
+            return;
+        }
         let started = Instant::now();
         let previous = self.state;
         if self.master.as_deref() != Some(addr.as_str()) && self.master.is_some() {

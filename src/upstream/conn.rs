@@ -186,6 +186,11 @@ impl Conn {
         self.done.cancelled().await
     }
 
+    /// Let the writer run now (after a fence, to withdraw unwritten requests).
+    pub fn wake_writer(&self) {
+        self.wake.notify_one();
+    }
+
     /// Requests waiting for replies.
     pub fn pending(&self) -> usize {
         self.pending.load(Ordering::Relaxed)
@@ -231,13 +236,27 @@ async fn write_loop(conn: Arc<Conn>, mut wr: OwnedWriteHalf, fenced: Arc<AtomicB
             }
             if fenced.load(Ordering::Acquire) {
                 // The node failed over (or is about to): nothing more may
-                // reach it. Queued requests were never sent.
+                // reach it. Requests queued but not written fail as not
+                // sent (safe to retry elsewhere); those already written are
+                // still answered through the reader.
+                let first_unsent = q.waiters.partition_point(|w| w.seq < q.written_below);
+                let unsent: Vec<Waiter> = q.waiters.drain(first_unsent..).collect();
+                q.wbuf.clear();
                 drop(q);
-                conn.fail(Error::upstream(
+                let error = Error::upstream(
                     Kind::NotSent,
                     format!("{}: master is being replaced (fenced)", conn.address),
-                ));
-                return;
+                );
+                for w in unsent {
+                    conn.pending.fetch_sub(w.count as usize, Ordering::Relaxed);
+                    let _ = w.tx.send(Err(BatchError {
+                        delivered: Bytes::new(),
+                        done: 0,
+                        sent: false,
+                        error: error.clone(),
+                    }));
+                }
+                continue;
             }
             q.written_below = q.next_seq;
             std::mem::replace(&mut q.wbuf, spare)
@@ -316,8 +335,11 @@ impl ReadState {
                 Err(e) => return Err(format!("{}: {e}", self.conn.address)),
             }
             if self.local.is_empty() {
+                // Only written requests can be answered; unwritten ones stay
+                // in the shared queue, where a fence can still withdraw them.
                 let mut q = self.conn.queue.lock().unwrap_or_else(|e| e.into_inner());
-                self.local.extend(q.waiters.drain(..));
+                let written = q.waiters.partition_point(|w| w.seq < q.written_below);
+                self.local.extend(q.waiters.drain(..written));
             }
             let Some(front) = self.local.front_mut() else {
                 return Err(format!("{}: reply with no request", self.conn.address));

@@ -221,7 +221,19 @@ async fn maintain(pool: Arc<Pool>, slot: usize, shutdown: CancellationToken) {
                 loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => {
-                            conn.fail(Error::upstream(Kind::Unavailable, "keyward is shutting down"));
+                            // Retired (master replaced, fenced, or keyward
+                            // stopping): the fence stops new writes; let the
+                            // requests already written get their replies,
+                            // within the command timeout, then close.
+                            conn.wake_writer();
+                            let deadline = tokio::time::Instant::now() + node.settings.command_timeout;
+                            while conn.pending() > 0 && !conn.is_closed() && tokio::time::Instant::now() < deadline {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                            conn.fail(Error::upstream(
+                                Kind::OutcomeUnknown,
+                                format!("{}: connection retired (master replaced or keyward stopping)", node.settings.address),
+                            ));
                             return;
                         }
                         _ = conn.closed() => break,

@@ -23,6 +23,7 @@ mod proc;
 mod raw;
 mod redis;
 mod resp;
+pub mod sentinel;
 mod wait;
 
 pub use clients::{client, client_auth, client_resp3, client_with, try_client};
@@ -35,6 +36,7 @@ pub use proc::send_signal;
 pub use raw::Raw;
 pub use redis::{redis_cmd, redis_pipeline, Redis};
 pub use resp::{cmd, esc, frame_len, split_frames};
+pub use sentinel::*;
 pub use wait::{wait_until, wait_until_sync};
 
 use std::time::Duration;
