@@ -92,6 +92,9 @@ pub struct SentinelConfig {
     /// How long requests are held while no verified master takes writes;
     /// past it they fail with -MASTERDOWN.
     pub hold_ms: u64,
+    /// Requests and bytes held at most; beyond either, -MASTERDOWN at once.
+    pub hold_max_requests: usize,
+    pub hold_max_bytes: usize,
     /// Time allowed for each Sentinel query and ROLE check.
     pub timeout_ms: u64,
 }
@@ -150,6 +153,8 @@ impl Default for Config {
                 ping_ms: 250,
                 ping_failures: 2,
                 hold_ms: 5_000,
+                hold_max_requests: 100_000,
+                hold_max_bytes: 256 * 1024 * 1024,
                 timeout_ms: 500,
             },
             admin: AdminConfig {
@@ -373,6 +378,12 @@ impl Config {
                         set_num(&mut s.sentinel.ping_failures, &name, v, problems)
                     }
                     ("sentinel", "hold_ms") => set_num(&mut s.sentinel.hold_ms, &name, v, problems),
+                    ("sentinel", "hold_max_requests") => {
+                        set_num(&mut s.sentinel.hold_max_requests, &name, v, problems)
+                    }
+                    ("sentinel", "hold_max_bytes") => {
+                        set_num(&mut s.sentinel.hold_max_bytes, &name, v, problems)
+                    }
                     ("sentinel", "timeout_ms") => {
                         set_num(&mut s.sentinel.timeout_ms, &name, v, problems)
                     }

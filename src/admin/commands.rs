@@ -1,5 +1,6 @@
 //! The KEYWARD command family, answered by keyward itself over RESP:
-//! `KEYWARD TOPOLOGY` and `KEYWARD HELP`.
+//! `KEYWARD TOPOLOGY`, `KEYWARD FAILOVER` (in `server::client`, as it
+//! waits) and `KEYWARD HELP`.
 
 use bytes::BytesMut;
 
@@ -18,6 +19,8 @@ pub fn keyward(ctx: &Ctx, proto: Proto, args: &[&[u8]], out: &mut BytesMut) {
                 "KEYWARD <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
                 "TOPOLOGY",
                 "    Master, config epoch, tracker state, replicas and sentinels.",
+                "FAILOVER",
+                "    Planned switchover to a caught-up replica through Sentinel, holding requests meanwhile.",
                 "HELP",
                 "    Print this help.",
             ];

@@ -4,6 +4,7 @@
 //! - `GET /ready`: 200 when a shared upstream connection is up and the
 //!   command table is loaded, 503 otherwise, with a one-line reason.
 //! - `GET /topology`: the tracker's snapshot as JSON.
+//! - `POST /failover`: a planned switchover (see `topology::switchover`).
 
 use std::sync::Arc;
 
@@ -20,6 +21,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/live", get(|| async { "live\n" }))
         .route("/ready", get(ready))
         .route("/topology", get(topology))
+        .route("/failover", axum::routing::post(failover))
         .with_state(ctx)
 }
 
@@ -52,6 +54,22 @@ async fn ready(State(ctx): State<Arc<Ctx>>) -> (StatusCode, String) {
 /// The topology as JSON: master, epoch, state, replicas, sentinels.
 async fn topology(State(ctx): State<Arc<Ctx>>) -> axum::Json<crate::topology::Topology> {
     axum::Json((*ctx.topology.snapshot()).clone())
+}
+
+/// A planned switchover; 200 with what happened, or 409 with why not.
+async fn failover(State(ctx): State<Arc<Ctx>>) -> (StatusCode, axum::Json<serde_json::Value>) {
+    match crate::topology::switchover::planned(ctx).await {
+        Ok(o) => (
+            StatusCode::OK,
+            axum::Json(
+                serde_json::json!({"ok": true, "old": o.old, "new": o.new, "held_ms": o.held_ms}),
+            ),
+        ),
+        Err(e) => (
+            StatusCode::CONFLICT,
+            axum::Json(serde_json::json!({"ok": false, "error": e})),
+        ),
+    }
 }
 
 /// Serve until shutdown.

@@ -321,7 +321,7 @@ impl Reader {
     async fn send_pool(&mut self, req: Bytes, count: u32) {
         let meter = Some(self.shared.meter.clone());
         // Held here while a failover is suspected or under way.
-        let sent = match self.ctx.upstream().await {
+        let sent = match self.ctx.upstream(count as usize, req.len()).await {
             Ok(up) => {
                 let target = Target::Pool(self.proto, up.generation);
                 if self.target != target {
@@ -465,7 +465,7 @@ impl Reader {
             .await;
             return false;
         };
-        let up = match self.ctx.upstream().await {
+        let up = match self.ctx.upstream(1, 0).await {
             Ok(up) => up,
             Err(e) => {
                 self.local_error(&e.resp_text()).await;
@@ -616,7 +616,15 @@ impl Reader {
             }
             Class::Keyward => {
                 let mut out = BytesMut::new();
-                crate::admin::commands::keyward(&self.ctx, self.proto, &args[1..], &mut out);
+                if args.len() == 2 && args[1].eq_ignore_ascii_case(b"failover") {
+                    // A planned switchover; this client waits for it.
+                    match crate::topology::switchover::planned(self.ctx.clone()).await {
+                        Ok(_) => reply::simple(&mut out, "OK"),
+                        Err(e) => reply::error(&mut out, &format!("ERR switchover failed: {e}")),
+                    }
+                } else {
+                    crate::admin::commands::keyward(&self.ctx, self.proto, &args[1..], &mut out);
+                }
                 self.local_reply(out.freeze(), 1).await;
             }
             Class::Replication => {
@@ -679,7 +687,7 @@ impl Reader {
         }
         if self.ctx.learned.facts.load().version.is_empty() {
             // HELLO reports the upstream's version: learn it first.
-            if let Ok(up) = self.ctx.upstream().await {
+            if let Ok(up) = self.ctx.upstream(1, 0).await {
                 up.pool2.wait_first(self.ctx.config.connect_timeout()).await;
             }
         }
@@ -905,7 +913,7 @@ impl Writer<'_> {
                 // write that may have run is never replayed.
                 if readonly || !e.sent {
                     // Retried on the current master (after a failover, the new one).
-                    let up = match ctx.upstream().await {
+                    let up = match ctx.upstream(1, frame.len()).await {
                         Ok(up) => up,
                         Err(e2) => {
                             if !self.put_local(&e2.resp_text()).await {

@@ -6,7 +6,7 @@ pub mod listener;
 pub mod local;
 pub mod state;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +31,11 @@ pub struct Ctx {
     pub upstream: ArcSwapOption<Upstream>,
     pub topology: topology::Shared,
     generation: AtomicU64,
+    /// Set during a planned switchover: every new request is held.
+    hold_all: AtomicBool,
+    /// Requests and bytes held right now (bounded by sentinel.hold_max_*).
+    held_requests: AtomicUsize,
+    held_bytes: AtomicUsize,
     /// Permits for pinned connections (upstream.max_pinned).
     pub pinned: Arc<Semaphore>,
     pub next_client_id: AtomicU64,
@@ -50,6 +55,9 @@ impl Ctx {
             upstream: ArcSwapOption::empty(),
             topology: topology::Shared::new(topology),
             generation: AtomicU64::new(0),
+            hold_all: AtomicBool::new(false),
+            held_requests: AtomicUsize::new(0),
+            held_bytes: AtomicUsize::new(0),
             pinned: Arc::new(Semaphore::new(config.upstream.max_pinned)),
             next_client_id: AtomicU64::new(1),
             clients: AtomicUsize::new(0),
@@ -61,19 +69,38 @@ impl Ctx {
     /// The upstream to send to now, without waiting.
     #[inline]
     pub fn current(&self) -> Option<Arc<Upstream>> {
-        if self.topology.state() != State::Healthy {
+        if self.topology.state() != State::Healthy || self.hold_all.load(Ordering::Acquire) {
             return None;
         }
         self.upstream.load_full()
     }
 
-    /// The upstream to send to, holding the caller while a failover is
-    /// suspected or under way, up to `sentinel.hold_ms`.
-    pub async fn upstream(&self) -> Result<Arc<Upstream>, Error> {
+    /// The upstream to send `requests` requests of `bytes` bytes to, holding
+    /// the caller while a failover is suspected or under way, up to
+    /// `sentinel.hold_ms`, and while the held total stays within
+    /// `sentinel.hold_max_requests` and `sentinel.hold_max_bytes`.
+    pub async fn upstream(&self, requests: usize, bytes: usize) -> Result<Arc<Upstream>, Error> {
         if let Some(u) = self.current() {
             return Ok(u);
         }
-        let hold = Duration::from_millis(self.config.sentinel.hold_ms);
+        let c = &self.config.sentinel;
+        let held_requests = self.held_requests.fetch_add(requests, Ordering::AcqRel) + requests;
+        let held_bytes = self.held_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        let _release = Held(self, requests, bytes);
+        if held_requests > c.hold_max_requests || held_bytes > c.hold_max_bytes {
+            let t = self.topology.snapshot();
+            return Err(Error::upstream(
+                Kind::MasterDown,
+                format!(
+                    "no verified master for '{}' (state: {}) and the hold queue is full (sentinel.hold_max_requests = {}, sentinel.hold_max_bytes = {})",
+                    t.master_name.as_deref().unwrap_or("upstream"),
+                    t.state.name(),
+                    c.hold_max_requests,
+                    c.hold_max_bytes
+                ),
+            ));
+        }
+        let hold = Duration::from_millis(c.hold_ms);
         let deadline = tokio::time::Instant::now() + hold;
         let mut changed = self.topology.subscribe();
         loop {
@@ -98,6 +125,17 @@ impl Ctx {
         }
     }
 
+    /// Hold (or release) every new request, for a planned switchover.
+    pub fn set_hold_all(&self, hold: bool) {
+        self.hold_all.store(hold, Ordering::Release);
+        self.topology.poke();
+    }
+
+    /// Requests held right now.
+    pub fn held(&self) -> usize {
+        self.held_requests.load(Ordering::Acquire)
+    }
+
     /// Start a new generation of connections to `address` and retire the
     /// old one (the tracker only).
     pub fn install(&self, address: &str) -> Arc<Upstream> {
@@ -114,5 +152,15 @@ impl Ctx {
         if let Some(old) = self.upstream.swap(None) {
             old.retire();
         }
+    }
+}
+
+/// Gives back a held request's share of the hold bounds when it leaves.
+struct Held<'a>(&'a Ctx, usize, usize);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.held_requests.fetch_sub(self.1, Ordering::AcqRel);
+        self.0.held_bytes.fetch_sub(self.2, Ordering::AcqRel);
     }
 }

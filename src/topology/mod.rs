@@ -8,6 +8,7 @@
 //! (DESIGN.md decisions 4 and 5).
 
 pub mod sentinel;
+pub mod switchover;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -116,6 +117,11 @@ impl Shared {
         }
         self.state.store(t.state as u8, Ordering::Release);
         self.snapshot.store(std::sync::Arc::new(t));
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Wake everything waiting for a change without publishing one.
+    pub fn poke(&self) {
         self.changed.send_modify(|v| *v += 1);
     }
 

@@ -450,7 +450,7 @@ async fn query(s: &Settings, name: &str) -> Result<Report, Error> {
 }
 
 /// `ROLE` on a Redis node: "master", "slave" or "sentinel".
-async fn role(s: &Settings, addr: &str) -> Result<String, Error> {
+pub(super) async fn role(s: &Settings, addr: &str) -> Result<String, Error> {
     let mut s = s.clone();
     s.address = addr.to_string();
     let fut = async {
@@ -471,7 +471,7 @@ async fn role(s: &Settings, addr: &str) -> Result<String, Error> {
         .map_err(|_| Error::upstream(Kind::Timeout, format!("{addr}: ROLE timed out")))?
 }
 
-fn decode(bytes: &[u8]) -> Result<OwnedFrame, Error> {
+pub(super) fn decode(bytes: &[u8]) -> Result<OwnedFrame, Error> {
     match redis_protocol::resp2::decode::decode(bytes) {
         Ok(Some((OwnedFrame::Error(e), _))) => Err(Error::upstream(Kind::Protocol, e)),
         Ok(Some((f, _))) => Ok(f),
@@ -479,7 +479,7 @@ fn decode(bytes: &[u8]) -> Result<OwnedFrame, Error> {
     }
 }
 
-fn items(f: &OwnedFrame) -> &[OwnedFrame] {
+pub(super) fn items(f: &OwnedFrame) -> &[OwnedFrame] {
     match f {
         OwnedFrame::Array(v) => v,
         _ => &[],
@@ -487,7 +487,7 @@ fn items(f: &OwnedFrame) -> &[OwnedFrame] {
 }
 
 /// A flat key/value array (Sentinel's format) as a map.
-fn fields(f: &OwnedFrame) -> BTreeMap<String, String> {
+pub(super) fn fields(f: &OwnedFrame) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for pair in items(f).chunks(2) {
         if let [OwnedFrame::BulkString(k), OwnedFrame::BulkString(v)] = pair {

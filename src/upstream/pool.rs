@@ -87,6 +87,14 @@ impl Pool {
         &self.node
     }
 
+    /// Requests in flight on all connections.
+    pub fn pending(&self) -> usize {
+        self.slots
+            .iter()
+            .filter_map(|s| s.load().as_ref().map(|c| c.pending()))
+            .sum()
+    }
+
     /// Connections up now.
     pub fn live(&self) -> usize {
         self.live.load(Ordering::Relaxed)

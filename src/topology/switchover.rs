@@ -1,0 +1,202 @@
+//! Planned switchover (`KEYWARD FAILOVER`, `POST /failover`): move the
+//! master to a replica with no client error and no lost write.
+//!
+//! Steps: hold every new request; wait until the requests already sent have
+//! their replies; `CLIENT PAUSE WRITE` on the old master so nothing else
+//! writes to it; wait until a replica's replication offset has reached the
+//! master's; `SENTINEL FAILOVER`; wait until the tracker has verified and
+//! adopted the new master; release the held requests. Clients see a latency
+//! blip. The old master is unpaused at the end whatever happened, and the
+//! pause itself expires after `sentinel.hold_ms` as a safety net.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::sentinel::{decode, role};
+use super::State;
+use crate::resp::Proto;
+use crate::server::Ctx;
+use crate::upstream::{connector, Settings};
+
+/// What a completed switchover did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub old: String,
+    pub new: String,
+    /// How long new requests were held.
+    pub held_ms: u64,
+}
+
+static RUNNING: AtomicBool = AtomicBool::new(false);
+
+struct Running;
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        RUNNING.store(false, Ordering::Release);
+    }
+}
+
+/// Run a planned switchover; the error text says which step failed.
+pub async fn planned(ctx: Arc<Ctx>) -> Result<Outcome, String> {
+    if !ctx.config.uses_sentinel() {
+        return Err("KEYWARD FAILOVER needs Sentinel (sentinel.addresses is empty)".into());
+    }
+    if RUNNING.swap(true, Ordering::AcqRel) {
+        return Err("a switchover is already running".into());
+    }
+    let _running = Running;
+    let t = ctx.topology.snapshot();
+    let (Some(old), State::Healthy) = (t.master.clone(), t.state) else {
+        return Err(format!(
+            "no healthy master to switch from (state: {})",
+            t.state.name()
+        ));
+    };
+    let started = Instant::now();
+    tracing::info!(master = %old, "planned switchover: holding requests");
+    ctx.set_hold_all(true);
+    let upstream = settings(&ctx, &old);
+    let result = steps(&ctx, &old, &upstream).await;
+    // Best effort: the old master is a replica now (or still the master if
+    // the failover failed); either way it must not stay paused.
+    if let Ok(mut s) = connector::connect(&upstream, Proto::Resp2).await {
+        let _ = connector::call(&mut s, &[b"CLIENT", b"UNPAUSE"]).await;
+    }
+    ctx.set_hold_all(false);
+    let held_ms = started.elapsed().as_millis() as u64;
+    match result {
+        Ok(new) => {
+            tracing::info!(old = %old, new = %new, held_ms, "planned switchover done");
+            Ok(Outcome { old, new, held_ms })
+        }
+        Err(e) => {
+            tracing::warn!(master = %old, error = %e, held_ms, "planned switchover failed; traffic resumes");
+            Err(e)
+        }
+    }
+}
+
+fn settings(ctx: &Ctx, address: &str) -> Settings {
+    let timeout = Duration::from_millis(ctx.config.sentinel.timeout_ms);
+    Settings {
+        address: address.to_string(),
+        username: ctx.config.upstream.username.clone(),
+        password: ctx.config.upstream.password.clone(),
+        connect_timeout: timeout,
+        command_timeout: timeout,
+    }
+}
+
+async fn steps(ctx: &Arc<Ctx>, old: &str, upstream: &Settings) -> Result<String, String> {
+    let hold = Duration::from_millis(ctx.config.sentinel.hold_ms);
+    // 1. Replies for everything already sent.
+    let deadline = Instant::now() + ctx.config.command_timeout();
+    if let Some(up) = ctx.upstream.load_full() {
+        while up.pool2.pending() + up.pool3.pending() > 0 {
+            if Instant::now() > deadline {
+                return Err(
+                    "requests in flight did not finish within upstream.command_timeout_ms".into(),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    // 2. Nothing else may write to the old master.
+    let mut conn = connector::connect(upstream, Proto::Resp2)
+        .await
+        .map_err(|e| format!("cannot reach the master: {}", e.detail))?;
+    let pause_ms = hold.as_millis().to_string();
+    let reply = connector::call(
+        &mut conn,
+        &[b"CLIENT", b"PAUSE", pause_ms.as_bytes(), b"WRITE"],
+    )
+    .await
+    .map_err(|e| format!("CLIENT PAUSE failed: {}", e.detail))?;
+    decode(&reply).map_err(|e| format!("CLIENT PAUSE refused: {}", e.detail))?;
+    // 3. A replica has everything the master has.
+    let caught_up = Instant::now() + Duration::from_secs(2).min(hold);
+    loop {
+        let info = connector::call(&mut conn, &[b"INFO", b"replication"])
+            .await
+            .map_err(|e| format!("INFO replication failed: {}", e.detail))?;
+        let text = String::from_utf8_lossy(&info);
+        let master_offset: u64 = field(&text, "master_repl_offset")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let best = text
+            .lines()
+            .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+            .filter_map(|l| l.split(',').find_map(|kv| kv.strip_prefix("offset=")))
+            .filter_map(|v| v.trim().parse::<u64>().ok())
+            .max();
+        match best {
+            Some(o) if o >= master_offset => break,
+            None => return Err("the master has no online replica".into()),
+            _ if Instant::now() > caught_up => {
+                return Err(format!(
+                    "no replica caught up with the master's offset {master_offset} within 2 s"
+                ))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(2)).await,
+        }
+    }
+    // 4. Ask the Sentinels to promote it.
+    let name = ctx.config.sentinel.master_name.clone();
+    let mut asked = Err("no sentinel reachable".to_string());
+    let sentinels: Vec<String> = ctx
+        .topology
+        .snapshot()
+        .sentinels
+        .iter()
+        .map(|s| s.address.clone())
+        .collect();
+    for addr in sentinels {
+        let mut s = settings(ctx, &addr);
+        s.username = ctx.config.sentinel.username.clone();
+        s.password = ctx.config.sentinel.password.clone();
+        let Ok(mut c) = connector::connect(&s, Proto::Resp2).await else {
+            continue;
+        };
+        match connector::call(&mut c, &[b"SENTINEL", b"FAILOVER", name.as_bytes()]).await {
+            Ok(r) => match decode(&r) {
+                Ok(_) => {
+                    asked = Ok(());
+                    break;
+                }
+                Err(e) => asked = Err(format!("SENTINEL FAILOVER refused by {addr}: {}", e.detail)),
+            },
+            Err(e) => asked = Err(format!("SENTINEL FAILOVER failed on {addr}: {}", e.detail)),
+        }
+    }
+    asked?;
+    // 5. The tracker adopts the new master (ROLE verified).
+    let deadline = tokio::time::Instant::now() + hold;
+    let mut changed = ctx.topology.subscribe();
+    loop {
+        let t = ctx.topology.snapshot();
+        if let (Some(m), State::Healthy) = (&t.master, t.state) {
+            if m != old && matches!(role(upstream, m).await.as_deref(), Ok("master")) {
+                return Ok(m.clone());
+            }
+        }
+        if tokio::time::timeout_at(deadline, changed.changed())
+            .await
+            .is_err()
+        {
+            return Err(format!(
+                "the new master was not adopted within {} ms (sentinel.hold_ms)",
+                hold.as_millis()
+            ));
+        }
+    }
+}
+
+fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+}
