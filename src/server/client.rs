@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use super::local;
 use super::state::SessionState;
-use super::Ctx;
+use super::{Ctx, Sent};
 use crate::command::table::flags;
 use crate::command::{classify, Class};
 use crate::error::{Error, Kind};
@@ -204,8 +204,18 @@ impl Reader {
                     _ => std::future::pending().await,
                 }
             };
+            let lost = async {
+                match pinned {
+                    Some(p) => p.wait_lost().await,
+                    None => std::future::pending().await,
+                }
+            };
             let n = tokio::select! {
                 biased;
+                _ = lost => {
+                    self.on_pinned_lost().await;
+                    continue;
+                }
                 _ = became_idle => continue,
                 r = read => r,
             };
@@ -284,6 +294,9 @@ impl Reader {
             };
             self.buf.advance(consumed);
             self.dispatch(class, &req, frame).await;
+            if let Some(p) = &self.pinned {
+                p.set_resubscribe(self.state.only_subscriptions());
+            }
         }
         self.emit_run(&mut off).await;
         self.flush_local();
@@ -320,26 +333,40 @@ impl Reader {
 
     async fn send_pool(&mut self, req: Bytes, count: u32) {
         let meter = Some(self.shared.meter.clone());
-        // Held here while a failover is suspected or under way.
-        let sent = match self.ctx.upstream(count as usize, req.len()).await {
-            Ok(up) => {
-                let target = Target::Pool(self.proto, up.generation);
-                if self.target != target {
-                    // Another connection than the last batch used (other
-                    // RESP version, pinned before, or a new master): every
-                    // earlier reply first, so this batch cannot overtake.
-                    self.switch_to(target).await;
-                }
-                let pool = up.pool(self.proto);
-                let mut sent = pool.send(self.id as usize, &req, count, meter.clone());
-                if sent.is_err() && pool.wait_first(self.ctx.config.connect_timeout()).await {
-                    // Right after start the pool may still be connecting: wait
-                    // for it (bounded by the connect timeout) rather than fail.
-                    sent = pool.send(self.id as usize, &req, count, meter);
-                }
-                sent
+        // Held here while a failover is suspected or under way. A batch
+        // bound for another connection than the last one (other RESP
+        // version, pinned before, a new master) first waits for every
+        // earlier reply, so it cannot overtake them.
+        let mut generation = match self.target {
+            Target::Pool(p, g) if p == self.proto => g,
+            _ => {
+                self.switch_to(Target::Pool(self.proto, 0)).await;
+                0
             }
-            Err(e) => Err(e),
+        };
+        let sent = loop {
+            match self
+                .ctx
+                .send(
+                    self.proto,
+                    self.id as usize,
+                    &req,
+                    count,
+                    meter.clone(),
+                    generation,
+                )
+                .await
+            {
+                Ok(Sent::Queued(g, rx)) => {
+                    self.target = Target::Pool(self.proto, g);
+                    break Ok(rx);
+                }
+                Ok(Sent::Moved(g)) => {
+                    self.switch_to(Target::Pool(self.proto, g)).await;
+                    generation = g;
+                }
+                Err(e) => break Err(e),
+            }
         };
         let rx = match sent {
             Ok(rx) => rx,
@@ -457,23 +484,27 @@ impl Reader {
             return true;
         }
         self.switch_to(Target::Pinned).await;
+        match self.open_pinned().await {
+            Ok(()) => true,
+            Err(text) => {
+                self.local_error(&text).await;
+                false
+            }
+        }
+    }
+
+    /// Open a pinned connection on the current master; the error is the
+    /// reply line for the client.
+    async fn open_pinned(&mut self) -> Result<(), String> {
         let max = self.ctx.config.upstream.max_pinned;
         let Ok(permit) = self.ctx.pinned.clone().try_acquire_owned() else {
-            self.local_error(&format!(
+            return Err(format!(
                 "ERR max number of pinned upstream connections reached (upstream.max_pinned = {max})"
-            ))
-            .await;
-            return false;
+            ));
         };
-        let up = match self.ctx.upstream(1, 0).await {
-            Ok(up) => up,
-            Err(e) => {
-                self.local_error(&e.resp_text()).await;
-                return false;
-            }
-        };
+        let up = self.ctx.upstream(1, 0).await.map_err(|e| e.resp_text())?;
         let (tx, rx) = mpsc::channel(64);
-        match Pinned::open(
+        let p = Pinned::open(
             &up,
             self.proto,
             permit,
@@ -481,19 +512,67 @@ impl Reader {
             self.shared.meter.clone(),
         )
         .await
-        {
-            Ok(p) => {
-                self.push(Entry::Relay(rx));
-                self.pinned = Some(p);
-                self.pinned_tx = Some(tx);
-                self.target = Target::Pinned;
-                true
+        .map_err(|e| e.resp_text())?;
+        self.push(Entry::Relay(rx));
+        self.pinned = Some(p);
+        self.pinned_tx = Some(tx);
+        self.target = Target::Pinned;
+        Ok(())
+    }
+
+    /// The pinned connection ended under the session. If the master was
+    /// replaced and the client held nothing but subscriptions, carry them
+    /// to the new master (the client sees no error; messages published in
+    /// the gap are lost). Otherwise the writer has reported the loss and
+    /// closes the client.
+    async fn on_pinned_lost(&mut self) {
+        let Some(p) = self.pinned.take() else { return };
+        self.pinned_tx = None;
+        if !p.carried_over() {
+            self.closing = true;
+            return;
+        }
+        drop(p);
+        if let Err(e) = self.open_pinned().await {
+            tracing::warn!(client = self.id, error = %e, "cannot carry subscriptions to the new master; closing client");
+            self.shared.meter.kill();
+            self.closing = true;
+            return;
+        }
+        let kinds: [(&[u8], Vec<Bytes>); 3] = [
+            (b"SUBSCRIBE", self.state.channels.iter().cloned().collect()),
+            (b"PSUBSCRIBE", self.state.patterns.iter().cloned().collect()),
+            (
+                b"SSUBSCRIBE",
+                self.state.shard_channels.iter().cloned().collect(),
+            ),
+        ];
+        let resp2 = self.proto == Proto::Resp2;
+        let Some(p) = &mut self.pinned else { return };
+        if resp2 {
+            p.mark_subscribed();
+        }
+        for (cmd, names) in kinds {
+            if names.is_empty() {
+                continue;
             }
-            Err(e) => {
-                self.local_error(&e.resp_text()).await;
-                false
+            let mut args: Vec<&[u8]> = vec![cmd];
+            args.extend(names.iter().map(|n| n.as_ref()));
+            let mut out = BytesMut::new();
+            reply::command(&mut out, &args);
+            if p.send_swallowed(&out, names.len() as u64).await.is_err() {
+                self.closing = true;
+                return;
             }
         }
+        p.set_resubscribe(true);
+        tracing::info!(
+            client = self.id,
+            channels = self.state.channels.len(),
+            patterns = self.state.patterns.len(),
+            shard_channels = self.state.shard_channels.len(),
+            "subscriptions carried to the new master"
+        );
     }
 
     /// Send on the pinned connection, owing `expect` replies.
@@ -911,23 +990,24 @@ impl Writer<'_> {
                 // Reads are retried once, and so is any request that never
                 // reached Redis (its outcome is known: not executed). A
                 // write that may have run is never replayed.
-                if readonly || !e.sent {
+                // Not when the pool simply had no connection: the reader
+                // already waited for one (and held the batch) before failing.
+                if (readonly || !e.sent) && e.error.kind != Kind::Unavailable {
                     // Retried on the current master (after a failover, the new one).
-                    let up = match ctx.upstream(1, frame.len()).await {
-                        Ok(up) => up,
-                        Err(e2) => {
-                            if !self.put_local(&e2.resp_text()).await {
-                                return false;
-                            }
-                            continue;
-                        }
-                    };
-                    match up.pool(proto).send(
-                        id as usize,
-                        &frame,
-                        1,
-                        Some(self.shared.meter.clone()),
-                    ) {
+                    let sent = ctx
+                        .send(
+                            proto,
+                            id as usize,
+                            &frame,
+                            1,
+                            Some(self.shared.meter.clone()),
+                            0,
+                        )
+                        .await;
+                    match sent.map(|s| match s {
+                        Sent::Queued(_, rx) => rx,
+                        Sent::Moved(_) => unreachable!("generation 0 accepts any master"),
+                    }) {
                         Ok(rx) => {
                             if !self.flush().await {
                                 return false;

@@ -11,14 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::{Error, Kind};
-use crate::resp::Limits;
+use crate::resp::{Limits, Proto};
 use crate::topology::{self, State};
-use crate::upstream::{Learned, Upstream};
+use crate::upstream::{BatchResult, Learned, Meter, Upstream};
 
 /// Everything sessions share, built once at start.
 pub struct Ctx {
@@ -36,6 +36,8 @@ pub struct Ctx {
     /// Requests and bytes held right now (bounded by sentinel.hold_max_*).
     held_requests: AtomicUsize,
     held_bytes: AtomicUsize,
+    /// Asks the tracker to check the master now (a shared connection lost it).
+    pub check_master: Notify,
     /// Permits for pinned connections (upstream.max_pinned).
     pub pinned: Arc<Semaphore>,
     pub next_client_id: AtomicU64,
@@ -58,6 +60,7 @@ impl Ctx {
             hold_all: AtomicBool::new(false),
             held_requests: AtomicUsize::new(0),
             held_bytes: AtomicUsize::new(0),
+            check_master: Notify::new(),
             pinned: Arc::new(Semaphore::new(config.upstream.max_pinned)),
             next_client_id: AtomicU64::new(1),
             clients: AtomicUsize::new(0),
@@ -125,6 +128,58 @@ impl Ctx {
         }
     }
 
+    /// Send a batch to the current master's shared pool for `proto`.
+    ///
+    /// `generation` is the upstream generation the caller's previous batch
+    /// went to (0: any). If the master has changed since, nothing is sent
+    /// and `Sent::Moved` tells the caller to wait for its earlier replies
+    /// first, so a batch can never overtake one still on the old master.
+    ///
+    /// Held while a failover is suspected or under way (see `upstream`).
+    /// Following Sentinel, a pool with no live connection is not an error
+    /// at once either: the master may be failing over, so the tracker is
+    /// asked to check it now and the batch waits, within `sentinel.hold_ms`,
+    /// for a connection or a new master.
+    pub async fn send(
+        &self,
+        proto: Proto,
+        sticky: usize,
+        bytes: &[u8],
+        count: u32,
+        meter: Option<Arc<Meter>>,
+        generation: u64,
+    ) -> Result<Sent, Error> {
+        let hold = Duration::from_millis(self.config.sentinel.hold_ms);
+        let deadline = tokio::time::Instant::now() + hold;
+        loop {
+            let up = self.upstream(count as usize, bytes.len()).await?;
+            if generation != 0 && up.generation != generation {
+                return Ok(Sent::Moved(up.generation));
+            }
+            let pool = up.pool(proto);
+            match pool.send(sticky, bytes, count, meter.clone()) {
+                Ok(rx) => return Ok(Sent::Queued(up.generation, rx)),
+                Err(e) if e.kind == Kind::Unavailable => {
+                    if pool.wait_first(self.config.connect_timeout()).await {
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    if !self.config.uses_sentinel() || tokio::time::Instant::now() >= deadline {
+                        return Err(e);
+                    }
+                    self.check_master.notify_one();
+                    let mut changed = self.topology.subscribe();
+                    tokio::select! {
+                        _ = pool.wait_live(deadline) => {}
+                        _ = changed.changed() => {}
+                        _ = tokio::time::sleep_until(deadline) => {}
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Hold (or release) every new request, for a planned switchover.
     pub fn set_hold_all(&self, hold: bool) {
         self.hold_all.store(hold, Ordering::Release);
@@ -153,6 +208,14 @@ impl Ctx {
             old.retire();
         }
     }
+}
+
+/// The outcome of `Ctx::send`.
+pub enum Sent {
+    /// Queued on the given generation; the receiver gets the replies.
+    Queued(u64, oneshot::Receiver<BatchResult>),
+    /// Not sent: the master changed to this generation.
+    Moved(u64),
 }
 
 /// Gives back a held request's share of the hold bounds when it leaves.

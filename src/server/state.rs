@@ -43,6 +43,19 @@ impl SessionState {
             && self.shard_channels.is_empty()
     }
 
+    /// Subscriptions are the only state: they can be carried to a new
+    /// master by subscribing again.
+    pub fn only_subscriptions(&self) -> bool {
+        self.subscribed()
+            && self.db == 0
+            && !self.in_multi
+            && !self.watching
+            && !self.monitor
+            && !self.client_state
+            && !self.reply_off
+            && !self.reply_skip
+    }
+
     pub fn subs(&mut self, kind: SubKind) -> &mut HashSet<Bytes> {
         match kind {
             SubKind::Channel => &mut self.channels,

@@ -117,6 +117,8 @@ pub async fn run(ctx: Arc<Ctx>) {
                 next_poll = tokio::time::Instant::now() + t.poll_interval();
             }
             _ = check.tick() => t.check_master().await,
+            // A shared connection lost the master: check now, not at the tick.
+            _ = t.ctx.check_master.notified() => t.check_master().await,
         }
     }
 }

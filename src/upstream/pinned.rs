@@ -48,6 +48,17 @@ pub struct PinShared {
     swallow: AtomicU64,
     /// Notified when `outstanding` drops to zero.
     idle: Notify,
+    /// The connection's upstream generation was retired (master replaced).
+    retired: AtomicBool,
+    /// The session holds nothing but subscriptions and will carry them to
+    /// the new master itself if the generation is retired.
+    resubscribe: AtomicBool,
+    /// Set (and notified) when the connection ended without the session
+    /// releasing it.
+    lost: AtomicBool,
+    lost_notify: Notify,
+    /// The relay ended quietly so the session can carry the subscriptions.
+    carried: AtomicBool,
 }
 
 pub struct Pinned {
@@ -86,6 +97,7 @@ impl Pinned {
             settings.address.clone(),
         );
         let retired = upstream.retired.clone();
+        let watcher = shared.clone();
         tokio::spawn(async move {
             tokio::pin!(relay);
             tokio::select! {
@@ -93,6 +105,7 @@ impl Pinned {
                 _ = retired.cancelled() => {
                     // The master is being replaced: nothing more may reach
                     // it. The relay sees the shutdown and reports the loss.
+                    watcher.retired.store(true, Ordering::Release);
                     let _ = fence.shutdown(std::net::Shutdown::Both);
                 }
             }
@@ -121,6 +134,37 @@ impl Pinned {
     pub async fn send_silent(&mut self, bytes: &[u8]) -> Result<(), Error> {
         self.shared.swallow.fetch_add(1, Ordering::AcqRel);
         self.send(bytes, 1).await
+    }
+
+    /// Send requests of keyward's own owing `replies` replies the client
+    /// must not see (re-subscribing on a new master).
+    pub async fn send_swallowed(&mut self, bytes: &[u8], replies: u64) -> Result<(), Error> {
+        self.shared.swallow.fetch_add(replies, Ordering::AcqRel);
+        self.send(bytes, replies).await
+    }
+
+    /// Whether the session will carry its subscriptions over a master change.
+    pub fn set_resubscribe(&self, on: bool) {
+        self.shared.resubscribe.store(on, Ordering::Release);
+    }
+
+    /// The connection ended without being released, and the loss was a
+    /// master change the session said it would carry subscriptions over.
+    pub fn carried_over(&self) -> bool {
+        self.shared.lost.load(Ordering::Acquire) && self.shared.carried.load(Ordering::Acquire)
+    }
+
+    /// Wait until the connection ends without being released.
+    pub async fn wait_lost(&self) {
+        loop {
+            let notified = self.shared.lost_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.shared.lost.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     pub fn mark_subscribed(&self) {
@@ -252,12 +296,20 @@ async fn relay(
             break e;
         }
     };
-    if !shared.releasing.load(Ordering::Acquire) {
+    let carried = shared.retired.load(Ordering::Acquire)
+        && shared.resubscribe.load(Ordering::Acquire)
+        && shared.outstanding.load(Ordering::Acquire) == 0;
+    shared.carried.store(carried, Ordering::Release);
+    if !shared.releasing.load(Ordering::Acquire) && !carried {
         let outstanding = shared.outstanding.swap(0, Ordering::AcqRel);
         let _ = tx.send(PinMsg::Lost { error, outstanding }).await;
     }
     shared.outstanding.store(0, Ordering::Release);
     shared.idle.notify_waiters();
+    if !shared.releasing.load(Ordering::Acquire) {
+        shared.lost.store(true, Ordering::Release);
+        shared.lost_notify.notify_waiters();
+    }
 }
 
 /// Does this frame answer a request (as opposed to a push)?

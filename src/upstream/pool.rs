@@ -9,7 +9,7 @@
 //! maintainer also watches its connection for stalls (requests pending with
 //! no reply for the command timeout) and closes it, failing its requests.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,7 +54,6 @@ pub struct Pool {
     pub proto: Proto,
     node: Arc<Node>,
     slots: Vec<ArcSwapOption<Conn>>,
-    live: AtomicUsize,
     ever_connected: AtomicBool,
     up: Notify,
     last_error: Mutex<Option<Error>>,
@@ -72,7 +71,6 @@ impl Pool {
             proto,
             node,
             slots: (0..size).map(|_| ArcSwapOption::empty()).collect(),
-            live: AtomicUsize::new(0),
             ever_connected: AtomicBool::new(false),
             up: Notify::new(),
             last_error: Mutex::new(None),
@@ -97,7 +95,14 @@ impl Pool {
 
     /// Connections up now.
     pub fn live(&self) -> usize {
-        self.live.load(Ordering::Relaxed)
+        // Counted from the slots rather than kept in a counter, so a
+        // connection that just failed (and whose maintainer has not run
+        // yet) is never counted: callers that wait for a live connection
+        // and retry must not spin on a dead one.
+        self.slots
+            .iter()
+            .filter(|s| s.load().as_ref().is_some_and(|c| !c.is_closed()))
+            .count()
     }
 
     /// Send a batch on the connection chosen by `sticky` (a client keeps one
@@ -152,6 +157,21 @@ impl Pool {
             }
             if self.ever_connected.load(Ordering::Acquire) {
                 return false;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.live() > 0;
+            }
+        }
+    }
+
+    /// Wait until a connection is up (or `deadline` passes); true if one is.
+    pub async fn wait_live(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let notified = self.up.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.live() > 0 {
+                return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return self.live() > 0;
@@ -215,7 +235,6 @@ async fn maintain(pool: Arc<Pool>, slot: usize, shutdown: CancellationToken) {
                     node.fenced.clone(),
                 );
                 pool.slots[slot].store(Some(conn.clone()));
-                pool.live.fetch_add(1, Ordering::Relaxed);
                 pool.ever_connected.store(true, Ordering::Release);
                 pool.up.notify_waiters();
                 if was_down_logged {
@@ -259,7 +278,6 @@ async fn maintain(pool: Arc<Pool>, slot: usize, shutdown: CancellationToken) {
                     }
                 }
                 pool.slots[slot].store(None);
-                pool.live.fetch_sub(1, Ordering::Relaxed);
                 tracing::warn!(upstream = %node.settings.address, slot, proto = ?pool.proto, "upstream connection lost; reconnecting");
                 // Reconnect at once the first time; back off if that fails.
                 pool.set_error(Error::upstream(
