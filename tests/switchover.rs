@@ -838,9 +838,11 @@ async fn switchover_refused_without_a_replica() {
 /// `sentinel.hold_ms = 800`, no replica, the master killed: once keyward
 /// has noticed, a `SET` is held and then answered
 /// `-MASTERDOWN no verified master for 'mymaster' (state: ...) after 800 ms
-/// (sentinel.hold_ms)`, not before about hold_ms and within 5 s; `/ready`
-/// is 503. The master restarted on the same port: the Sentinels see it
-/// back, keyward verifies it and writes work again.
+/// (sentinel.hold_ms)`, not before about hold_ms and within 5 s, and so is
+/// every request of a pipeline of 10 (the hold bounds the wait, not each
+/// request in turn); `/ready` is 503. The master restarted on the same
+/// port: the Sentinels see it back, keyward verifies it and writes work
+/// again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_get_masterdown_after_hold_ms() {
     let mut master = blocking(Redis::start);

@@ -990,9 +990,11 @@ impl Writer<'_> {
                 // Reads are retried once, and so is any request that never
                 // reached Redis (its outcome is known: not executed). A
                 // write that may have run is never replayed.
-                // Not when the pool simply had no connection: the reader
-                // already waited for one (and held the batch) before failing.
-                if (readonly || !e.sent) && e.error.kind != Kind::Unavailable {
+                // Only when a connection died under the batch (or a fence
+                // withdrew it): when no connection or no master was there,
+                // the reader already waited (and held the batch) in vain.
+                let conn_died = matches!(e.error.kind, Kind::NotSent | Kind::OutcomeUnknown);
+                if (readonly || !e.sent) && conn_died {
                     // Retried on the current master (after a failover, the new one).
                     let sent = ctx
                         .send(
