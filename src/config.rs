@@ -18,6 +18,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub sentinel: SentinelConfig,
+    pub hotkeys: HotkeysConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
 }
@@ -100,6 +101,44 @@ pub struct SentinelConfig {
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct HotkeysConfig {
+    /// Sample keys and detect hot ones.
+    pub enabled: bool,
+    /// One request in `sample_rate` is sampled (1 samples every request).
+    pub sample_rate: u32,
+    /// Window length; rates are per window.
+    pub window_ms: u64,
+    /// A key is hot at or above this many ops/s...
+    pub threshold: u64,
+    /// ...for this many consecutive windows,
+    pub enter_windows: u32,
+    /// and stops being hot after this many windows below half the threshold.
+    pub leave_windows: u32,
+    /// Keys tracked per window.
+    pub top_k: usize,
+    /// Publish this instance's summary to Redis for the fleet view.
+    pub fleet: bool,
+    /// The Redis hash holding the instances' summaries.
+    pub fleet_key: String,
+}
+
+impl Default for HotkeysConfig {
+    fn default() -> Self {
+        HotkeysConfig {
+            enabled: true,
+            sample_rate: 8,
+            window_ms: 1_000,
+            threshold: 1_000,
+            enter_windows: 2,
+            leave_windows: 5,
+            top_k: 100,
+            fleet: true,
+            fleet_key: "keyward:hotkeys".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct AdminConfig {
     /// HTTP listener for /live and /ready; empty disables it.
     pub listen: String,
@@ -157,6 +196,7 @@ impl Default for Config {
                 hold_max_bytes: 256 * 1024 * 1024,
                 timeout_ms: 500,
             },
+            hotkeys: HotkeysConfig::default(),
             admin: AdminConfig {
                 listen: "127.0.0.1:9380".into(),
             },
@@ -281,6 +321,21 @@ impl Config {
                 p.push(format!("{name}: must be greater than 0"));
             }
         }
+        for (name, v) in [
+            ("hotkeys.sample_rate", self.hotkeys.sample_rate as u64),
+            ("hotkeys.window_ms", self.hotkeys.window_ms),
+            ("hotkeys.threshold", self.hotkeys.threshold),
+            ("hotkeys.enter_windows", self.hotkeys.enter_windows as u64),
+            ("hotkeys.leave_windows", self.hotkeys.leave_windows as u64),
+            ("hotkeys.top_k", self.hotkeys.top_k as u64),
+        ] {
+            if v == 0 {
+                p.push(format!("{name}: must be greater than 0"));
+            }
+        }
+        if self.hotkeys.top_k > 10_000 {
+            p.push("hotkeys.top_k: at most 10000".into());
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             p.push(format!(
                 "log.format: `{}` is not \"text\" or \"json\"",
@@ -387,6 +442,27 @@ impl Config {
                     ("sentinel", "timeout_ms") => {
                         set_num(&mut s.sentinel.timeout_ms, &name, v, problems)
                     }
+                    ("hotkeys", "enabled") => set_bool(&mut s.hotkeys.enabled, &name, v, problems),
+                    ("hotkeys", "sample_rate") => {
+                        set_num(&mut s.hotkeys.sample_rate, &name, v, problems)
+                    }
+                    ("hotkeys", "window_ms") => {
+                        set_num(&mut s.hotkeys.window_ms, &name, v, problems)
+                    }
+                    ("hotkeys", "threshold") => {
+                        set_num(&mut s.hotkeys.threshold, &name, v, problems)
+                    }
+                    ("hotkeys", "enter_windows") => {
+                        set_num(&mut s.hotkeys.enter_windows, &name, v, problems)
+                    }
+                    ("hotkeys", "leave_windows") => {
+                        set_num(&mut s.hotkeys.leave_windows, &name, v, problems)
+                    }
+                    ("hotkeys", "top_k") => set_num(&mut s.hotkeys.top_k, &name, v, problems),
+                    ("hotkeys", "fleet") => set_bool(&mut s.hotkeys.fleet, &name, v, problems),
+                    ("hotkeys", "fleet_key") => {
+                        set_str(&mut s.hotkeys.fleet_key, &name, v, problems)
+                    }
                     ("admin", "listen") => set_str(&mut s.admin.listen, &name, v, problems),
                     ("log", "level") => set_str(&mut s.log.level, &name, v, problems),
                     ("log", "format") => set_str(&mut s.log.format, &name, v, problems),
@@ -436,6 +512,17 @@ fn set_str(slot: &mut String, name: &str, v: &toml::Value, problems: &mut Vec<St
     match v.as_str() {
         Some(s) => *slot = s.to_string(),
         None => problems.push(format!("{name}: expected a string, got {}", v.type_str())),
+    }
+    true
+}
+
+fn set_bool(slot: &mut bool, name: &str, v: &toml::Value, problems: &mut Vec<String>) -> bool {
+    match v.as_bool() {
+        Some(b) => *slot = b,
+        None => problems.push(format!(
+            "{name}: expected true or false, got {}",
+            v.type_str()
+        )),
     }
     true
 }

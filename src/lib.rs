@@ -28,6 +28,8 @@ pub mod admin;
 pub mod command;
 pub mod config;
 pub mod error;
+pub mod hotkey;
+pub mod metrics;
 pub mod resp;
 pub mod server;
 pub mod shutdown;
@@ -136,6 +138,13 @@ pub async fn run(
         admin = %ctx.config.admin.listen,
         "keyward started"
     );
+    if let Some(d) = &ctx.hotkeys {
+        tokio::spawn(d.clone().run(ctx.shutdown.clone()));
+        if d.config.fleet {
+            tokio::spawn(hotkey::fleet::run(ctx.clone()));
+        }
+    }
+    metrics::install();
     let admin_task = admin.map(|l| tokio::spawn(admin::http::serve(ctx.clone(), l)));
     server::listener::serve(ctx.clone(), listener).await;
     if let Some(t) = tracker {

@@ -14,11 +14,15 @@ pub fn keyward(ctx: &Ctx, proto: Proto, args: &[&[u8]], out: &mut BytesMut) {
     };
     match sub.to_ascii_lowercase().as_slice() {
         b"topology" if args.len() == 1 => topology(ctx, proto, out),
+        b"hotkeys" => hotkeys(ctx, &args[1..], out),
         b"help" => {
             let lines = [
                 "KEYWARD <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
                 "TOPOLOGY",
                 "    Master, config epoch, tracker state, replicas and sentinels.",
+                "HOTKEYS [FLEET] [COUNT <n>]",
+                "    The hottest keys: key, estimated ops/s, error bound (ops/s), hot flag (1/0).",
+                "    FLEET merges every keyward publishing to the same Redis: key, ops/s, instances, hot flag.",
                 "FAILOVER",
                 "    Planned switchover to a caught-up replica through Sentinel, holding requests meanwhile.",
                 "HELP",
@@ -40,6 +44,74 @@ pub fn keyward(ctx: &Ctx, proto: Proto, args: &[&[u8]], out: &mut BytesMut) {
                 String::from_utf8_lossy(sub)
             ),
         ),
+    }
+}
+
+/// Parse `[FLEET] [COUNT n]` (after HOTKEYS): (fleet, count); the error is
+/// the reply line.
+pub fn parse_hotkeys(args: &[&[u8]]) -> Result<(bool, usize), &'static str> {
+    let (fleet, rest) = match args.first() {
+        Some(a) if a.eq_ignore_ascii_case(b"fleet") => (true, &args[1..]),
+        _ => (false, args),
+    };
+    let count = match rest {
+        [] => 10,
+        [opt, n] if opt.eq_ignore_ascii_case(b"count") => {
+            match std::str::from_utf8(n)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+            {
+                Some(n) if n > 0 => n as usize,
+                Some(_) => return Err("ERR COUNT must be greater than 0"),
+                None => return Err("ERR value is not an integer or out of range"),
+            }
+        }
+        _ => return Err("ERR syntax error"),
+    };
+    Ok((fleet, count))
+}
+
+/// The reply for `KEYWARD HOTKEYS FLEET`, merging every instance's summary.
+pub async fn hotkeys_fleet(ctx: &Ctx, count: usize, out: &mut BytesMut) {
+    match crate::hotkey::fleet::read(ctx).await {
+        Ok(entries) => {
+            let n = count.min(entries.len());
+            reply::array(out, n);
+            for e in &entries[..n] {
+                reply::array(out, 4);
+                reply::bulk(out, &e.key);
+                reply::int(out, e.rate as i64);
+                reply::int(out, e.instances as i64);
+                reply::int(out, e.hot as i64);
+            }
+        }
+        Err(e) => reply::error(out, &format!("ERR fleet view unavailable: {e}")),
+    }
+}
+
+fn hotkeys(ctx: &Ctx, args: &[&[u8]], out: &mut BytesMut) {
+    let Some(d) = &ctx.hotkeys else {
+        return reply::error(
+            out,
+            "ERR hot-key detection is disabled (hotkeys.enabled = false)",
+        );
+    };
+    let count = match parse_hotkeys(args) {
+        Ok((false, n)) => n,
+        Ok((true, _)) => {
+            return reply::error(out, "ERR KEYWARD HOTKEYS FLEET is answered asynchronously")
+        }
+        Err(e) => return reply::error(out, e),
+    };
+    let snap = d.snapshot();
+    let n = count.min(snap.keys.len());
+    reply::array(out, n);
+    for e in &snap.keys[..n] {
+        reply::array(out, 4);
+        reply::bulk(out, &e.key);
+        reply::int(out, e.rate as i64);
+        reply::int(out, e.error as i64);
+        reply::int(out, e.hot as i64);
     }
 }
 

@@ -5,6 +5,8 @@
 //!   command table is loaded, 503 otherwise, with a one-line reason.
 //! - `GET /topology`: the tracker's snapshot as JSON.
 //! - `POST /failover`: a planned switchover (see `topology::switchover`).
+//! - `GET /hotkeys?count=n`: the hottest keys of the last window as JSON.
+//! - `GET /metrics`: Prometheus metrics.
 
 use std::sync::Arc;
 
@@ -22,6 +24,8 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/ready", get(ready))
         .route("/topology", get(topology))
         .route("/failover", axum::routing::post(failover))
+        .route("/hotkeys", get(hotkeys))
+        .route("/metrics", get(metrics))
         .with_state(ctx)
 }
 
@@ -54,6 +58,90 @@ async fn ready(State(ctx): State<Arc<Ctx>>) -> (StatusCode, String) {
 /// The topology as JSON: master, epoch, state, replicas, sentinels.
 async fn topology(State(ctx): State<Arc<Ctx>>) -> axum::Json<crate::topology::Topology> {
     axum::Json((*ctx.topology.snapshot()).clone())
+}
+
+/// Prometheus text exposition.
+async fn metrics(
+    State(ctx): State<Arc<Ctx>>,
+) -> (
+    StatusCode,
+    [(axum::http::header::HeaderName, &'static str); 1],
+    String,
+) {
+    let ct = [(
+        axum::http::header::CONTENT_TYPE,
+        "text/plain; version=0.0.4",
+    )];
+    match crate::metrics::render(&ctx) {
+        Some(text) => (StatusCode::OK, ct, text),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            ct,
+            "metrics recorder unavailable\n".into(),
+        ),
+    }
+}
+
+/// The hottest keys as JSON: `?count=n` (default 10).
+async fn hotkeys(
+    State(ctx): State<Arc<Ctx>>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> (StatusCode, axum::Json<serde_json::Value>) {
+    let Some(d) = &ctx.hotkeys else {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(
+                serde_json::json!({"error": "hot-key detection is disabled (hotkeys.enabled = false)"}),
+            ),
+        );
+    };
+    let fleet = match q.get("scope").map(String::as_str) {
+        None | Some("local") => false,
+        Some("fleet") => true,
+        Some(_) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(serde_json::json!({"error": "scope must be local or fleet"})),
+            )
+        }
+    };
+    let count = match q.get("count").map(|c| c.parse::<usize>()) {
+        None => 10,
+        Some(Ok(n)) if n > 0 => n,
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(serde_json::json!({"error": "count must be a positive integer"})),
+            )
+        }
+    };
+    if fleet {
+        return match crate::hotkey::fleet::read(&ctx).await {
+            Ok(entries) => (
+                StatusCode::OK,
+                axum::Json(serde_json::json!({
+                    "scope": "fleet",
+                    "keys": entries.iter().take(count).collect::<Vec<_>>(),
+                })),
+            ),
+            Err(e) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(serde_json::json!({"error": format!("fleet view unavailable: {e}")})),
+            ),
+        };
+    }
+    let snap = d.snapshot();
+    let keys: Vec<_> = snap.keys.iter().take(count).collect();
+    (
+        StatusCode::OK,
+        axum::Json(serde_json::json!({
+            "scope": "local",
+            "window_ms": snap.window_ms,
+            "sample_rate": snap.sample_rate,
+            "windows": snap.windows,
+            "keys": keys,
+        })),
+    )
 }
 
 /// A planned switchover; 200 with what happened, or 409 with why not.

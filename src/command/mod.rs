@@ -2,6 +2,7 @@
 //! routing families built on it.
 
 pub mod class;
+pub mod keys;
 pub mod table;
 
 pub use class::{classify, Class, ReplyMode, SubKind};

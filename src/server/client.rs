@@ -29,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use super::local;
 use super::state::SessionState;
 use super::{Ctx, Sent};
+use crate::command::keys::for_each_key;
 use crate::command::table::flags;
 use crate::command::{classify, Class};
 use crate::error::{Error, Kind};
@@ -129,6 +130,7 @@ pub fn start(
         run_count: 0,
         target: Target::Pool(Proto::Resp2, 0),
         closing: false,
+        sample_tick: 0,
     };
     let slot = ClientSlot(ctx);
     let reader = readers.spawn(async move {
@@ -170,6 +172,8 @@ struct Reader {
     /// Where the last request went.
     target: Target,
     closing: bool,
+    /// Requests left until the next hot-key sample.
+    sample_tick: u32,
 }
 
 impl Reader {
@@ -271,6 +275,18 @@ impl Reader {
                     None => &self.buf[off..off + req.consumed],
                 };
                 let args: SmallVec<[&[u8]; 8]> = ArgView::new(frame, &req.args).collect();
+                // Hot-key sampling: a countdown per request; one in
+                // `sample_rate` has its keys recorded.
+                if let Some(d) = &self.ctx.hotkeys {
+                    if self.sample_tick == 0 {
+                        self.sample_tick = d.config.sample_rate - 1;
+                        if let Some(info) = table.as_deref().and_then(|t| t.get(args[0])) {
+                            for_each_key(info, args.len(), |i| args[i], |k| d.record(k));
+                        }
+                    } else {
+                        self.sample_tick -= 1;
+                    }
+                }
                 classify(table.as_deref(), &args)
             };
             if self.pinned.is_some() {
@@ -700,6 +716,18 @@ impl Reader {
                     match crate::topology::switchover::planned(self.ctx.clone()).await {
                         Ok(_) => reply::simple(&mut out, "OK"),
                         Err(e) => reply::error(&mut out, &format!("ERR switchover failed: {e}")),
+                    }
+                } else if args.len() >= 3
+                    && args[1].eq_ignore_ascii_case(b"hotkeys")
+                    && args[2].eq_ignore_ascii_case(b"fleet")
+                    && self.ctx.hotkeys.is_some()
+                {
+                    // The fleet view reads Redis; this client waits for it.
+                    match crate::admin::commands::parse_hotkeys(&args[2..]) {
+                        Ok((_, count)) => {
+                            crate::admin::commands::hotkeys_fleet(&self.ctx, count, &mut out).await
+                        }
+                        Err(e) => reply::error(&mut out, e),
                     }
                 } else {
                     crate::admin::commands::keyward(&self.ctx, self.proto, &args[1..], &mut out);

@@ -36,6 +36,8 @@ pub struct Ctx {
     /// Requests and bytes held right now (bounded by sentinel.hold_max_*).
     held_requests: AtomicUsize,
     held_bytes: AtomicUsize,
+    /// The hot-key detector, when `hotkeys.enabled`.
+    pub hotkeys: Option<Arc<crate::hotkey::Detector>>,
     /// Asks the tracker to check the master now (a shared connection lost it).
     pub check_master: Notify,
     /// Permits for pinned connections (upstream.max_pinned).
@@ -60,6 +62,10 @@ impl Ctx {
             hold_all: AtomicBool::new(false),
             held_requests: AtomicUsize::new(0),
             held_bytes: AtomicUsize::new(0),
+            hotkeys: config
+                .hotkeys
+                .enabled
+                .then(|| crate::hotkey::Detector::new(config.hotkeys.clone())),
             check_master: Notify::new(),
             pinned: Arc::new(Semaphore::new(config.upstream.max_pinned)),
             next_client_id: AtomicU64::new(1),

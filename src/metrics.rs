@@ -1,0 +1,75 @@
+//! Metric names and the Prometheus exposition, in one place.
+//!
+//! keyward keeps its counters in plain atomics next to the code that owns
+//! them (the data path never calls into a metrics library); a scrape of
+//! `/metrics` copies them into the Prometheus recorder and renders it.
+//! Labels are bounded: never a key name.
+
+use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::server::Ctx;
+
+pub const CLIENTS: &str = "keyward_clients";
+pub const HELD_REQUESTS: &str = "keyward_held_requests";
+pub const TOPOLOGY_EPOCH: &str = "keyward_topology_epoch";
+pub const TOPOLOGY_HEALTHY: &str = "keyward_topology_healthy";
+pub const UPSTREAM_GENERATION: &str = "keyward_upstream_generation";
+pub const HOTKEY_SAMPLES: &str = "keyward_hotkey_samples_total";
+pub const HOTKEY_WINDOWS: &str = "keyward_hotkey_windows_total";
+pub const HOTKEYS_HOT: &str = "keyward_hotkeys_hot";
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Install the process-wide recorder (once) and describe every metric.
+pub fn install() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder is already installed; /metrics is unavailable");
+                return None;
+            }
+            metrics::describe_gauge!(CLIENTS, "Connected clients.");
+            metrics::describe_gauge!(
+                HELD_REQUESTS,
+                "Requests held while no verified master takes writes."
+            );
+            metrics::describe_gauge!(
+                TOPOLOGY_EPOCH,
+                "Sentinel config epoch of the current master."
+            );
+            metrics::describe_gauge!(TOPOLOGY_HEALTHY, "1 while a verified master takes traffic.");
+            metrics::describe_gauge!(
+                UPSTREAM_GENERATION,
+                "Upstream connection generation (bumps on every master change)."
+            );
+            metrics::describe_counter!(HOTKEY_SAMPLES, "Keys sampled for hot-key detection.");
+            metrics::describe_counter!(HOTKEY_WINDOWS, "Hot-key windows rotated.");
+            metrics::describe_gauge!(HOTKEYS_HOT, "Keys currently hot.");
+            Some(handle)
+        })
+        .as_ref()
+}
+
+/// The Prometheus text for a scrape.
+pub fn render(ctx: &Ctx) -> Option<String> {
+    let handle = install()?;
+    metrics::gauge!(CLIENTS).set(ctx.clients.load(Ordering::Relaxed) as f64);
+    metrics::gauge!(HELD_REQUESTS).set(ctx.held() as f64);
+    let t = ctx.topology.snapshot();
+    metrics::gauge!(TOPOLOGY_EPOCH).set(t.epoch as f64);
+    metrics::gauge!(TOPOLOGY_HEALTHY).set(if ctx.current().is_some() { 1.0 } else { 0.0 });
+    if let Some(up) = ctx.upstream.load_full() {
+        metrics::gauge!(UPSTREAM_GENERATION).set(up.generation as f64);
+    }
+    if let Some(d) = &ctx.hotkeys {
+        metrics::counter!(HOTKEY_SAMPLES).absolute(d.samples.load(Ordering::Relaxed));
+        metrics::counter!(HOTKEY_WINDOWS).absolute(d.rotations.load(Ordering::Relaxed));
+        metrics::gauge!(HOTKEYS_HOT).set(d.hot_now.load(Ordering::Relaxed) as f64);
+    }
+    Some(handle.render())
+}
