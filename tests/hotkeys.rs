@@ -73,6 +73,25 @@ async fn skewed_workload_puts_the_hot_key_first() {
     let first = &body[start..start + body[start..].find('}').expect(&body)];
     assert!(first.contains("\"key\":\"hot:key\""), "{body}");
     assert!(first.contains("\"hot\":true"), "{body}");
+    // Prometheus sees the samples and the hot key, never a key name.
+    let (status, metrics) = http_get(kw.admin_port(), "/metrics");
+    assert_eq!(status, 200, "{metrics}");
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
+    };
+    assert!(value("keyward_hotkey_samples_total") > 0.0, "{metrics}");
+    assert!(value("keyward_hotkeys_hot") >= 1.0, "{metrics}");
+    assert!(value("keyward_hotkey_windows_total") >= 2.0, "{metrics}");
+    assert_eq!(value("keyward_topology_healthy"), 1.0, "{metrics}");
+    assert!(
+        !metrics.contains("hot:key"),
+        "a key name leaked into /metrics"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -335,4 +335,53 @@ mod tests {
         assert_eq!(rates(&d)[0], (b"shared".to_vec(), 150, false));
         assert_eq!(d.samples.load(Ordering::Relaxed), 150);
     }
+
+    /// The top keys change: a newly hot key is reported within 2 windows,
+    /// a cooled one leaves within 6, with the default rule and sampling.
+    #[test]
+    fn shifting_workload() {
+        let d = Detector::new(HotkeysConfig {
+            threshold: 1000,
+            window_ms: 1000,
+            ..HotkeysConfig::default()
+        });
+        let mut states = HashMap::new();
+        // Sampled traffic of one window: the hot key at 4,000 ops/s, 200
+        // background keys at 20 ops/s each (1 in 8 sampled).
+        let window = |states: &mut HashMap<Box<[u8]>, KeyState>, hot: &[u8]| {
+            for _ in 0..4000 / 8 {
+                d.record(hot);
+            }
+            for i in 0..200 {
+                for _ in 0..20 / 8 + 1 {
+                    d.record(format!("bg:{i}").as_bytes());
+                }
+            }
+            d.rotate(states);
+        };
+        for w in 1..=4 {
+            window(&mut states, b"first");
+            assert_eq!(d.is_hot(b"first"), w >= 2, "window {w}");
+        }
+        let mut first_left = None;
+        let mut second_hot = None;
+        for w in 1..=8 {
+            window(&mut states, b"second");
+            if second_hot.is_none() && d.is_hot(b"second") {
+                second_hot = Some(w);
+            }
+            if first_left.is_none() && !d.is_hot(b"first") {
+                first_left = Some(w);
+            }
+        }
+        assert!(
+            second_hot.is_some_and(|w| w <= 2),
+            "second became hot after {second_hot:?} windows"
+        );
+        assert!(
+            first_left.is_some_and(|w| w <= 6),
+            "first left after {first_left:?} windows"
+        );
+        assert!((0..200).all(|i| !d.is_hot(format!("bg:{i}").as_bytes())));
+    }
 }
