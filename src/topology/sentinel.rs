@@ -33,6 +33,11 @@ use crate::resp::{Proto, Scanner};
 use crate::server::Ctx;
 use crate::upstream::{connector, Settings};
 
+/// How often the replica a failover selected is asked for its ROLE.
+const CANDIDATE_POLL: Duration = Duration::from_millis(10);
+/// How long it may take to become master before keyward stops watching.
+const CANDIDATE_WAIT: Duration = Duration::from_secs(30);
+
 /// One event from a Sentinel's pub/sub, e.g. `+switch-master`.
 #[derive(Debug, Clone)]
 struct Event {
@@ -62,6 +67,10 @@ struct Tracker {
     failed_checks: u32,
     /// A Sentinel reported +sdown for the master and no -sdown since.
     sdown: bool,
+    /// Highest epoch announced by +new-epoch (a failover under way).
+    pending_epoch: u64,
+    /// The replica the failover leader selected, watched until it is master.
+    candidate: Option<(String, Instant)>,
     events: mpsc::Sender<Event>,
     subscribed: BTreeSet<String>,
 }
@@ -94,6 +103,8 @@ pub async fn run(ctx: Arc<Ctx>) {
         replicas: Vec::new(),
         failed_checks: 0,
         sdown: false,
+        pending_epoch: 0,
+        candidate: None,
         events: tx,
         subscribed: BTreeSet::new(),
         ctx,
@@ -117,6 +128,7 @@ pub async fn run(ctx: Arc<Ctx>) {
                 next_poll = tokio::time::Instant::now() + t.poll_interval();
             }
             _ = check.tick() => t.check_master().await,
+            _ = tokio::time::sleep(CANDIDATE_POLL), if t.candidate.is_some() => t.check_candidate().await,
             // A shared connection lost the master: check now, not at the tick.
             _ = t.ctx.check_master.notified() => t.check_master().await,
         }
@@ -249,23 +261,30 @@ impl Tracker {
             self.publish();
             return;
         }
-        if Some(&addr) != self.master.as_ref()
-            || self.state != State::Healthy && self.state != State::Suspect
-        {
-            if odown > 0 && Some(&addr) == self.master.as_ref() {
-                // Sentinels agree the master is down and a failover is
-                // coming: fence, then wait for the new master.
-                self.fence("sentinels report the master objectively down");
-                return;
-            }
-            self.switch(addr, epoch, "sentinel poll").await;
-        } else {
-            self.epoch = epoch;
+        if Some(&addr) == self.master.as_ref() {
+            self.epoch = self.epoch.max(epoch);
             if odown > 0 {
-                self.fence("sentinels report the master objectively down");
+                // The master is objectively down or failing over: fence it,
+                // then wait for the new master.
+                self.fence("sentinels report the master down or failing over");
+            } else if matches!(
+                self.state,
+                State::Fenced | State::Switching | State::Discovering
+            ) {
+                // The failover did not happen (aborted, or the master came
+                // back): verify it and resume.
+                self.switch(addr, epoch, "sentinel poll").await;
             } else {
                 self.publish();
             }
+        } else if self.master.is_none() || epoch > self.epoch {
+            // The first master, or a new one in a higher epoch.
+            self.switch(addr, epoch, "sentinel poll").await;
+        } else {
+            // The Sentinels still report a master this tracker already
+            // replaced (it followed the failover faster than they finished
+            // it): never go back to it.
+            self.publish();
         }
     }
 
@@ -326,12 +345,35 @@ impl Tracker {
         let about_master = words.len() >= 2 && words[0] == "master" && words[1] == self.name;
         tracing::debug!(channel = %ev.channel, payload = %ev.payload, "sentinel event");
         match ev.channel.as_str() {
+            "+new-epoch" => {
+                if let Some(e) = words.first().and_then(|e| e.parse::<u64>().ok()) {
+                    self.pending_epoch = self.pending_epoch.max(e);
+                }
+            }
             "+switch-master" if words.first() == Some(&self.name.as_str()) && words.len() >= 5 => {
                 let addr = format!("{}:{}", words[3], words[4]);
-                // The epoch comes with the next poll; the event itself means
-                // the Sentinels elected a leader and promoted a replica.
-                self.switch(addr, self.epoch, "+switch-master").await;
+                // The event means the Sentinels elected a leader and
+                // promoted a replica in a new epoch (announced by
+                // +new-epoch; the next poll confirms it).
+                let epoch = self.epoch.max(self.pending_epoch);
+                self.switch(addr, epoch, "+switch-master").await;
                 self.poll().await;
+            }
+            // "slave <ip:port> <ip> <port> @ <name> <master ip> <master port>"
+            "+selected-slave" | "+promoted-slave"
+                if words.len() >= 6 && words[0] == "slave" && words[5] == self.name =>
+            {
+                let addr = format!("{}:{}", words[2], words[3]);
+                if ev.channel == "+promoted-slave" {
+                    let epoch = self.epoch.max(self.pending_epoch);
+                    self.switch(addr, epoch, "+promoted-slave").await;
+                } else {
+                    // The leader is about to send it SLAVEOF NO ONE: watch
+                    // its ROLE closely and adopt it the moment it is master,
+                    // without waiting for Sentinel's own (1 s) INFO poll.
+                    self.fence("+selected-slave");
+                    self.candidate = Some((addr, Instant::now()));
+                }
             }
             "+sdown" if about_master => {
                 self.sdown = true;
@@ -360,6 +402,24 @@ impl Tracker {
             }
             c if c.starts_with("-failover-abort") || c == "-odown" => self.poll().await,
             _ => {}
+        }
+    }
+
+    /// Is the selected replica master yet? Adopt it as soon as it is.
+    async fn check_candidate(&mut self) {
+        let Some((addr, since)) = self.candidate.clone() else {
+            return;
+        };
+        if since.elapsed() > CANDIDATE_WAIT {
+            tracing::warn!(candidate = %addr, "selected replica never became master; waiting for the sentinels");
+            self.candidate = None;
+            return;
+        }
+        if matches!(role(&self.upstream, &addr).await.as_deref(), Ok("master")) {
+            self.candidate = None;
+            let epoch = self.epoch.max(self.pending_epoch);
+            self.switch(addr, epoch, "selected replica promoted (ROLE master)")
+                .await;
         }
     }
 
