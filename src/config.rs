@@ -98,6 +98,9 @@ pub struct SentinelConfig {
     pub hold_max_bytes: usize,
     /// Time allowed for each Sentinel query and ROLE check.
     pub timeout_ms: u64,
+    /// "master", or "replica": read-only commands go to ROLE-verified
+    /// replicas (stale reads allowed), falling back to the master.
+    pub read_from: String,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -195,6 +198,7 @@ impl Default for Config {
                 hold_max_requests: 100_000,
                 hold_max_bytes: 256 * 1024 * 1024,
                 timeout_ms: 500,
+                read_from: "master".into(),
             },
             hotkeys: HotkeysConfig::default(),
             admin: AdminConfig {
@@ -309,6 +313,12 @@ impl Config {
         }
         if !self.sentinel.addresses.is_empty() && self.sentinel.master_name.is_empty() {
             p.push("sentinel.master_name: required when sentinel.addresses is set".into());
+        }
+        if !matches!(self.sentinel.read_from.as_str(), "master" | "replica") {
+            p.push(format!(
+                "sentinel.read_from: `{}` is not \"master\" or \"replica\"",
+                self.sentinel.read_from
+            ));
         }
         for (name, v) in [
             ("sentinel.poll_ms", self.sentinel.poll_ms),
@@ -438,6 +448,9 @@ impl Config {
                     }
                     ("sentinel", "hold_max_bytes") => {
                         set_num(&mut s.sentinel.hold_max_bytes, &name, v, problems)
+                    }
+                    ("sentinel", "read_from") => {
+                        set_str(&mut s.sentinel.read_from, &name, v, problems)
                     }
                     ("sentinel", "timeout_ms") => {
                         set_num(&mut s.sentinel.timeout_ms, &name, v, problems)

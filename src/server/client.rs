@@ -131,6 +131,7 @@ pub fn start(
         target: Target::Pool(Proto::Resp2, 0),
         closing: false,
         sample_tick: 0,
+        run_replica: false,
     };
     let slot = ClientSlot(ctx);
     let reader = readers.spawn(async move {
@@ -174,6 +175,8 @@ struct Reader {
     closing: bool,
     /// Requests left until the next hot-key sample.
     sample_tick: u32,
+    /// The run at the front of `buf` goes to a replica.
+    run_replica: bool,
 }
 
 impl Reader {
@@ -287,17 +290,29 @@ impl Reader {
                         self.sample_tick -= 1;
                     }
                 }
-                classify(table.as_deref(), &args)
+                let class = classify(table.as_deref(), &args);
+                // With read_from = "replica", read-only commands go to a
+                // replica (one lookup, only in that mode).
+                let replica = self.ctx.read_from_replica
+                    && class == Class::Forward
+                    && table
+                        .as_deref()
+                        .and_then(|t| t.get_with_sub(args[0], args.get(1).copied()))
+                        .is_some_and(|i| i.has(flags::READONLY) && !i.has(flags::WRITE));
+                (class, replica)
             };
+            let (class, replica) = class;
             if self.pinned.is_some() {
                 self.maybe_release().await;
             }
             if class == Class::Forward && self.pinned.is_none() && req.inline.is_none() {
-                if !self.on_pool() {
-                    // Leaving a pinned connection or the other RESP pool:
-                    // earlier replies first (send_pool waits for them).
+                if !self.on_pool() || (self.run_count > 0 && self.run_replica != replica) {
+                    // Leaving a pinned connection or the other RESP pool
+                    // (send_pool waits for earlier replies), or switching
+                    // between master and replica: a new run.
                     self.emit_run(&mut off).await;
                 }
+                self.run_replica = replica;
                 off += req.consumed;
                 self.run_count += 1;
                 continue;
@@ -344,6 +359,23 @@ impl Reader {
         let req = self.buf.split_to(*off).freeze();
         *off = 0;
         let count = std::mem::take(&mut self.run_count);
+        if self.run_replica {
+            // Reads may be stale on a replica (that is the point of the
+            // option) and need no ordering barrier against the master.
+            let meter = Some(self.shared.meter.clone());
+            if let Some(rx) =
+                self.ctx
+                    .send_replica(self.proto, self.id as usize, &req, count, meter)
+            {
+                self.push(Entry::Pooled {
+                    rx,
+                    req,
+                    count,
+                    proto: self.proto,
+                });
+                return;
+            }
+        }
         self.send_pool(req, count).await;
     }
 

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +29,11 @@ pub struct Ctx {
     /// The current generation of upstream connections; `None` while no
     /// verified master may take traffic.
     pub upstream: ArcSwapOption<Upstream>,
+    /// Connections to ROLE-verified replicas, with `sentinel.read_from =
+    /// "replica"` (empty otherwise).
+    pub read_replicas: ArcSwap<Vec<Arc<Upstream>>>,
+    /// `sentinel.read_from = "replica"`.
+    pub read_from_replica: bool,
     pub topology: topology::Shared,
     generation: AtomicU64,
     /// Set during a planned switchover: every new request is held.
@@ -57,6 +62,8 @@ impl Ctx {
             },
             learned: Arc::new(Learned::default()),
             upstream: ArcSwapOption::empty(),
+            read_replicas: ArcSwap::from_pointee(Vec::new()),
+            read_from_replica: config.uses_sentinel() && config.sentinel.read_from == "replica",
             topology: topology::Shared::new(topology),
             generation: AtomicU64::new(0),
             hold_all: AtomicBool::new(false),
@@ -206,6 +213,55 @@ impl Ctx {
             old.retire();
         }
         up
+    }
+
+    /// Keep replica connections for exactly `addrs` (the tracker only):
+    /// unchanged addresses keep their connections, others are retired.
+    pub fn set_read_replicas(&self, addrs: &[String]) {
+        let old = self.read_replicas.load_full();
+        if old.len() == addrs.len() && old.iter().zip(addrs).all(|(u, a)| u.address() == a) {
+            return;
+        }
+        let mut next = Vec::with_capacity(addrs.len());
+        for a in addrs {
+            match old.iter().find(|u| u.address() == a) {
+                Some(u) => next.push(u.clone()),
+                None => {
+                    let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+                    next.push(Upstream::start(
+                        &self.config,
+                        a,
+                        generation,
+                        self.learned.clone(),
+                    ));
+                }
+            }
+        }
+        for u in old.iter() {
+            if !addrs.iter().any(|a| a == u.address()) {
+                u.retire();
+            }
+        }
+        tracing::info!(replicas = ?addrs, "read replicas");
+        self.read_replicas.store(Arc::new(next));
+    }
+
+    /// Send a read-only batch to a replica; `None` if there is none or it
+    /// refused (the caller sends to the master instead).
+    pub fn send_replica(
+        &self,
+        proto: Proto,
+        sticky: usize,
+        bytes: &[u8],
+        count: u32,
+        meter: Option<Arc<Meter>>,
+    ) -> Option<oneshot::Receiver<BatchResult>> {
+        let replicas = self.read_replicas.load();
+        if replicas.is_empty() {
+            return None;
+        }
+        let up = &replicas[sticky % replicas.len()];
+        up.pool(proto).send(sticky, bytes, count, meter).ok()
     }
 
     /// Retire the current generation: nothing more is sent to it.

@@ -246,8 +246,11 @@ impl Tracker {
             }
         }
         if let Some(rep) = reports.iter().find(|r| r.master.is_some()) {
-            self.replicas = rep.replicas.clone();
+            if rep.replicas != self.replicas {
+                self.replicas = rep.replicas.clone();
+            }
         }
+        self.refresh_read_replicas().await;
         let best = votes
             .iter()
             .max_by(|a, b| a.0 .0.cmp(&b.0 .0).then(a.1.cmp(b.1)))
@@ -405,6 +408,25 @@ impl Tracker {
         }
     }
 
+    /// With `read_from = "replica"`: keep connections to the replicas that
+    /// ROLE shows connected to the current master (verified every poll).
+    async fn refresh_read_replicas(&mut self) {
+        if self.ctx.config.sentinel.read_from != "replica" {
+            return;
+        }
+        let Some(master) = self.master.clone() else {
+            self.ctx.set_read_replicas(&[]);
+            return;
+        };
+        let mut verified = Vec::new();
+        for r in &self.replicas {
+            if replica_of(&self.upstream, r, &master).await {
+                verified.push(r.clone());
+            }
+        }
+        self.ctx.set_read_replicas(&verified);
+    }
+
     /// Is the selected replica master yet? Adopt it as soon as it is.
     async fn check_candidate(&mut self) {
         let Some((addr, since)) = self.candidate.clone() else {
@@ -531,6 +553,36 @@ pub(super) async fn role(s: &Settings, addr: &str) -> Result<String, Error> {
     tokio::time::timeout(s.command_timeout, fut)
         .await
         .map_err(|_| Error::upstream(Kind::Timeout, format!("{addr}: ROLE timed out")))?
+}
+
+/// Is `addr` a replica connected to `master` (ROLE: slave, master host and
+/// port, state `connected`)?
+async fn replica_of(s: &Settings, addr: &str, master: &str) -> bool {
+    let mut s = s.clone();
+    s.address = addr.to_string();
+    let fut = async {
+        let mut stream = connector::connect(&s, Proto::Resp2).await.ok()?;
+        let reply = decode(&connector::call(&mut stream, &[b"ROLE"]).await.ok()?).ok()?;
+        let text = |f: &OwnedFrame| match f {
+            OwnedFrame::BulkString(b) | OwnedFrame::SimpleString(b) => {
+                Some(String::from_utf8_lossy(b).into_owned())
+            }
+            _ => None,
+        };
+        let parts = items(&reply);
+        let role = text(parts.first()?)?;
+        let host = text(parts.get(1)?)?;
+        let port = match parts.get(2)? {
+            OwnedFrame::Integer(p) => p.to_string(),
+            other => text(other)?,
+        };
+        let state = text(parts.get(3)?)?;
+        Some(role == "slave" && format!("{host}:{port}") == master && state == "connected")
+    };
+    matches!(
+        tokio::time::timeout(s.command_timeout, fut).await,
+        Ok(Some(true))
+    )
 }
 
 pub(super) fn decode(bytes: &[u8]) -> Result<OwnedFrame, Error> {
