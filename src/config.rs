@@ -19,6 +19,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub sentinel: SentinelConfig,
     pub hotkeys: HotkeysConfig,
+    pub cache: CacheConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
 }
@@ -142,6 +143,32 @@ impl Default for HotkeysConfig {
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CacheConfig {
+    /// Byte budget of the near cache in MiB; 0 disables it.
+    pub max_mb: usize,
+    /// Longest an entry lives, whatever its PTTL (bounds a lost invalidation).
+    pub max_ttl_ms: u64,
+    /// Larger replies are not cached.
+    pub max_reply_bytes: usize,
+    /// The tracking link is pinged this often; a missed pong flushes the cache.
+    pub ping_ms: u64,
+    /// Fills queued or in flight at most; a miss beyond it starts no fill.
+    pub max_fills_in_flight: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_mb: 64,
+            max_ttl_ms: 2_000,
+            max_reply_bytes: 64 * 1024,
+            ping_ms: 250,
+            max_fills_in_flight: 1_024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct AdminConfig {
     /// HTTP listener for /live and /ready; empty disables it.
     pub listen: String,
@@ -201,6 +228,7 @@ impl Default for Config {
                 read_from: "master".into(),
             },
             hotkeys: HotkeysConfig::default(),
+            cache: CacheConfig::default(),
             admin: AdminConfig {
                 listen: "127.0.0.1:9380".into(),
             },
@@ -343,6 +371,19 @@ impl Config {
                 p.push(format!("{name}: must be greater than 0"));
             }
         }
+        for (name, v) in [
+            ("cache.max_ttl_ms", self.cache.max_ttl_ms),
+            ("cache.max_reply_bytes", self.cache.max_reply_bytes as u64),
+            ("cache.ping_ms", self.cache.ping_ms),
+            (
+                "cache.max_fills_in_flight",
+                self.cache.max_fills_in_flight as u64,
+            ),
+        ] {
+            if v == 0 {
+                p.push(format!("{name}: must be greater than 0"));
+            }
+        }
         if self.hotkeys.top_k > 10_000 {
             p.push("hotkeys.top_k: at most 10000".into());
         }
@@ -475,6 +516,15 @@ impl Config {
                     ("hotkeys", "fleet") => set_bool(&mut s.hotkeys.fleet, &name, v, problems),
                     ("hotkeys", "fleet_key") => {
                         set_str(&mut s.hotkeys.fleet_key, &name, v, problems)
+                    }
+                    ("cache", "max_mb") => set_num(&mut s.cache.max_mb, &name, v, problems),
+                    ("cache", "max_ttl_ms") => set_num(&mut s.cache.max_ttl_ms, &name, v, problems),
+                    ("cache", "max_reply_bytes") => {
+                        set_num(&mut s.cache.max_reply_bytes, &name, v, problems)
+                    }
+                    ("cache", "ping_ms") => set_num(&mut s.cache.ping_ms, &name, v, problems),
+                    ("cache", "max_fills_in_flight") => {
+                        set_num(&mut s.cache.max_fills_in_flight, &name, v, problems)
                     }
                     ("admin", "listen") => set_str(&mut s.admin.listen, &name, v, problems),
                     ("log", "level") => set_str(&mut s.log.level, &name, v, problems),

@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod cache;
 pub mod command;
 pub mod config;
 pub mod error;
@@ -143,6 +144,18 @@ pub async fn run(
         if d.config.fleet {
             tokio::spawn(hotkey::fleet::run(ctx.clone()));
         }
+    }
+    if let Some(c) = &ctx.cache {
+        let fills = ctx
+            .cache_fills
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(fills) = fills {
+            tokio::spawn(cache::tracking::run(ctx.clone(), c.clone(), fills));
+        }
+    } else if ctx.config.cache.max_mb > 0 {
+        tracing::warn!("near cache off: it caches hot keys only and hotkeys.enabled is false");
     }
     metrics::install();
     let admin_task = admin.map(|l| tokio::spawn(admin::http::serve(ctx.clone(), l)));

@@ -32,6 +32,9 @@ struct Cli {
     /// The master name the Sentinels monitor (sentinel.master_name).
     #[arg(long, value_name = "NAME")]
     master_name: Option<String>,
+    /// Near-cache budget in MiB; 0 disables the cache (cache.max_mb).
+    #[arg(long, value_name = "N")]
+    cache_mb: Option<usize>,
     /// Validate the configuration, print the effective one and exit (0 or 2).
     #[arg(long)]
     check_config: bool,
@@ -57,6 +60,9 @@ fn load(cli: &Cli) -> Result<Config, ConfigError> {
     }
     if !cli.sentinels.is_empty() {
         config.sentinel.addresses = cli.sentinels.clone();
+    }
+    if let Some(v) = cli.cache_mb {
+        config.cache.max_mb = v;
     }
     if let Some(v) = &cli.master_name {
         config.sentinel.master_name = v.clone();

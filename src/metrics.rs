@@ -20,6 +20,10 @@ pub const UPSTREAM_GENERATION: &str = "keyward_upstream_generation";
 pub const HOTKEY_SAMPLES: &str = "keyward_hotkey_samples_total";
 pub const HOTKEY_WINDOWS: &str = "keyward_hotkey_windows_total";
 pub const HOTKEYS_HOT: &str = "keyward_hotkeys_hot";
+pub const CACHE_HITS: &str = "keyward_cache_hits_total";
+pub const CACHE_MISSES: &str = "keyward_cache_misses_total";
+pub const CACHE_BYTES: &str = "keyward_cache_bytes";
+pub const CACHE_ENTRIES: &str = "keyward_cache_entries";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -50,6 +54,16 @@ pub fn install() -> Option<&'static PrometheusHandle> {
             metrics::describe_counter!(HOTKEY_SAMPLES, "Keys sampled for hot-key detection.");
             metrics::describe_counter!(HOTKEY_WINDOWS, "Hot-key windows rotated.");
             metrics::describe_gauge!(HOTKEYS_HOT, "Keys currently hot.");
+            metrics::describe_counter!(CACHE_HITS, "Requests answered from the near cache.");
+            metrics::describe_counter!(
+                CACHE_MISSES,
+                "Requests on hot keys the near cache could not answer."
+            );
+            metrics::describe_gauge!(
+                CACHE_BYTES,
+                "Bytes held by the near cache (cache.max_mb bounds it)."
+            );
+            metrics::describe_gauge!(CACHE_ENTRIES, "Replies held by the near cache.");
             Some(handle)
         })
         .as_ref()
@@ -70,6 +84,12 @@ pub fn render(ctx: &Ctx) -> Option<String> {
         metrics::counter!(HOTKEY_SAMPLES).absolute(d.samples.load(Ordering::Relaxed));
         metrics::counter!(HOTKEY_WINDOWS).absolute(d.rotations.load(Ordering::Relaxed));
         metrics::gauge!(HOTKEYS_HOT).set(d.hot_now.load(Ordering::Relaxed) as f64);
+    }
+    if let Some(c) = &ctx.cache {
+        metrics::counter!(CACHE_HITS).absolute(c.store.hits.load(Ordering::Relaxed) as u64);
+        metrics::counter!(CACHE_MISSES).absolute(c.store.misses.load(Ordering::Relaxed) as u64);
+        metrics::gauge!(CACHE_BYTES).set(c.store.bytes() as f64);
+        metrics::gauge!(CACHE_ENTRIES).set(c.store.len() as f64);
     }
     Some(handle.render())
 }

@@ -272,6 +272,7 @@ impl Reader {
             if !self.take_permit(&mut off).await {
                 return;
             }
+            let mut hit: Option<Bytes> = None;
             let class = {
                 let frame: &[u8] = match &req.inline {
                     Some(f) => f,
@@ -291,6 +292,30 @@ impl Reader {
                     }
                 }
                 let class = classify(table.as_deref(), &args);
+                if let Some(cache) = &self.ctx.cache {
+                    // A write drops its keys from the cache before it is
+                    // forwarded: a client reads its own writes.
+                    if cache.store.active() {
+                        if let Some(info) = table.as_deref().and_then(|t| t.get(args[0])) {
+                            if info.has(flags::WRITE) {
+                                for_each_key(
+                                    info,
+                                    args.len(),
+                                    |i| args[i],
+                                    |k| cache.store.invalidate(k),
+                                );
+                            }
+                        }
+                    }
+                    // A hit on a hot key is answered here, in order.
+                    if class == Class::Forward && self.pinned.is_none() && self.state.db == 0 {
+                        if let Some(d) = &self.ctx.hotkeys {
+                            if let Some(reply) = cache.lookup(d, &args, frame, self.proto) {
+                                hit = Some(reply);
+                            }
+                        }
+                    }
+                }
                 // With read_from = "replica", read-only commands go to a
                 // replica (one lookup, only in that mode).
                 let replica = self.ctx.read_from_replica
@@ -302,6 +327,13 @@ impl Reader {
                 (class, replica)
             };
             let (class, replica) = class;
+            if let Some(reply) = hit.take() {
+                self.emit_run(&mut off).await;
+                let consumed = req.consumed;
+                self.buf.advance(consumed);
+                self.local_reply(reply, 1).await;
+                continue;
+            }
             if self.pinned.is_some() {
                 self.maybe_release().await;
             }

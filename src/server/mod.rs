@@ -43,6 +43,11 @@ pub struct Ctx {
     held_bytes: AtomicUsize,
     /// The hot-key detector, when `hotkeys.enabled`.
     pub hotkeys: Option<Arc<crate::hotkey::Detector>>,
+    /// The near cache, when `cache.max_mb > 0` and hot keys are detected.
+    pub cache: Option<Arc<crate::cache::NearCache>>,
+    /// Its fill queue, taken by the tracking task at start.
+    pub cache_fills:
+        std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<crate::cache::tracking::Fill>>>,
     /// Asks the tracker to check the master now (a shared connection lost it).
     pub check_master: Notify,
     /// Permits for pinned connections (upstream.max_pinned).
@@ -55,7 +60,15 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(config: Config, topology: topology::Topology, shutdown: CancellationToken) -> Ctx {
+        let (cache, cache_fills) = if config.cache.max_mb > 0 && config.hotkeys.enabled {
+            let (c, rx) = crate::cache::NearCache::new(config.cache.clone());
+            (Some(c), Some(rx))
+        } else {
+            (None, None)
+        };
         Ctx {
+            cache,
+            cache_fills: std::sync::Mutex::new(cache_fills),
             limits: Limits {
                 max_bulk: config.server.max_bulk_bytes,
                 max_request: config.server.max_request_bytes,

@@ -1,0 +1,121 @@
+//! The near cache: replies to read-only single-key commands on hot keys,
+//! served by keyward itself and kept coherent with Redis's client-side
+//! caching (DESIGN.md decision 7).
+//!
+//! Only keys the hot-key detector calls hot are cached, in db 0, for the
+//! commands listed in `cacheable`. A miss on a hot key is forwarded as usual
+//! and starts one fill (single flight) on the tracking connection; a write
+//! through keyward drops the key before it is forwarded, so a client always
+//! reads its own writes. Entries live `min(PTTL, cache.max_ttl_ms)`.
+
+pub mod resp3;
+pub mod store;
+pub mod tracking;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::command::table::lowercase;
+use crate::config::CacheConfig;
+use crate::hotkey::Detector;
+use crate::resp::Proto;
+use store::Store;
+use tracking::Fill;
+
+pub struct NearCache {
+    pub config: CacheConfig,
+    pub store: Store,
+    fills: mpsc::Sender<Fill>,
+}
+
+/// Commands whose reply depends only on one key's value (and not on time).
+fn cacheable(name: &[u8], argc: usize) -> bool {
+    let mut buf = [0u8; 64];
+    let Some(n) = lowercase(name, &mut buf) else {
+        return false;
+    };
+    match n {
+        b"exists" => argc == 2,
+        b"get" | b"getrange" | b"strlen" | b"type" | b"hget" | b"hmget" | b"hgetall"
+        | b"hexists" | b"hlen" | b"hstrlen" | b"lrange" | b"llen" | b"lindex" | b"smembers"
+        | b"sismember" | b"smismember" | b"scard" | b"zrange" | b"zrevrange" | b"zrangebyscore"
+        | b"zrevrangebyscore" | b"zrangebylex" | b"zrevrangebylex" | b"zscore" | b"zmscore"
+        | b"zcard" | b"zrank" | b"zrevrank" => argc >= 2,
+        _ => false,
+    }
+}
+
+impl NearCache {
+    /// The cache and the receiving end of its fill queue (for the tracking task).
+    pub fn new(config: CacheConfig) -> (Arc<NearCache>, mpsc::Receiver<Fill>) {
+        let (tx, rx) = mpsc::channel(config.max_fills_in_flight);
+        let store = Store::new(config.max_mb * 1024 * 1024);
+        (
+            Arc::new(NearCache {
+                config,
+                store,
+                fills: tx,
+            }),
+            rx,
+        )
+    }
+
+    /// The cached reply for this request, if its key is hot and cached;
+    /// on a miss for a hot key, a fill starts in the background.
+    #[inline]
+    pub fn lookup(
+        &self,
+        hot: &Detector,
+        args: &[&[u8]],
+        frame: &[u8],
+        proto: Proto,
+    ) -> Option<Bytes> {
+        if hot.hot_now.load(std::sync::atomic::Ordering::Relaxed) == 0 || args.len() < 2 {
+            return None;
+        }
+        if !cacheable(args[0], args.len()) || !hot.is_hot(args[1]) {
+            return None;
+        }
+        if let Some(reply) = self.store.get(frame, proto) {
+            self.store
+                .hits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Some(reply);
+        }
+        self.store
+            .misses
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let key = Bytes::copy_from_slice(args[1]);
+        let request = Bytes::copy_from_slice(frame);
+        if let Some(ticket) = self.store.begin_fill(&key, &request) {
+            let fill = Fill {
+                key,
+                request: request.clone(),
+                ticket,
+            };
+            if self.fills.try_send(fill).is_err() {
+                // Queue full (cache.max_fills_in_flight): no fill this time.
+                self.store.abandon_fill(&request);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cacheable_commands() {
+        assert!(cacheable(b"GET", 2));
+        assert!(cacheable(b"hgetall", 2));
+        assert!(cacheable(b"EXISTS", 2));
+        assert!(!cacheable(b"EXISTS", 3));
+        assert!(!cacheable(b"TTL", 2));
+        assert!(!cacheable(b"SRANDMEMBER", 2));
+        assert!(!cacheable(b"SET", 3));
+    }
+}

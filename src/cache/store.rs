@@ -1,0 +1,331 @@
+//! The near cache's store: replies by exact request bytes, indexed by key,
+//! within a byte budget.
+//!
+//! Coherence rests on two counters. Each key has a sequence number bumped by
+//! every invalidation (a write through keyward, a Redis invalidation push);
+//! the store has an epoch bumped by every flush. A fill records both when it
+//! starts and lands only if neither moved, so a fill that raced a write or a
+//! flush is dropped instead of resurrecting an old value.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::resp::Proto;
+
+/// Per-entry bookkeeping counted against the budget, on top of the bytes.
+const OVERHEAD: usize = 128;
+
+struct Entry {
+    key: Bytes,
+    resp3: Bytes,
+    /// `None` when the reply has no faithful RESP2 form.
+    resp2: Option<Bytes>,
+    expires: Instant,
+    size: usize,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<Bytes, Entry>,
+    /// Requests cached per key, and the key's invalidation sequence.
+    keys: HashMap<Bytes, (u64, Vec<Bytes>)>,
+    /// Insertion order, for eviction (oldest first).
+    order: VecDeque<Bytes>,
+    bytes: usize,
+    epoch: u64,
+    /// Requests with a fill in flight (single flight).
+    inflight: HashSet<Bytes>,
+}
+
+/// A fill's view of the store when it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    seq: u64,
+    epoch: u64,
+}
+
+pub struct Store {
+    inner: Mutex<Inner>,
+    budget: usize,
+    /// Entries plus fills in flight: zero means writes need not look.
+    active: AtomicUsize,
+    pub hits: AtomicUsize,
+    pub misses: AtomicUsize,
+}
+
+impl Store {
+    pub fn new(budget: usize) -> Self {
+        Store {
+            inner: Mutex::new(Inner::default()),
+            budget,
+            active: AtomicUsize::new(0),
+            hits: AtomicUsize::new(0),
+            misses: AtomicUsize::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn refresh_active(&self, inner: &Inner) {
+        self.active.store(
+            inner.entries.len() + inner.inflight.len(),
+            Ordering::Release,
+        );
+    }
+
+    /// Anything cached or being filled?
+    #[inline]
+    pub fn active(&self) -> bool {
+        self.active.load(Ordering::Acquire) > 0
+    }
+
+    /// Bytes held now.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The cached reply to `request` in `proto`, if fresh.
+    pub fn get(&self, request: &[u8], proto: Proto) -> Option<Bytes> {
+        let mut inner = self.lock();
+        let e = inner.entries.get(request)?;
+        if e.expires <= Instant::now() {
+            let key = e.key.clone();
+            remove(&mut inner, request, &key);
+            self.refresh_active(&inner);
+            return None;
+        }
+        match proto {
+            Proto::Resp3 => Some(e.resp3.clone()),
+            Proto::Resp2 => e.resp2.clone(),
+        }
+    }
+
+    /// Start a fill of `request` (on `key`) unless one is in flight.
+    pub fn begin_fill(&self, key: &Bytes, request: &Bytes) -> Option<Ticket> {
+        let mut inner = self.lock();
+        if inner.inflight.contains(request) || inner.entries.contains_key(request) {
+            return None;
+        }
+        inner.inflight.insert(request.clone());
+        let seq = inner.keys.get(key).map(|k| k.0).unwrap_or(0);
+        let ticket = Ticket {
+            seq,
+            epoch: inner.epoch,
+        };
+        self.refresh_active(&inner);
+        Some(ticket)
+    }
+
+    /// A fill ended without a reply to store.
+    pub fn abandon_fill(&self, request: &[u8]) {
+        let mut inner = self.lock();
+        inner.inflight.remove(request);
+        self.refresh_active(&inner);
+    }
+
+    /// A fill's reply: stored only if nothing invalidated the key or
+    /// flushed the store since the fill began. Returns whether it landed.
+    pub fn complete_fill(
+        &self,
+        key: Bytes,
+        request: Bytes,
+        ticket: Ticket,
+        resp3: Bytes,
+        ttl: Duration,
+    ) -> bool {
+        let mut inner = self.lock();
+        inner.inflight.remove(&request);
+        let seq = inner.keys.get(&key).map(|k| k.0).unwrap_or(0);
+        if seq != ticket.seq || inner.epoch != ticket.epoch || ttl.is_zero() {
+            self.refresh_active(&inner);
+            return false;
+        }
+        let resp2 = super::resp3::to_resp2(&resp3);
+        let size = OVERHEAD
+            + request.len()
+            + key.len()
+            + resp3.len()
+            + resp2.as_ref().map_or(0, |r| r.len());
+        if size > self.budget {
+            self.refresh_active(&inner);
+            return false;
+        }
+        // Make room, oldest first.
+        while inner.bytes + size > self.budget {
+            let Some(old) = inner.order.pop_front() else {
+                break;
+            };
+            if let Some(k) = inner.entries.get(&old).map(|e| e.key.clone()) {
+                remove(&mut inner, &old, &k);
+            }
+        }
+        inner.bytes += size;
+        inner.order.push_back(request.clone());
+        inner
+            .keys
+            .entry(key.clone())
+            .or_insert((seq, Vec::new()))
+            .1
+            .push(request.clone());
+        inner.entries.insert(
+            request,
+            Entry {
+                key,
+                resp3,
+                resp2,
+                expires: Instant::now() + ttl,
+                size,
+            },
+        );
+        self.refresh_active(&inner);
+        true
+    }
+
+    /// `key` changed: drop its replies and void fills in flight for it.
+    pub fn invalidate(&self, key: &[u8]) {
+        let mut inner = self.lock();
+        let requests = match inner.keys.get_mut(key) {
+            Some((seq, requests)) => {
+                *seq += 1;
+                std::mem::take(requests)
+            }
+            None => {
+                if inner.inflight.is_empty() {
+                    return;
+                }
+                // A fill may be in flight for it: remember the bump.
+                inner
+                    .keys
+                    .insert(Bytes::copy_from_slice(key), (1, Vec::new()));
+                return;
+            }
+        };
+        for r in requests {
+            if let Some(e) = inner.entries.remove(&r) {
+                inner.bytes -= e.size;
+            }
+        }
+        self.refresh_active(&inner);
+    }
+
+    /// Drop everything and void every fill in flight (their tickets no
+    /// longer match; they may be retried at once).
+    pub fn flush(&self) {
+        let mut inner = self.lock();
+        inner.epoch += 1;
+        inner.inflight.clear();
+        inner.entries.clear();
+        inner.keys.clear();
+        inner.order.clear();
+        inner.bytes = 0;
+        self.refresh_active(&inner);
+    }
+
+    /// Drop the replies of keys for which `keep` is false.
+    pub fn retain_keys(&self, keep: impl Fn(&[u8]) -> bool) {
+        let mut inner = self.lock();
+        let gone: Vec<Bytes> = inner.keys.keys().filter(|k| !keep(k)).cloned().collect();
+        for k in gone {
+            if let Some((_, requests)) = inner.keys.remove(&k) {
+                for r in requests {
+                    if let Some(e) = inner.entries.remove(&r) {
+                        inner.bytes -= e.size;
+                    }
+                }
+            }
+        }
+        self.refresh_active(&inner);
+    }
+}
+
+fn remove(inner: &mut Inner, request: &[u8], key: &Bytes) {
+    if let Some(e) = inner.entries.remove(request) {
+        inner.bytes -= e.size;
+    }
+    if let Some((_, requests)) = inner.keys.get_mut(key) {
+        requests.retain(|r| r.as_ref() != request);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    #[test]
+    fn fill_hit_invalidate() {
+        let s = Store::new(1 << 20);
+        let (k, r) = (b("k"), b("*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"));
+        let t = s.begin_fill(&k, &r).unwrap();
+        assert!(s.begin_fill(&k, &r).is_none(), "single flight");
+        assert!(s.complete_fill(
+            k.clone(),
+            r.clone(),
+            t,
+            b("$1\r\nv\r\n"),
+            Duration::from_secs(5)
+        ));
+        assert_eq!(
+            s.get(&r, Proto::Resp3).as_deref(),
+            Some(&b"$1\r\nv\r\n"[..])
+        );
+        assert_eq!(
+            s.get(&r, Proto::Resp2).as_deref(),
+            Some(&b"$1\r\nv\r\n"[..])
+        );
+        s.invalidate(b"k");
+        assert!(s.get(&r, Proto::Resp3).is_none());
+        assert!(!s.active());
+    }
+
+    #[test]
+    fn fill_racing_a_write_or_flush_is_dropped() {
+        let s = Store::new(1 << 20);
+        let (k, r) = (b("k"), b("req"));
+        let t = s.begin_fill(&k, &r).unwrap();
+        s.invalidate(b"k");
+        assert!(!s.complete_fill(k.clone(), r.clone(), t, b(":1\r\n"), Duration::from_secs(5)));
+        assert!(s.get(&r, Proto::Resp3).is_none());
+        let t = s.begin_fill(&k, &r).unwrap();
+        s.flush();
+        assert!(!s.complete_fill(k, r.clone(), t, b(":1\r\n"), Duration::from_secs(5)));
+        assert!(s.get(&r, Proto::Resp3).is_none());
+    }
+
+    #[test]
+    fn expiry_and_budget() {
+        let s = Store::new(2 * (OVERHEAD + 40));
+        for i in 0..5 {
+            let (k, r) = (b(&format!("k{i}")), b(&format!("req{i}")));
+            let t = s.begin_fill(&k, &r).unwrap();
+            assert!(s.complete_fill(k, r, t, b(":1\r\n"), Duration::from_secs(5)));
+        }
+        assert!(
+            s.len() <= 2 && s.bytes() <= 2 * (OVERHEAD + 40),
+            "over budget"
+        );
+        assert!(s.get(b"req4", Proto::Resp3).is_some(), "newest kept");
+        let (k, r) = (b("x"), b("rx"));
+        let t = s.begin_fill(&k, &r).unwrap();
+        assert!(s.complete_fill(k, r, t, b(":1\r\n"), Duration::from_millis(1)));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(s.get(b"rx", Proto::Resp3).is_none(), "expired");
+    }
+}

@@ -1,0 +1,316 @@
+//! The tracking connection: one RESP3 connection to the master with
+//! `CLIENT TRACKING ON OPTIN`, carrying every fill and every invalidation.
+//!
+//! A fill is `CLIENT CACHING YES`, `MULTI`, `PTTL key`, the command, `EXEC`
+//! on this connection. Its single reader handles replies and invalidation
+//! pushes in wire order (the rueidis model): Redis sends an invalidation for
+//! a key only after the read that tracked it, so no fill can land after its
+//! own invalidation. The link is pinged every `cache.ping_ms`; a missed
+//! pong, a disconnect, `tracking-redir-broken`, a null invalidation
+//! (FLUSHALL/FLUSHDB) or any topology change flushes the cache before more
+//! hits can be served.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::store::Ticket;
+use super::NearCache;
+use crate::error::{Error, Kind};
+use crate::resp::scan::{line_end, parse_int};
+use crate::resp::{reply, Proto, Scanner};
+use crate::server::Ctx;
+use crate::upstream::connector;
+
+/// A fill asked for by the data path.
+pub struct Fill {
+    pub key: Bytes,
+    pub request: Bytes,
+    pub ticket: Ticket,
+}
+
+enum Pending {
+    /// A fill: five replies (CACHING, MULTI, PTTL queued, command queued, EXEC).
+    Fill(Fill, u8),
+    Ping(Instant),
+}
+
+/// Keep the tracking connection up for the current master until shutdown.
+pub async fn run(ctx: Arc<Ctx>, cache: Arc<NearCache>, mut fills: mpsc::Receiver<Fill>) {
+    let mut changed = ctx.topology.subscribe();
+    loop {
+        // A master to track.
+        let up = loop {
+            if let Some(up) = ctx.current() {
+                break up;
+            }
+            // No master: nothing may be served from the cache meanwhile.
+            cache.store.flush();
+            drain(&cache, &mut fills);
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => return,
+                _ = changed.changed() => {}
+            }
+        };
+        let why = session(
+            &ctx,
+            &cache,
+            &mut fills,
+            &mut changed,
+            up.generation,
+            &up.node.settings,
+        )
+        .await;
+        cache.store.flush();
+        drain(&cache, &mut fills);
+        match why {
+            None => return,
+            Some(e) => tracing::warn!(error = %e, "near cache: tracking link lost; cache flushed"),
+        }
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+}
+
+/// Fills queued while the link is down are abandoned.
+fn drain(cache: &NearCache, fills: &mut mpsc::Receiver<Fill>) {
+    while let Ok(f) = fills.try_recv() {
+        cache.store.abandon_fill(&f.request);
+    }
+}
+
+/// One tracking connection's life; `None` on shutdown, else why it ended.
+async fn session(
+    ctx: &Ctx,
+    cache: &NearCache,
+    fills: &mut mpsc::Receiver<Fill>,
+    changed: &mut tokio::sync::watch::Receiver<u64>,
+    generation: u64,
+    settings: &connector::Settings,
+) -> Option<String> {
+    let mut stream = match connector::connect(settings, Proto::Resp3).await {
+        Ok(s) => s,
+        Err(e) => return Some(e.detail),
+    };
+    match connector::call(&mut stream, &[b"CLIENT", b"TRACKING", b"ON", b"OPTIN"]).await {
+        Ok(r) if r.starts_with(b"+OK") => {}
+        Ok(r) => {
+            return Some(format!(
+                "CLIENT TRACKING refused: {}",
+                String::from_utf8_lossy(&r).trim_end()
+            ))
+        }
+        Err(e) => return Some(e.detail),
+    }
+    // Invalidations may have been missed while there was no link.
+    cache.store.flush();
+    tracing::info!(master = %settings.address, "near cache: tracking link up");
+    let (mut rd, mut wr) = stream.into_split();
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut scanner = Scanner::new();
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    let ping = Duration::from_millis(cache.config.ping_ms);
+    let mut tick = tokio::time::interval(ping);
+    let mut hot = ctx.hotkeys.as_ref().map(|d| d.subscribe());
+    loop {
+        let hot_changed = async {
+            match &mut hot {
+                Some(rx) => rx.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return None,
+            _ = changed.changed() => {
+                if ctx.current().map(|u| u.generation) != Some(generation) {
+                    return Some("topology changed".into());
+                }
+            }
+            true = hot_changed => {
+                // Keys that stopped being hot are dropped.
+                if let Some(d) = &ctx.hotkeys {
+                    cache.store.retain_keys(|k| d.is_hot(k));
+                }
+            }
+            _ = tick.tick() => {
+                if pending.iter().any(|p| matches!(p, Pending::Ping(at) if at.elapsed() > ping)) {
+                    return Some(format!("no pong within {} ms (cache.ping_ms)", ping.as_millis()));
+                }
+                let mut out = BytesMut::new();
+                reply::command(&mut out, &[b"PING"]);
+                if let Err(e) = wr.write_all(&out).await {
+                    return Some(e.to_string());
+                }
+                pending.push_back(Pending::Ping(Instant::now()));
+            }
+            Some(fill) = fills.recv() => {
+                let mut out = BytesMut::new();
+                reply::command(&mut out, &[b"CLIENT", b"CACHING", b"YES"]);
+                reply::command(&mut out, &[b"MULTI"]);
+                reply::command(&mut out, &[b"PTTL", &fill.key]);
+                out.extend_from_slice(&fill.request);
+                reply::command(&mut out, &[b"EXEC"]);
+                if let Err(e) = wr.write_all(&out).await {
+                    cache.store.abandon_fill(&fill.request);
+                    return Some(e.to_string());
+                }
+                pending.push_back(Pending::Fill(fill, 0));
+            }
+            r = rd.read_buf(&mut buf) => {
+                match r {
+                    Ok(0) => return Some("connection closed by upstream".into()),
+                    Err(e) => return Some(e.to_string()),
+                    Ok(_) => {}
+                }
+                loop {
+                    let end = match scanner.next(&buf) {
+                        Ok(Some(end)) => end,
+                        Ok(None) => break,
+                        Err(e) => return Some(e.to_string()),
+                    };
+                    let frame = buf.split_to(end).freeze();
+                    scanner.consumed(end);
+                    if let Err(e) = on_frame(cache, &mut pending, frame) {
+                        return Some(e.detail);
+                    }
+                }
+                if buf.capacity() - buf.len() < 4096 {
+                    buf.reserve(16 * 1024);
+                }
+            }
+        }
+    }
+}
+
+/// Apply one frame from the tracking connection, in wire order.
+fn on_frame(cache: &NearCache, pending: &mut VecDeque<Pending>, frame: Bytes) -> Result<(), Error> {
+    if frame.first() == Some(&b'>') {
+        let parts = elements(&frame);
+        let kind = parts.first().and_then(|p| bulk(p)).unwrap_or_default();
+        match kind {
+            b"invalidate" => match parts.get(1) {
+                Some(keys) if keys.first() == Some(&b'*') => {
+                    for k in elements(keys) {
+                        if let Some(k) = bulk(k) {
+                            cache.store.invalidate(k);
+                        }
+                    }
+                }
+                // A null invalidation: FLUSHALL/FLUSHDB.
+                _ => cache.store.flush(),
+            },
+            b"tracking-redir-broken" => {
+                return Err(Error::upstream(Kind::Protocol, "tracking-redir-broken"));
+            }
+            _ => {}
+        }
+        return Ok(());
+    }
+    match pending.front_mut() {
+        Some(Pending::Ping(_)) => {
+            pending.pop_front();
+        }
+        Some(Pending::Fill(_, seen)) => {
+            *seen += 1;
+            if *seen == 5 {
+                let Some(Pending::Fill(fill, _)) = pending.pop_front() else {
+                    unreachable!()
+                };
+                land(cache, fill, &frame);
+            }
+        }
+        None => {
+            return Err(Error::upstream(
+                Kind::Protocol,
+                "reply with no request on the tracking link",
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// The EXEC reply of a fill: `*2` [PTTL, the command's reply].
+fn land(cache: &NearCache, fill: Fill, exec: &Bytes) {
+    let parts = elements(exec);
+    let (Some(pttl), Some(reply), true) =
+        (parts.first(), parts.get(1), exec.first() == Some(&b'*'))
+    else {
+        cache.store.abandon_fill(&fill.request);
+        return;
+    };
+    let pttl = parse_int(&pttl[1..pttl.len() - 2]).unwrap_or(-2);
+    let max = Duration::from_millis(cache.config.max_ttl_ms);
+    let ttl = if pttl >= 0 {
+        Duration::from_millis(pttl as u64).min(max)
+    } else {
+        max
+    };
+    if reply.first() == Some(&b'-')
+        || reply.first() == Some(&b'!')
+        || reply.len() > cache.config.max_reply_bytes
+    {
+        cache.store.abandon_fill(&fill.request);
+        return;
+    }
+    let offset = reply.as_ptr() as usize - exec.as_ptr() as usize;
+    let reply = exec.slice(offset..offset + reply.len());
+    cache
+        .store
+        .complete_fill(fill.key, fill.request, fill.ticket, reply, ttl);
+}
+
+/// The elements of an aggregate frame, as raw sub-frames.
+fn elements(frame: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let Some(nl) = line_end(frame, 1) else {
+        return out;
+    };
+    let Some(n) = parse_int(&frame[1..nl - 1]) else {
+        return out;
+    };
+    let mut pos = nl + 1;
+    for _ in 0..n.max(0) {
+        let Ok(Some(len)) = crate::resp::scan::frame_len(&frame[pos..]) else {
+            break;
+        };
+        out.push(&frame[pos..pos + len]);
+        pos += len;
+    }
+    out
+}
+
+/// The contents of a bulk (or simple) string frame.
+fn bulk(frame: &[u8]) -> Option<&[u8]> {
+    let nl = line_end(frame, 1)?;
+    match frame.first()? {
+        b'$' => {
+            let n = parse_int(&frame[1..nl - 1])?;
+            frame.get(nl + 1..nl + 1 + n.max(0) as usize)
+        }
+        b'+' => Some(&frame[1..nl - 1]),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_parsing() {
+        let push = b">2\r\n$10\r\ninvalidate\r\n*2\r\n$1\r\na\r\n$2\r\nbb\r\n";
+        let parts = elements(push);
+        assert_eq!(bulk(parts[0]), Some(&b"invalidate"[..]));
+        let keys: Vec<&[u8]> = elements(parts[1]).into_iter().filter_map(bulk).collect();
+        assert_eq!(keys, vec![&b"a"[..], &b"bb"[..]]);
+        let exec = b"*2\r\n:1500\r\n$3\r\nval\r\n";
+        let parts = elements(exec);
+        assert_eq!(parts, vec![&b":1500\r\n"[..], &b"$3\r\nval\r\n"[..]]);
+    }
+}
