@@ -154,6 +154,12 @@ pub struct CacheConfig {
     pub ping_ms: u64,
     /// Fills queued or in flight at most; a miss beyond it starts no fill.
     pub max_fills_in_flight: usize,
+    /// Folder for the warm-up list (cached requests, never values); empty: none.
+    pub state_dir: String,
+    /// Warm-up fills per second at most.
+    pub warmup_rate: u64,
+    /// /ready waits for warm-up at most this long.
+    pub warmup_ready_ms: u64,
 }
 
 impl Default for CacheConfig {
@@ -164,6 +170,9 @@ impl Default for CacheConfig {
             max_reply_bytes: 64 * 1024,
             ping_ms: 250,
             max_fills_in_flight: 1_024,
+            state_dir: String::new(),
+            warmup_rate: 1_000,
+            warmup_ready_ms: 2_000,
         }
     }
 }
@@ -525,6 +534,13 @@ impl Config {
                     ("cache", "ping_ms") => set_num(&mut s.cache.ping_ms, &name, v, problems),
                     ("cache", "max_fills_in_flight") => {
                         set_num(&mut s.cache.max_fills_in_flight, &name, v, problems)
+                    }
+                    ("cache", "state_dir") => set_str(&mut s.cache.state_dir, &name, v, problems),
+                    ("cache", "warmup_rate") => {
+                        set_num(&mut s.cache.warmup_rate, &name, v, problems)
+                    }
+                    ("cache", "warmup_ready_ms") => {
+                        set_num(&mut s.cache.warmup_ready_ms, &name, v, problems)
                     }
                     ("admin", "listen") => set_str(&mut s.admin.listen, &name, v, problems),
                     ("log", "level") => set_str(&mut s.log.level, &name, v, problems),

@@ -154,6 +154,7 @@ pub async fn run(
         if let Some(fills) = fills {
             tokio::spawn(cache::tracking::run(ctx.clone(), c.clone(), fills));
         }
+        tokio::spawn(cache::warmup::run(ctx.clone(), c.clone()));
     } else if ctx.config.cache.max_mb > 0 {
         tracing::warn!("near cache off: it caches hot keys only and hotkeys.enabled is false");
     }

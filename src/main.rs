@@ -35,6 +35,9 @@ struct Cli {
     /// Near-cache budget in MiB; 0 disables the cache (cache.max_mb).
     #[arg(long, value_name = "N")]
     cache_mb: Option<usize>,
+    /// Folder for the near cache's warm-up list (cache.state_dir).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<String>,
     /// Validate the configuration, print the effective one and exit (0 or 2).
     #[arg(long)]
     check_config: bool,
@@ -60,6 +63,9 @@ fn load(cli: &Cli) -> Result<Config, ConfigError> {
     }
     if !cli.sentinels.is_empty() {
         config.sentinel.addresses = cli.sentinels.clone();
+    }
+    if let Some(v) = &cli.state_dir {
+        config.cache.state_dir = v.clone();
     }
     if let Some(v) = cli.cache_mb {
         config.cache.max_mb = v;

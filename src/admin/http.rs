@@ -52,6 +52,14 @@ async fn ready(State(ctx): State<Arc<Ctx>>) -> (StatusCode, String) {
             format!("not ready: no connection to upstream {}\n", up.address()),
         );
     }
+    if let Some(c) = &ctx.cache {
+        if !c.warm.load(std::sync::atomic::Ordering::Acquire) {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: near cache warming up\n".into(),
+            );
+        }
+    }
     (StatusCode::OK, "ready\n".into())
 }
 

@@ -11,6 +11,7 @@
 pub mod resp3;
 pub mod store;
 pub mod tracking;
+pub mod warmup;
 
 use std::sync::Arc;
 
@@ -28,6 +29,10 @@ pub struct NearCache {
     pub config: CacheConfig,
     pub store: Store,
     fills: mpsc::Sender<Fill>,
+    /// The tracking link is up (fills can be served).
+    pub link_up: std::sync::atomic::AtomicBool,
+    /// Warm-up has finished (or there was nothing to warm).
+    pub warm: std::sync::atomic::AtomicBool,
 }
 
 /// Commands whose reply depends only on one key's value (and not on time).
@@ -52,14 +57,14 @@ impl NearCache {
     pub fn new(config: CacheConfig) -> (Arc<NearCache>, mpsc::Receiver<Fill>) {
         let (tx, rx) = mpsc::channel(config.max_fills_in_flight);
         let store = Store::new(config.max_mb * 1024 * 1024);
-        (
-            Arc::new(NearCache {
-                config,
-                store,
-                fills: tx,
-            }),
-            rx,
-        )
+        let cache = NearCache {
+            config,
+            store,
+            fills: tx,
+            link_up: std::sync::atomic::AtomicBool::new(false),
+            warm: std::sync::atomic::AtomicBool::new(false),
+        };
+        (Arc::new(cache), rx)
     }
 
     /// The cached reply for this request, if its key is hot and cached;
@@ -87,8 +92,16 @@ impl NearCache {
         self.store
             .misses
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let key = Bytes::copy_from_slice(args[1]);
-        let request = Bytes::copy_from_slice(frame);
+        self.fill(
+            Bytes::copy_from_slice(args[1]),
+            Bytes::copy_from_slice(frame),
+        );
+        None
+    }
+
+    /// Start a fill of `request` on `key` unless one is in flight; false if
+    /// none was started.
+    pub fn fill(&self, key: Bytes, request: Bytes) -> bool {
         if let Some(ticket) = self.store.begin_fill(&key, &request) {
             let fill = Fill {
                 key,
@@ -98,9 +111,11 @@ impl NearCache {
             if self.fills.try_send(fill).is_err() {
                 // Queue full (cache.max_fills_in_flight): no fill this time.
                 self.store.abandon_fill(&request);
+                return false;
             }
+            return true;
         }
-        None
+        false
     }
 }
 

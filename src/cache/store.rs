@@ -235,6 +235,16 @@ impl Store {
         self.refresh_active(&inner);
     }
 
+    /// (key, request) of every entry, for the warm-up list.
+    pub fn requests(&self) -> Vec<(Bytes, Bytes)> {
+        let inner = self.lock();
+        inner
+            .entries
+            .iter()
+            .map(|(r, e)| (e.key.clone(), r.clone()))
+            .collect()
+    }
+
     /// Drop the replies of keys for which `keep` is false.
     pub fn retain_keys(&self, keep: impl Fn(&[u8]) -> bool) {
         let mut inner = self.lock();

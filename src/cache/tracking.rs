@@ -85,6 +85,17 @@ fn drain(cache: &NearCache, fills: &mut mpsc::Receiver<Fill>) {
     }
 }
 
+/// Marks the link down however a session ends.
+struct LinkDown<'a>(&'a NearCache);
+
+impl Drop for LinkDown<'_> {
+    fn drop(&mut self) {
+        self.0
+            .link_up
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// One tracking connection's life; `None` on shutdown, else why it ended.
 async fn session(
     ctx: &Ctx,
@@ -110,7 +121,11 @@ async fn session(
     }
     // Invalidations may have been missed while there was no link.
     cache.store.flush();
+    cache
+        .link_up
+        .store(true, std::sync::atomic::Ordering::Release);
     tracing::info!(master = %settings.address, "near cache: tracking link up");
+    let _down = LinkDown(cache);
     let (mut rd, mut wr) = stream.into_split();
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let mut scanner = Scanner::new();

@@ -85,6 +85,9 @@ pub struct Detector {
     pub samples: AtomicU64,
     pub hot_now: AtomicU64,
     pub rotations: AtomicU64,
+    /// Keys declared hot at start (the near cache's warm-up), taken into
+    /// the hot rule's state by the next rotation.
+    seeds: Mutex<Vec<Box<[u8]>>>,
 }
 
 impl Detector {
@@ -102,6 +105,7 @@ impl Detector {
             samples: AtomicU64::new(0),
             hot_now: AtomicU64::new(0),
             rotations: AtomicU64::new(0),
+            seeds: Mutex::new(Vec::new()),
         })
     }
 
@@ -133,6 +137,22 @@ impl Detector {
     /// Subscribe to the hot set (replaced as a whole when it changes).
     pub fn subscribe(&self) -> watch::Receiver<Arc<HashSet<Box<[u8]>>>> {
         self.hot.subscribe()
+    }
+
+    /// Declare `keys` hot now (warm-up from a saved list). They stay hot
+    /// until the hot rule sees them cold for `leave_windows` windows.
+    pub fn seed_hot(&self, keys: Vec<Box<[u8]>>) {
+        if keys.is_empty() {
+            return;
+        }
+        let mut hot: HashSet<Box<[u8]>> = (**self.hot.borrow()).clone();
+        hot.extend(keys.iter().cloned());
+        self.hot_now.store(hot.len() as u64, Ordering::Relaxed);
+        self.hot.send_replace(Arc::new(hot));
+        self.seeds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(keys);
     }
 
     /// Is `key` hot now?
@@ -177,6 +197,10 @@ impl Detector {
                 std::mem::replace(&mut *l, HeavyHitters::new(c.top_k))
             };
             merged.merge(&taken);
+        }
+        for key in std::mem::take(&mut *self.seeds.lock().unwrap_or_else(|e| e.into_inner())) {
+            let st = states.entry(key).or_default();
+            st.hot = true;
         }
         let secs = c.window_ms as f64 / 1000.0;
         let scale = c.sample_rate as f64 / secs;
