@@ -24,6 +24,10 @@ pub const CACHE_HITS: &str = "keyward_cache_hits_total";
 pub const CACHE_MISSES: &str = "keyward_cache_misses_total";
 pub const CACHE_BYTES: &str = "keyward_cache_bytes";
 pub const CACHE_ENTRIES: &str = "keyward_cache_entries";
+pub const CACHE_FILLS: &str = "keyward_cache_fills_total";
+pub const CACHE_FILLS_VOIDED: &str = "keyward_cache_fills_voided_total";
+pub const CACHE_INVALIDATIONS: &str = "keyward_cache_invalidations_total";
+pub const CACHE_FLUSHES: &str = "keyward_cache_flushes_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -64,6 +68,19 @@ pub fn install() -> Option<&'static PrometheusHandle> {
                 "Bytes held by the near cache (cache.max_mb bounds it)."
             );
             metrics::describe_gauge!(CACHE_ENTRIES, "Replies held by the near cache.");
+            metrics::describe_counter!(CACHE_FILLS, "Near-cache fills that landed.");
+            metrics::describe_counter!(
+                CACHE_FILLS_VOIDED,
+                "Fills dropped because their key changed or the cache was flushed meanwhile."
+            );
+            metrics::describe_counter!(
+                CACHE_INVALIDATIONS,
+                "Keys invalidated (writes through keyward, Redis pushes)."
+            );
+            metrics::describe_counter!(
+                CACHE_FLUSHES,
+                "Whole-cache flushes by reason (link, flushall, topology, start)."
+            );
             Some(handle)
         })
         .as_ref()
@@ -90,6 +107,15 @@ pub fn render(ctx: &Ctx) -> Option<String> {
         metrics::counter!(CACHE_MISSES).absolute(c.store.misses.load(Ordering::Relaxed) as u64);
         metrics::gauge!(CACHE_BYTES).set(c.store.bytes() as f64);
         metrics::gauge!(CACHE_ENTRIES).set(c.store.len() as f64);
+        metrics::counter!(CACHE_FILLS).absolute(c.store.fills.load(Ordering::Relaxed) as u64);
+        metrics::counter!(CACHE_FILLS_VOIDED)
+            .absolute(c.store.fills_voided.load(Ordering::Relaxed) as u64);
+        metrics::counter!(CACHE_INVALIDATIONS)
+            .absolute(c.store.invalidations.load(Ordering::Relaxed) as u64);
+        for r in crate::cache::store::FlushReason::ALL {
+            metrics::counter!(CACHE_FLUSHES, "reason" => r.name())
+                .absolute(c.store.flushes[r as usize].load(Ordering::Relaxed) as u64);
+        }
     }
     Some(handle.render())
 }

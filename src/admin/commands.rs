@@ -15,6 +15,7 @@ pub fn keyward(ctx: &Ctx, proto: Proto, args: &[&[u8]], out: &mut BytesMut) {
     match sub.to_ascii_lowercase().as_slice() {
         b"topology" if args.len() == 1 => topology(ctx, proto, out),
         b"hotkeys" => hotkeys(ctx, &args[1..], out),
+        b"cache" => cache(ctx, proto, &args[1..], out),
         b"help" => {
             let lines = [
                 "KEYWARD <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
@@ -23,6 +24,8 @@ pub fn keyward(ctx: &Ctx, proto: Proto, args: &[&[u8]], out: &mut BytesMut) {
                 "HOTKEYS [FLEET] [COUNT <n>]",
                 "    The hottest keys: key, estimated ops/s, error bound (ops/s), hot flag (1/0).",
                 "    FLEET merges every keyward publishing to the same Redis: key, ops/s, instances, hot flag.",
+                "CACHE [COUNT <n>]",
+                "    Near cache: budget, bytes, entries, hits, misses, fills, invalidations, flushes, keys cached.",
                 "FAILOVER",
                 "    Planned switchover to a caught-up replica through Sentinel, holding requests meanwhile.",
                 "HELP",
@@ -112,6 +115,50 @@ fn hotkeys(ctx: &Ctx, args: &[&[u8]], out: &mut BytesMut) {
         reply::int(out, e.rate as i64);
         reply::int(out, e.error as i64);
         reply::int(out, e.hot as i64);
+    }
+}
+
+fn cache(ctx: &Ctx, proto: Proto, args: &[&[u8]], out: &mut BytesMut) {
+    let Some(c) = &ctx.cache else {
+        return reply::error(
+            out,
+            "ERR the near cache is disabled (cache.max_mb = 0 or hotkeys.enabled = false)",
+        );
+    };
+    let count = match parse_hotkeys(args) {
+        Ok((false, n)) => n,
+        _ => return reply::error(out, "ERR syntax error"),
+    };
+    let st = c.stats(count);
+    reply::map(out, proto, 11);
+    for (name, v) in [
+        ("budget-bytes", st.budget_bytes),
+        ("bytes", st.bytes),
+        ("entries", st.entries),
+        ("hits", st.hits),
+        ("misses", st.misses),
+        ("fills", st.fills),
+        ("fills-voided", st.fills_voided),
+        ("invalidations", st.invalidations),
+    ] {
+        reply::bulk(out, name.as_bytes());
+        reply::int(out, v as i64);
+    }
+    reply::bulk(out, b"link-up");
+    reply::int(out, st.link_up as i64);
+    reply::bulk(out, b"flushes");
+    reply::map(out, proto, st.flushes.len());
+    for (reason, n) in &st.flushes {
+        reply::bulk(out, reason.as_bytes());
+        reply::int(out, *n as i64);
+    }
+    reply::bulk(out, b"keys");
+    reply::array(out, st.keys.len());
+    for (k, n, b) in &st.keys {
+        reply::array(out, 3);
+        reply::bulk(out, k.as_bytes());
+        reply::int(out, *n as i64);
+        reply::int(out, *b as i64);
     }
 }
 

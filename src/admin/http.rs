@@ -7,6 +7,7 @@
 //! - `POST /failover`: a planned switchover (see `topology::switchover`).
 //! - `GET /hotkeys?count=n`: the hottest keys of the last window as JSON.
 //! - `GET /metrics`: Prometheus metrics.
+//! - `GET /cache?count=n`: near-cache statistics and the keys cached now.
 
 use std::sync::Arc;
 
@@ -26,6 +27,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/failover", axum::routing::post(failover))
         .route("/hotkeys", get(hotkeys))
         .route("/metrics", get(metrics))
+        .route("/cache", get(cache))
         .with_state(ctx)
 }
 
@@ -88,6 +90,29 @@ async fn metrics(
             "metrics recorder unavailable\n".into(),
         ),
     }
+}
+
+/// Near-cache statistics and the keys cached now: `?count=n` (default 10).
+async fn cache(
+    State(ctx): State<Arc<Ctx>>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> (StatusCode, axum::Json<serde_json::Value>) {
+    let Some(c) = &ctx.cache else {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(
+                serde_json::json!({"enabled": false, "error": "the near cache is disabled"}),
+            ),
+        );
+    };
+    let count = q
+        .get("count")
+        .and_then(|c| c.parse::<usize>().ok())
+        .unwrap_or(10);
+    (
+        StatusCode::OK,
+        axum::Json(serde_json::to_value(c.stats(count)).unwrap_or_default()),
+    )
 }
 
 /// The hottest keys as JSON: `?count=n` (default 10).

@@ -119,6 +119,53 @@ impl NearCache {
     }
 }
 
+/// What `KEYWARD CACHE` and `GET /cache` show.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stats {
+    pub enabled: bool,
+    pub link_up: bool,
+    pub budget_bytes: usize,
+    pub bytes: usize,
+    pub entries: usize,
+    pub hits: usize,
+    pub misses: usize,
+    pub fills: usize,
+    pub fills_voided: usize,
+    pub invalidations: usize,
+    pub flushes: std::collections::BTreeMap<&'static str, usize>,
+    /// Keys cached now: (key, replies cached, bytes), largest first.
+    pub keys: Vec<(String, usize, usize)>,
+}
+
+impl NearCache {
+    pub fn stats(&self, max_keys: usize) -> Stats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.store;
+        Stats {
+            enabled: true,
+            link_up: self.link_up.load(Relaxed),
+            budget_bytes: self.config.max_mb * 1024 * 1024,
+            bytes: s.bytes(),
+            entries: s.len(),
+            hits: s.hits.load(Relaxed),
+            misses: s.misses.load(Relaxed),
+            fills: s.fills.load(Relaxed),
+            fills_voided: s.fills_voided.load(Relaxed),
+            invalidations: s.invalidations.load(Relaxed),
+            flushes: store::FlushReason::ALL
+                .iter()
+                .map(|r| (r.name(), s.flushes[*r as usize].load(Relaxed)))
+                .collect(),
+            keys: s
+                .keys()
+                .into_iter()
+                .take(max_keys)
+                .map(|(k, n, b)| (String::from_utf8_lossy(&k).into_owned(), n, b))
+                .collect(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,9 +30,9 @@ struct Entry {
 
 #[derive(Default)]
 struct Inner {
-    entries: HashMap<Bytes, Entry>,
+    entries: HashMap<Bytes, Entry, ahash::RandomState>,
     /// Requests cached per key, and the key's invalidation sequence.
-    keys: HashMap<Bytes, (u64, Vec<Bytes>)>,
+    keys: HashMap<Bytes, (u64, Vec<Bytes>), ahash::RandomState>,
     /// Insertion order, for eviction (oldest first).
     order: VecDeque<Bytes>,
     bytes: usize,
@@ -55,6 +55,46 @@ pub struct Store {
     active: AtomicUsize,
     pub hits: AtomicUsize,
     pub misses: AtomicUsize,
+    /// Fills that landed, and fills dropped because the key changed (or
+    /// the cache was flushed) while they were in flight.
+    pub fills: AtomicUsize,
+    pub fills_voided: AtomicUsize,
+    /// Keys invalidated (by writes through keyward or Redis pushes).
+    pub invalidations: AtomicUsize,
+    /// Flushes, by reason (see `FlushReason`).
+    pub flushes: [AtomicUsize; FlushReason::COUNT],
+}
+
+/// Why the whole cache was dropped (a bounded metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushReason {
+    /// The tracking link went down, missed a pong, or broke its redirect.
+    Link,
+    /// Redis sent a null invalidation (FLUSHALL / FLUSHDB).
+    Flushall,
+    /// No verified master, or a new one.
+    Topology,
+    /// A new tracking link (invalidations may have been missed before it).
+    Start,
+}
+
+impl FlushReason {
+    pub const COUNT: usize = 4;
+    pub const ALL: [FlushReason; 4] = [
+        FlushReason::Link,
+        FlushReason::Flushall,
+        FlushReason::Topology,
+        FlushReason::Start,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FlushReason::Link => "link",
+            FlushReason::Flushall => "flushall",
+            FlushReason::Topology => "topology",
+            FlushReason::Start => "start",
+        }
+    }
 }
 
 impl Store {
@@ -65,6 +105,10 @@ impl Store {
             active: AtomicUsize::new(0),
             hits: AtomicUsize::new(0),
             misses: AtomicUsize::new(0),
+            fills: AtomicUsize::new(0),
+            fills_voided: AtomicUsize::new(0),
+            invalidations: AtomicUsize::new(0),
+            flushes: Default::default(),
         }
     }
 
@@ -151,6 +195,7 @@ impl Store {
         inner.inflight.remove(&request);
         let seq = inner.keys.get(&key).map(|k| k.0).unwrap_or(0);
         if seq != ticket.seq || inner.epoch != ticket.epoch || ttl.is_zero() {
+            self.fills_voided.fetch_add(1, Ordering::Relaxed);
             self.refresh_active(&inner);
             return false;
         }
@@ -191,12 +236,14 @@ impl Store {
                 size,
             },
         );
+        self.fills.fetch_add(1, Ordering::Relaxed);
         self.refresh_active(&inner);
         true
     }
 
     /// `key` changed: drop its replies and void fills in flight for it.
     pub fn invalidate(&self, key: &[u8]) {
+        self.invalidations.fetch_add(1, Ordering::Relaxed);
         let mut inner = self.lock();
         let requests = match inner.keys.get_mut(key) {
             Some((seq, requests)) => {
@@ -224,7 +271,8 @@ impl Store {
 
     /// Drop everything and void every fill in flight (their tickets no
     /// longer match; they may be retried at once).
-    pub fn flush(&self) {
+    pub fn flush(&self, reason: FlushReason) {
+        self.flushes[reason as usize].fetch_add(1, Ordering::Relaxed);
         let mut inner = self.lock();
         inner.epoch += 1;
         inner.inflight.clear();
@@ -233,6 +281,26 @@ impl Store {
         inner.order.clear();
         inner.bytes = 0;
         self.refresh_active(&inner);
+    }
+
+    /// Keys cached now, with their entries' total bytes, largest first.
+    pub fn keys(&self) -> Vec<(Bytes, usize, usize)> {
+        let inner = self.lock();
+        let mut out: Vec<(Bytes, usize, usize)> = inner
+            .keys
+            .iter()
+            .filter(|(_, (_, r))| !r.is_empty())
+            .map(|(k, (_, requests))| {
+                let bytes = requests
+                    .iter()
+                    .filter_map(|r| inner.entries.get(r))
+                    .map(|e| e.size)
+                    .sum();
+                (k.clone(), requests.len(), bytes)
+            })
+            .collect();
+        out.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
+        out
     }
 
     /// (key, request) of every entry, for the warm-up list.
@@ -314,7 +382,7 @@ mod tests {
         assert!(!s.complete_fill(k.clone(), r.clone(), t, b(":1\r\n"), Duration::from_secs(5)));
         assert!(s.get(&r, Proto::Resp3).is_none());
         let t = s.begin_fill(&k, &r).unwrap();
-        s.flush();
+        s.flush(FlushReason::Start);
         assert!(!s.complete_fill(k, r.clone(), t, b(":1\r\n"), Duration::from_secs(5)));
         assert!(s.get(&r, Proto::Resp3).is_none());
     }

@@ -18,7 +18,9 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::store::Ticket;
+use super::store::{FlushReason, Ticket};
+
+const TOPOLOGY_CHANGED: &str = "topology changed";
 use super::NearCache;
 use crate::error::{Error, Kind};
 use crate::resp::scan::{line_end, parse_int};
@@ -49,7 +51,7 @@ pub async fn run(ctx: Arc<Ctx>, cache: Arc<NearCache>, mut fills: mpsc::Receiver
                 break up;
             }
             // No master: nothing may be served from the cache meanwhile.
-            cache.store.flush();
+            cache.store.flush(FlushReason::Topology);
             drain(&cache, &mut fills);
             tokio::select! {
                 _ = ctx.shutdown.cancelled() => return,
@@ -65,7 +67,11 @@ pub async fn run(ctx: Arc<Ctx>, cache: Arc<NearCache>, mut fills: mpsc::Receiver
             &up.node.settings,
         )
         .await;
-        cache.store.flush();
+        let reason = match &why {
+            Some(w) if w == TOPOLOGY_CHANGED => FlushReason::Topology,
+            _ => FlushReason::Link,
+        };
+        cache.store.flush(reason);
         drain(&cache, &mut fills);
         match why {
             None => return,
@@ -120,7 +126,7 @@ async fn session(
         Err(e) => return Some(e.detail),
     }
     // Invalidations may have been missed while there was no link.
-    cache.store.flush();
+    cache.store.flush(FlushReason::Start);
     cache
         .link_up
         .store(true, std::sync::atomic::Ordering::Release);
@@ -144,7 +150,7 @@ async fn session(
             _ = ctx.shutdown.cancelled() => return None,
             _ = changed.changed() => {
                 if ctx.current().map(|u| u.generation) != Some(generation) {
-                    return Some("topology changed".into());
+                    return Some(TOPOLOGY_CHANGED.into());
                 }
             }
             true = hot_changed => {
@@ -218,7 +224,7 @@ fn on_frame(cache: &NearCache, pending: &mut VecDeque<Pending>, frame: Bytes) ->
                     }
                 }
                 // A null invalidation: FLUSHALL/FLUSHDB.
-                _ => cache.store.flush(),
+                _ => cache.store.flush(FlushReason::Flushall),
             },
             b"tracking-redir-broken" => {
                 return Err(Error::upstream(Kind::Protocol, "tracking-redir-broken"));

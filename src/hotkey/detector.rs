@@ -67,6 +67,9 @@ struct KeyState {
 
 type Local = Arc<Mutex<HeavyHitters>>;
 
+/// The hot keys (ahash: looked up on the data path for every cacheable read).
+pub type HotSet = HashSet<Box<[u8]>, ahash::RandomState>;
+
 static NEXT_DETECTOR: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
@@ -80,7 +83,7 @@ pub struct Detector {
     /// Every thread's structure, for the window task.
     locals: Mutex<Vec<Local>>,
     snapshot: ArcSwap<Snapshot>,
-    hot: watch::Sender<Arc<HashSet<Box<[u8]>>>>,
+    hot: watch::Sender<Arc<HotSet>>,
     /// Samples taken (sum over closed windows) and hot keys now.
     pub samples: AtomicU64,
     pub hot_now: AtomicU64,
@@ -101,7 +104,7 @@ impl Detector {
             }),
             config,
             locals: Mutex::new(Vec::new()),
-            hot: watch::channel(Arc::new(HashSet::new())).0,
+            hot: watch::channel(Arc::new(HotSet::default())).0,
             samples: AtomicU64::new(0),
             hot_now: AtomicU64::new(0),
             rotations: AtomicU64::new(0),
@@ -135,7 +138,7 @@ impl Detector {
     }
 
     /// Subscribe to the hot set (replaced as a whole when it changes).
-    pub fn subscribe(&self) -> watch::Receiver<Arc<HashSet<Box<[u8]>>>> {
+    pub fn subscribe(&self) -> watch::Receiver<Arc<HotSet>> {
         self.hot.subscribe()
     }
 
@@ -145,7 +148,7 @@ impl Detector {
         if keys.is_empty() {
             return;
         }
-        let mut hot: HashSet<Box<[u8]>> = (**self.hot.borrow()).clone();
+        let mut hot: HotSet = (**self.hot.borrow()).clone();
         hot.extend(keys.iter().cloned());
         self.hot_now.store(hot.len() as u64, Ordering::Relaxed);
         self.hot.send_replace(Arc::new(hot));
@@ -255,7 +258,7 @@ impl Detector {
             })
             .collect();
         entries.sort_by(|a, b| b.rate.cmp(&a.rate).then_with(|| a.key.cmp(&b.key)));
-        let hot: HashSet<Box<[u8]>> = entries
+        let hot: HotSet = entries
             .iter()
             .filter(|e| e.hot)
             .map(|e| e.key.clone())
