@@ -222,10 +222,18 @@ impl Ctx {
     pub fn install(&self, address: &str) -> Arc<Upstream> {
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         let up = Upstream::start(&self.config, address, generation, self.learned.clone());
+        // Nothing cached from the previous master may be served after this.
+        self.flush_cache();
         if let Some(old) = self.upstream.swap(Some(up.clone())) {
             old.retire();
         }
         up
+    }
+
+    fn flush_cache(&self) {
+        if let Some(c) = &self.cache {
+            c.store.flush(crate::cache::store::FlushReason::Topology);
+        }
     }
 
     /// Keep replica connections for exactly `addrs` (the tracker only):
@@ -279,6 +287,7 @@ impl Ctx {
 
     /// Retire the current generation: nothing more is sent to it.
     pub fn fence(&self) {
+        self.flush_cache();
         if let Some(old) = self.upstream.swap(None) {
             old.retire();
         }
