@@ -24,6 +24,8 @@ pub mod flags {
     pub const LOADING: u32 = 1 << 9;
     pub const STALE: u32 = 1 << 10;
     pub const NO_MULTI: u32 = 1 << 11;
+    /// May write (scripts, functions): treated as a write by the near cache.
+    pub const MAY_REPLICATE: u32 = 1 << 12;
 
     pub fn from_name(name: &[u8]) -> u32 {
         match name {
@@ -39,6 +41,7 @@ pub mod flags {
             b"loading" => LOADING,
             b"stale" => STALE,
             b"no_multi" => NO_MULTI,
+            b"may_replicate" => MAY_REPLICATE,
             _ => 0,
         }
     }

@@ -55,6 +55,9 @@ enum Entry {
         req: Bytes,
         count: u32,
         proto: Proto,
+        /// Keys the batch writes, dropped from the near cache again when
+        /// its reply arrives (see `Reader::pending_written`).
+        written: Vec<Bytes>,
     },
     /// Everything a pinned connection sends, until it is released.
     Relay(mpsc::Receiver<PinMsg>),
@@ -131,7 +134,9 @@ pub fn start(
         target: Target::Pool(Proto::Resp2, 0),
         closing: false,
         sample_tick: 0,
+        sample_rng: (0x9E37_79B9_7F4A_7C15 ^ id.wrapping_mul(0xBF58_476D_1CE4_E5B9)) | 1,
         run_replica: false,
+        pending_written: Vec::new(),
     };
     let slot = ClientSlot(ctx);
     let reader = readers.spawn(async move {
@@ -173,10 +178,17 @@ struct Reader {
     /// Where the last request went.
     target: Target,
     closing: bool,
-    /// Requests left until the next hot-key sample.
+    /// Requests left until the next hot-key sample, and the generator of
+    /// the random gaps between samples.
     sample_tick: u32,
+    sample_rng: u64,
     /// The run at the front of `buf` goes to a replica.
     run_replica: bool,
+    /// Keys written by requests not yet handed to the writer. Each is
+    /// dropped from the near cache when the write is sent and again when
+    /// its reply arrives: a fill racing the write on the tracking
+    /// connection cannot then outlive the acknowledgement.
+    pending_written: Vec<Bytes>,
 }
 
 impl Reader {
@@ -283,7 +295,22 @@ impl Reader {
                 // `sample_rate` has its keys recorded.
                 if let Some(d) = &self.ctx.hotkeys {
                     if self.sample_tick == 0 {
-                        self.sample_tick = d.config.sample_rate - 1;
+                        // The next gap is random with mean `sample_rate`: a
+                        // fixed period would alias with periodic workloads
+                        // (a pipeline cycling over 20 keys, sampled every 8th
+                        // request, would only ever see 5 of them).
+                        let rate = d.config.sample_rate;
+                        self.sample_tick = if rate <= 1 {
+                            0
+                        } else {
+                            // xorshift64: cheap, per client, no shared state.
+                            let mut x = self.sample_rng;
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            self.sample_rng = x;
+                            (x % (2 * rate as u64 - 1)) as u32
+                        };
                         if let Some(info) = table.as_deref().and_then(|t| t.get(args[0])) {
                             for_each_key(info, args.len(), |i| args[i], |k| d.record(k));
                         }
@@ -297,12 +324,16 @@ impl Reader {
                     // forwarded: a client reads its own writes.
                     if cache.store.active() {
                         if let Some(info) = table.as_deref().and_then(|t| t.get(args[0])) {
-                            if info.has(flags::WRITE) {
+                            if info.has(flags::WRITE) || info.has(flags::MAY_REPLICATE) {
+                                let written = &mut self.pending_written;
                                 for_each_key(
                                     info,
                                     args.len(),
                                     |i| args[i],
-                                    |k| cache.store.invalidate(k),
+                                    |k| {
+                                        cache.store.invalidate(k);
+                                        written.push(Bytes::copy_from_slice(k));
+                                    },
                                 );
                             }
                         }
@@ -399,11 +430,13 @@ impl Reader {
                 self.ctx
                     .send_replica(self.proto, self.id as usize, &req, count, meter)
             {
+                let written = std::mem::take(&mut self.pending_written);
                 self.push(Entry::Pooled {
                     rx,
                     req,
                     count,
                     proto: self.proto,
+                    written,
                 });
                 return;
             }
@@ -462,11 +495,13 @@ impl Reader {
                 rx
             }
         };
+        let written = std::mem::take(&mut self.pending_written);
         self.push(Entry::Pooled {
             rx,
             req,
             count,
             proto: self.proto,
+            written,
         });
     }
 
@@ -657,6 +692,9 @@ impl Reader {
 
     /// Send on the pinned connection, owing `expect` replies.
     async fn send_pinned(&mut self, frame: &[u8], expect: u64) {
+        // Writes on a pinned connection were dropped from the cache when
+        // sent; their replies come back through the relay.
+        self.pending_written.clear();
         let Some(p) = &mut self.pinned else { return };
         // The request's permit covers nothing once it is on the relay.
         self.shared.permits.add_permits(1);
@@ -905,6 +943,7 @@ async fn write_loop(
     id: u64,
 ) {
     let mut w = Writer {
+        invalidate_after: None,
         out: BytesMut::new(),
         wr: &mut wr,
         shared: &shared,
@@ -934,7 +973,15 @@ async fn write_loop(
                 req,
                 count,
                 proto,
+                written,
             } => {
+                if let Some(cache) = ctx.cache.as_ref().filter(|_| !written.is_empty()) {
+                    // The writes have run once their reply is here: drop
+                    // their keys again before the client can see it, voiding
+                    // a fill that read them before the write ran (fills and
+                    // writes travel on different connections).
+                    w.invalidate_after = Some((cache.clone(), written));
+                }
                 let ok = w.pooled(&ctx, rx, req, count, proto, id).await;
                 shared.finish_entry(count);
                 ok
@@ -960,6 +1007,9 @@ async fn write_loop(
 }
 
 struct Writer<'a> {
+    /// Keys of the batch being awaited to drop from the near cache when its
+    /// reply arrives.
+    invalidate_after: Option<(Arc<crate::cache::NearCache>, Vec<Bytes>)>,
     out: BytesMut,
     wr: &'a mut OwnedWriteHalf,
     shared: &'a Shared,
@@ -1032,6 +1082,11 @@ impl Writer<'_> {
                 })
             }
         };
+        if let Some((cache, written)) = self.invalidate_after.take() {
+            for k in &written {
+                cache.store.invalidate(k);
+            }
+        }
         match res {
             Ok(bytes) => self.put(bytes).await,
             Err(e) => self.failed(ctx, e, req, count, proto, id).await,
