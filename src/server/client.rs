@@ -628,6 +628,7 @@ impl Reader {
         )
         .await
         .map_err(|e| e.resp_text())?;
+        p.set_carry_any_loss(self.ctx.config.uses_sentinel());
         self.push(Entry::Relay(rx));
         self.pinned = Some(p);
         self.pinned_tx = Some(tx);
@@ -648,11 +649,28 @@ impl Reader {
             return;
         }
         drop(p);
-        if let Err(e) = self.open_pinned().await {
-            tracing::warn!(client = self.id, error = %e, "cannot carry subscriptions to the new master; closing client");
-            self.shared.meter.kill();
-            self.closing = true;
-            return;
+        // Until the tracker has noticed a dead master, opening may fail:
+        // ask it to check, and try again within the hold time.
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.ctx.config.sentinel.hold_ms);
+        loop {
+            match self.open_pinned().await {
+                Ok(()) => break,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    tracing::warn!(client = self.id, error = %e, "cannot carry subscriptions to a new master; closing client");
+                    self.shared.meter.kill();
+                    self.closing = true;
+                    return;
+                }
+                Err(_) => {
+                    self.ctx.check_master.notify_one();
+                    let mut changed = self.ctx.topology.subscribe();
+                    tokio::select! {
+                        _ = changed.changed() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    }
+                }
+            }
         }
         let kinds: [(&[u8], Vec<Bytes>); 3] = [
             (b"SUBSCRIBE", self.state.channels.iter().cloned().collect()),
@@ -1143,57 +1161,17 @@ impl Writer<'_> {
                 let conn_died = matches!(e.error.kind, Kind::NotSent | Kind::OutcomeUnknown);
                 if (readonly || !e.sent) && conn_died {
                     // Retried on the current master (after a failover, the new one).
-                    let sent = ctx
-                        .send(
-                            proto,
-                            id as usize,
-                            &frame,
-                            1,
-                            Some(self.shared.meter.clone()),
-                            0,
-                        )
-                        .await;
-                    match sent.map(|s| match s {
-                        Sent::Queued(_, rx) => rx,
-                        Sent::Moved(_) => unreachable!("generation 0 accepts any master"),
-                    }) {
-                        Ok(rx) => {
-                            if !self.flush().await {
-                                return false;
-                            }
-                            let r = rx.await;
-                            match r {
-                                Ok(Ok(bytes)) => {
-                                    if !self.put(bytes).await {
-                                        return false;
-                                    }
-                                }
-                                Ok(Err(e2)) => {
-                                    // The retry died too (often a sibling
-                                    // connection to the same dead server).
-                                    let e2 = Error::upstream(
-                                        Kind::Unavailable,
-                                        format!("{} (retried once)", e2.error.detail),
-                                    );
-                                    if !self.put_local(&e2.resp_text()).await {
-                                        return false;
-                                    }
-                                }
-                                Err(_) => {
-                                    if !self.put_local(&e.error.resp_text()).await {
-                                        return false;
-                                    }
-                                }
-                            }
-                            continue;
-                        }
-                        Err(e2) => {
-                            if !self.put_local(&e2.resp_text()).await {
-                                return false;
-                            }
-                            continue;
-                        }
+                    if !self.flush().await {
+                        return false;
                     }
+                    let ok = match self.retry(ctx, &frame, proto, id, readonly).await {
+                        Ok(bytes) => self.put(bytes).await,
+                        Err(e2) => self.put_local(&e2.resp_text()).await,
+                    };
+                    if !ok {
+                        return false;
+                    }
+                    continue;
                 }
             }
             if !self.put_local(&e.error.resp_text()).await {
@@ -1208,6 +1186,55 @@ impl Writer<'_> {
             }
         }
         true
+    }
+
+    /// Send one request again. A read, following Sentinel, is sent again
+    /// until a master answers or `sentinel.hold_ms` runs out: a retry can
+    /// land on a sibling connection to the same dead master before anyone
+    /// knows it is dead, so the tracker is told and the read waits for a
+    /// change. Anything else is sent once more at most.
+    async fn retry(
+        &self,
+        ctx: &Ctx,
+        frame: &[u8],
+        proto: Proto,
+        id: u64,
+        readonly: bool,
+    ) -> Result<Bytes, Error> {
+        let hold = Duration::from_millis(ctx.config.sentinel.hold_ms);
+        let deadline = tokio::time::Instant::now() + hold;
+        loop {
+            let meter = Some(self.shared.meter.clone());
+            let rx = match ctx.send(proto, id as usize, frame, 1, meter, 0).await? {
+                Sent::Queued(_, rx) => rx,
+                // Generation 0 accepts any master; nothing was sent.
+                Sent::Moved(_) => continue,
+            };
+            let e2 = match rx.await {
+                Ok(Ok(bytes)) => return Ok(bytes),
+                Ok(Err(e2)) => e2.error,
+                Err(_) => Error::upstream(
+                    Kind::OutcomeUnknown,
+                    "upstream connection dropped the request",
+                ),
+            };
+            let again = (readonly || e2.kind == Kind::NotSent)
+                && ctx.config.uses_sentinel()
+                && matches!(e2.kind, Kind::NotSent | Kind::OutcomeUnknown)
+                && tokio::time::Instant::now() < deadline;
+            if !again {
+                return Err(Error::upstream(
+                    Kind::Unavailable,
+                    format!("{} (retried)", e2.detail),
+                ));
+            }
+            ctx.check_master.notify_one();
+            let mut changed = ctx.topology.subscribe();
+            tokio::select! {
+                _ = changed.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
     }
 
     async fn relay(&mut self, mut prx: mpsc::Receiver<PinMsg>) -> bool {

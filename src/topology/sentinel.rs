@@ -233,16 +233,9 @@ impl Tracker {
         self.subscribe_all();
         // The address with the highest epoch; ties go to the most votes.
         let mut votes: BTreeMap<(u64, String), usize> = BTreeMap::new();
-        let mut odown = 0;
         for rep in &reports {
-            if let Some((addr, epoch, flags)) = &rep.master {
+            if let Some((addr, epoch, _)) = &rep.master {
                 *votes.entry((*epoch, addr.clone())).or_default() += 1;
-                if flags
-                    .split(',')
-                    .any(|f| f == "o_down" || f == "failover_in_progress")
-                {
-                    odown += 1;
-                }
             }
         }
         if let Some(rep) = reports.iter().find(|r| r.master.is_some()) {
@@ -259,6 +252,19 @@ impl Tracker {
             self.publish();
             return;
         };
+        // Sentinels that name this master in this epoch and see it down or
+        // failing over (reports about a replaced master do not count).
+        let odown = reports
+            .iter()
+            .filter_map(|r| r.master.as_ref())
+            .filter(|(a, e, flags)| {
+                *a == addr
+                    && *e == epoch
+                    && flags
+                        .split(',')
+                        .any(|f| f == "o_down" || f == "failover_in_progress")
+            })
+            .count();
         if epoch < self.epoch {
             // Never move to a lower epoch.
             self.publish();
@@ -345,7 +351,19 @@ impl Tracker {
     async fn on_event(&mut self, ev: Event) {
         let words: Vec<&str> = ev.payload.split_whitespace().collect();
         // "<type> <name> <ip> <port> ..." for instance events.
-        let about_master = words.len() >= 2 && words[0] == "master" && words[1] == self.name;
+        // Instance events name the master they concern: "master <name> <ip>
+        // <port> ..." or "slave <id> <ip> <port> @ <name> <ip> <port>".
+        // Only events about the master keyward uses now count: late events
+        // about a master already replaced must not fence the new one.
+        let event_master = match words.as_slice() {
+            ["master", name, ip, port, ..] if *name == self.name => Some(format!("{ip}:{port}")),
+            ["slave", _, _, _, "@", name, ip, port, ..] if *name == self.name => {
+                Some(format!("{ip}:{port}"))
+            }
+            _ => None,
+        };
+        let about_current = event_master.is_some() && event_master == self.master;
+        let about_master = about_current && words[0] == "master";
         tracing::debug!(channel = %ev.channel, payload = %ev.payload, "sentinel event");
         match ev.channel.as_str() {
             "+new-epoch" => {
@@ -364,7 +382,7 @@ impl Tracker {
             }
             // "slave <ip:port> <ip> <port> @ <name> <master ip> <master port>"
             "+selected-slave" | "+promoted-slave"
-                if words.len() >= 6 && words[0] == "slave" && words[5] == self.name =>
+                if words.len() >= 6 && words[0] == "slave" && about_current =>
             {
                 let addr = format!("{}:{}", words[2], words[3]);
                 if ev.channel == "+promoted-slave" {
@@ -395,7 +413,7 @@ impl Tracker {
             | "+selected-slave"
             | "+failover-state-send-slaveof-noone"
             | "+failover-state-wait-promotion"
-                if about_master || words.iter().any(|w| *w == self.name) =>
+                if about_current =>
             {
                 let why = ev.channel.clone();
                 self.fence(&why);

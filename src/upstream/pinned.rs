@@ -59,6 +59,9 @@ pub struct PinShared {
     lost_notify: Notify,
     /// The relay ended quietly so the session can carry the subscriptions.
     carried: AtomicBool,
+    /// Carry subscriptions over any loss, not only a retired generation
+    /// (following Sentinel, a lost connection usually means a failing master).
+    carry_any_loss: AtomicBool,
 }
 
 pub struct Pinned {
@@ -141,6 +144,11 @@ impl Pinned {
     pub async fn send_swallowed(&mut self, bytes: &[u8], replies: u64) -> Result<(), Error> {
         self.shared.swallow.fetch_add(replies, Ordering::AcqRel);
         self.send(bytes, replies).await
+    }
+
+    /// Carry subscriptions over any loss of the connection (Sentinel mode).
+    pub fn set_carry_any_loss(&self, on: bool) {
+        self.shared.carry_any_loss.store(on, Ordering::Release);
     }
 
     /// Whether the session will carry its subscriptions over a master change.
@@ -296,7 +304,8 @@ async fn relay(
             break e;
         }
     };
-    let carried = shared.retired.load(Ordering::Acquire)
+    let carried = (shared.retired.load(Ordering::Acquire)
+        || shared.carry_any_loss.load(Ordering::Acquire))
         && shared.resubscribe.load(Ordering::Acquire)
         && shared.outstanding.load(Ordering::Acquire) == 0;
     shared.carried.store(carried, Ordering::Release);

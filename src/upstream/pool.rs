@@ -48,6 +48,10 @@ pub struct Node {
     /// Set when this node may no longer receive writes (it failed over or is
     /// about to): shared connections stop writing at once.
     pub fenced: Arc<AtomicBool>,
+    /// How long a retired connection waits for replies already owed before
+    /// failing them: a failing master rarely answers late, and a planned
+    /// switchover waits for them before it retires anything.
+    pub retire_drain: Duration,
 }
 
 pub struct Pool {
@@ -253,7 +257,7 @@ async fn maintain(pool: Arc<Pool>, slot: usize, shutdown: CancellationToken) {
                             // requests already written get their replies,
                             // within the command timeout, then close.
                             conn.wake_writer();
-                            let deadline = tokio::time::Instant::now() + node.settings.command_timeout;
+                            let deadline = tokio::time::Instant::now() + node.retire_drain;
                             while conn.pending() > 0 && !conn.is_closed() && tokio::time::Instant::now() < deadline {
                                 tokio::time::sleep(Duration::from_millis(5)).await;
                             }
