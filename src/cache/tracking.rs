@@ -67,16 +67,17 @@ pub async fn run(ctx: Arc<Ctx>, cache: Arc<NearCache>, mut fills: mpsc::Receiver
             &up.node.settings,
         )
         .await;
-        let reason = match &why {
-            Some(w) if w == TOPOLOGY_CHANGED => FlushReason::Topology,
-            _ => FlushReason::Link,
+        // On shutdown the cache is left as it is: the warm-up list is saved
+        // from it, and nothing is served any more.
+        let Some(why) = why else { return };
+        let reason = if why == TOPOLOGY_CHANGED {
+            FlushReason::Topology
+        } else {
+            FlushReason::Link
         };
         cache.store.flush(reason);
         drain(&cache, &mut fills);
-        match why {
-            None => return,
-            Some(e) => tracing::warn!(error = %e, "near cache: tracking link lost; cache flushed"),
-        }
+        tracing::warn!(error = %why, "near cache: tracking link lost; cache flushed");
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -267,10 +268,13 @@ fn land(cache: &NearCache, fill: Fill, exec: &Bytes) {
     };
     let pttl = parse_int(&pttl[1..pttl.len() - 2]).unwrap_or(-2);
     let max = Duration::from_millis(cache.config.max_ttl_ms);
+    // Up to 10% jitter below the bound, so entries filled together do not
+    // all expire (and refill) together.
+    let bound = max - max.mul_f64(rand::random::<f64>() * 0.1);
     let ttl = if pttl >= 0 {
-        Duration::from_millis(pttl as u64).min(max)
+        Duration::from_millis(pttl as u64).min(bound)
     } else {
-        max
+        bound
     };
     if reply.first() == Some(&b'-')
         || reply.first() == Some(&b'!')
