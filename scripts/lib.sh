@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# scripts/lib.sh -- helpers shared by scripts/test, scripts/demo and scripts/bench.
+# scripts/lib.sh -- helpers shared by scripts/test, scripts/demo, scripts/bench
+# and scripts/failover-drill.
 #
 # Source it, don't run it:   . "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 #
@@ -205,6 +206,38 @@ wait_port() {
         sleep 0.05 # poll interval only; the deadline above decides
     done
 }
+
+# wait_until [--pid PID] TIMEOUT_S WHAT CMD... -- run CMD (quietly) every
+# 0.1 s until it succeeds; fail with a log line naming WHAT after TIMEOUT_S
+# seconds, or at once if process PID exits first. For conditions richer
+# than "a port accepts": replication in sync, Sentinel discovery, /ready.
+wait_until() {
+    local pid=""
+    if [[ "${1:-}" == --pid ]]; then
+        pid="$2"
+        shift 2
+    fi
+    local timeout_s="$1" what="$2"
+    shift 2
+    local deadline=$(($(date +%s) + timeout_s))
+    while :; do
+        if "$@" >/dev/null 2>&1; then
+            return 0
+        fi
+        if [[ -n "$pid" ]] && ! pid_alive "$pid"; then
+            log "process $pid exited while waiting until $what"
+            return 1
+        fi
+        if (($(date +%s) >= deadline)); then
+            log "timed out after ${timeout_s}s waiting until $what"
+            return 1
+        fi
+        sleep 0.1 # poll interval only; the deadline above decides
+    done
+}
+
+# http_ok URL -- true if URL answers 2xx within 2 s (curl, no output).
+http_ok() { curl -fsS -o /dev/null --max-time 2 "$1"; }
 
 # -------------------------------------------------------------- processes --
 

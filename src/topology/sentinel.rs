@@ -71,6 +71,9 @@ struct Tracker {
     pending_epoch: u64,
     /// The replica the failover leader selected, watched until it is master.
     candidate: Option<(String, Instant)>,
+    /// A ROLE check on the master is running; its result comes on `checks`.
+    checking: bool,
+    checks: mpsc::Sender<(String, Result<String, Error>)>,
     events: mpsc::Sender<Event>,
     subscribed: BTreeSet<String>,
 }
@@ -80,6 +83,7 @@ pub async fn run(ctx: Arc<Ctx>) {
     let cfg = ctx.config.sentinel.clone();
     let timeout = Duration::from_millis(cfg.timeout_ms);
     let (tx, mut rx) = mpsc::channel(1024);
+    let (check_tx, mut check_rx) = mpsc::channel(4);
     let mut t = Tracker {
         name: cfg.master_name.clone(),
         sentinel: Settings {
@@ -105,6 +109,8 @@ pub async fn run(ctx: Arc<Ctx>) {
         sdown: false,
         pending_epoch: 0,
         candidate: None,
+        checking: false,
+        checks: check_tx,
         events: tx,
         subscribed: BTreeSet::new(),
         ctx,
@@ -127,10 +133,11 @@ pub async fn run(ctx: Arc<Ctx>) {
                 t.poll().await;
                 next_poll = tokio::time::Instant::now() + t.poll_interval();
             }
-            _ = check.tick() => t.check_master().await,
+            _ = check.tick() => t.check_master(),
+            Some((master, result)) = check_rx.recv() => t.on_check(master, result),
             _ = tokio::time::sleep(CANDIDATE_POLL), if t.candidate.is_some() => t.check_candidate().await,
             // A shared connection lost the master: check now, not at the tick.
-            _ = t.ctx.check_master.notified() => t.check_master().await,
+            _ = t.ctx.check_master.notified() => t.check_master(),
         }
     }
 }
@@ -464,14 +471,34 @@ impl Tracker {
     }
 
     /// keyward's own check: ROLE on the master every `ping_ms`.
-    async fn check_master(&mut self) {
+    /// Start keyward's own ROLE check on the master, in a task of its own:
+    /// a frozen master accepts the connection and answers nothing, and the
+    /// tracker must go on handling Sentinel events meanwhile.
+    fn check_master(&mut self) {
         let Some(master) = self.master.clone() else {
             return;
         };
-        if self.state == State::Fenced || self.state == State::Switching {
+        if self.checking || self.state == State::Fenced || self.state == State::Switching {
             return;
         }
-        match role(&self.upstream, &master).await {
+        self.checking = true;
+        let (settings, tx) = (self.upstream.clone(), self.checks.clone());
+        tokio::spawn(async move {
+            let r = role(&settings, &master).await;
+            let _ = tx.send((master, r)).await;
+        });
+    }
+
+    /// The result of a ROLE check on `master`.
+    fn on_check(&mut self, master: String, result: Result<String, Error>) {
+        self.checking = false;
+        if self.master.as_deref() != Some(master.as_str())
+            || matches!(self.state, State::Fenced | State::Switching)
+        {
+            // About a master already replaced or fenced.
+            return;
+        }
+        match result {
             Ok(r) if r == "master" => {
                 self.failed_checks = 0;
                 if self.state == State::Suspect && !self.sdown {

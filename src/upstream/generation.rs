@@ -51,9 +51,6 @@ impl Upstream {
             backoff_max: Duration::from_millis(u.backoff_max_ms),
             learned,
             fenced: Arc::new(AtomicBool::new(false)),
-            retire_drain: config
-                .command_timeout()
-                .min(Duration::from_millis(config.sentinel.timeout_ms)),
         });
         let retired = CancellationToken::new();
         let pool2 = Pool::start(node.clone(), Proto::Resp2, u.pool_size, retired.clone());

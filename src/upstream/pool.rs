@@ -48,10 +48,6 @@ pub struct Node {
     /// Set when this node may no longer receive writes (it failed over or is
     /// about to): shared connections stop writing at once.
     pub fenced: Arc<AtomicBool>,
-    /// How long a retired connection waits for replies already owed before
-    /// failing them: a failing master rarely answers late, and a planned
-    /// switchover waits for them before it retires anything.
-    pub retire_drain: Duration,
 }
 
 pub struct Pool {
@@ -252,15 +248,14 @@ async fn maintain(pool: Arc<Pool>, slot: usize, shutdown: CancellationToken) {
                 loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => {
-                            // Retired (master replaced, fenced, or keyward
-                            // stopping): the fence stops new writes; let the
-                            // requests already written get their replies,
-                            // within the command timeout, then close.
-                            conn.wake_writer();
-                            let deadline = tokio::time::Instant::now() + node.retire_drain;
-                            while conn.pending() > 0 && !conn.is_closed() && tokio::time::Instant::now() < deadline {
-                                tokio::time::sleep(Duration::from_millis(5)).await;
-                            }
+                            // Retired: the master is failing over, was
+                            // replaced, or keyward is stopping (clients have
+                            // drained by then; a planned switchover waits for
+                            // replies before it retires anything). A reply
+                            // still owed could only come from a master that
+                            // no longer counts, and a late +OK from a
+                            // resumed zombie would acknowledge a lost write:
+                            // fail what is left now.
                             conn.fail(Error::upstream(
                                 Kind::OutcomeUnknown,
                                 format!("{}: connection retired (master replaced or keyward stopping)", node.settings.address),
