@@ -172,7 +172,14 @@ impl Tracker {
             master: self.master.clone(),
             epoch: self.epoch,
             state: self.state,
-            replicas: self.replicas.clone(),
+            // Sentinels list the promoted replica among the replicas for a
+            // moment after a failover: show the master once.
+            replicas: self
+                .replicas
+                .iter()
+                .filter(|r| Some(*r) != self.master.as_ref())
+                .cloned()
+                .collect(),
             sentinels: self
                 .sentinels
                 .iter()
