@@ -116,20 +116,18 @@ impl Detector {
     #[inline]
     pub fn record(&self, key: &[u8]) {
         LOCAL.with(|l| {
-            let mut l = l.borrow_mut();
-            let local = match l.iter().find(|(id, _)| *id == self.id) {
-                Some((_, local)) => local.clone(),
-                None => {
-                    let local = Arc::new(Mutex::new(HeavyHitters::new(self.config.top_k)));
-                    self.locals
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(local.clone());
-                    l.push((self.id, local.clone()));
-                    local
-                }
-            };
+            // Fast path: this thread's structure exists; no Arc clone.
+            if let Some((_, local)) = l.borrow().iter().find(|(id, _)| *id == self.id) {
+                local.lock().unwrap_or_else(|e| e.into_inner()).add(key, 1);
+                return;
+            }
+            let local = Arc::new(Mutex::new(HeavyHitters::new(self.config.top_k)));
+            self.locals
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(local.clone());
             local.lock().unwrap_or_else(|e| e.into_inner()).add(key, 1);
+            l.borrow_mut().push((self.id, local));
         });
     }
 
