@@ -29,6 +29,7 @@ pub mod cache;
 pub mod command;
 pub mod config;
 pub mod error;
+pub mod hex;
 pub mod hotkey;
 pub mod metrics;
 pub mod resp;

@@ -403,7 +403,11 @@ mod tests {
         let (k, r) = (b("x"), b("rx"));
         let t = s.begin_fill(&k, &r).unwrap();
         assert!(s.complete_fill(k, r, t, b(":1\r\n"), Duration::from_millis(1)));
-        std::thread::sleep(Duration::from_millis(5));
+        // Poll until the 1 ms lifetime has run out (deadline: 1 s).
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline && s.get(b"rx", Proto::Resp3).is_some() {
+            std::hint::spin_loop();
+        }
         assert!(s.get(b"rx", Proto::Resp3).is_none(), "expired");
     }
 }

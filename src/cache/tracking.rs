@@ -23,7 +23,7 @@ use super::store::{FlushReason, Ticket};
 const TOPOLOGY_CHANGED: &str = "topology changed";
 use super::NearCache;
 use crate::error::{Error, Kind};
-use crate::resp::scan::{line_end, parse_int};
+use crate::resp::scan::{elements, parse_int, string_of};
 use crate::resp::{reply, Proto, Scanner};
 use crate::server::Ctx;
 use crate::upstream::connector;
@@ -213,15 +213,13 @@ async fn session(
 /// Apply one frame from the tracking connection, in wire order.
 fn on_frame(cache: &NearCache, pending: &mut VecDeque<Pending>, frame: Bytes) -> Result<(), Error> {
     if frame.first() == Some(&b'>') {
-        let parts = elements(&frame);
-        let kind = parts.first().and_then(|p| bulk(p)).unwrap_or_default();
+        let mut parts = elements(&frame);
+        let kind = parts.next().and_then(string_of).unwrap_or_default();
         match kind {
-            b"invalidate" => match parts.get(1) {
+            b"invalidate" => match parts.next() {
                 Some(keys) if keys.first() == Some(&b'*') => {
-                    for k in elements(keys) {
-                        if let Some(k) = bulk(k) {
-                            cache.store.invalidate(k);
-                        }
+                    for k in elements(keys).filter_map(string_of) {
+                        cache.store.invalidate(k);
                     }
                 }
                 // A null invalidation: FLUSHALL/FLUSHDB.
@@ -259,9 +257,8 @@ fn on_frame(cache: &NearCache, pending: &mut VecDeque<Pending>, frame: Bytes) ->
 
 /// The EXEC reply of a fill: `*2` [PTTL, the command's reply].
 fn land(cache: &NearCache, fill: Fill, exec: &Bytes) {
-    let parts = elements(exec);
-    let (Some(pttl), Some(reply), true) =
-        (parts.first(), parts.get(1), exec.first() == Some(&b'*'))
+    let mut parts = elements(exec);
+    let (Some(pttl), Some(reply), true) = (parts.next(), parts.next(), exec.first() == Some(&b'*'))
     else {
         cache.store.abandon_fill(&fill.request);
         return;
@@ -290,39 +287,6 @@ fn land(cache: &NearCache, fill: Fill, exec: &Bytes) {
         .complete_fill(fill.key, fill.request, fill.ticket, reply, ttl);
 }
 
-/// The elements of an aggregate frame, as raw sub-frames.
-fn elements(frame: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
-    let Some(nl) = line_end(frame, 1) else {
-        return out;
-    };
-    let Some(n) = parse_int(&frame[1..nl - 1]) else {
-        return out;
-    };
-    let mut pos = nl + 1;
-    for _ in 0..n.max(0) {
-        let Ok(Some(len)) = crate::resp::scan::frame_len(&frame[pos..]) else {
-            break;
-        };
-        out.push(&frame[pos..pos + len]);
-        pos += len;
-    }
-    out
-}
-
-/// The contents of a bulk (or simple) string frame.
-fn bulk(frame: &[u8]) -> Option<&[u8]> {
-    let nl = line_end(frame, 1)?;
-    match frame.first()? {
-        b'$' => {
-            let n = parse_int(&frame[1..nl - 1])?;
-            frame.get(nl + 1..nl + 1 + n.max(0) as usize)
-        }
-        b'+' => Some(&frame[1..nl - 1]),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,12 +294,12 @@ mod tests {
     #[test]
     fn push_parsing() {
         let push = b">2\r\n$10\r\ninvalidate\r\n*2\r\n$1\r\na\r\n$2\r\nbb\r\n";
-        let parts = elements(push);
-        assert_eq!(bulk(parts[0]), Some(&b"invalidate"[..]));
-        let keys: Vec<&[u8]> = elements(parts[1]).into_iter().filter_map(bulk).collect();
+        let parts: Vec<&[u8]> = elements(push).collect();
+        assert_eq!(string_of(parts[0]), Some(&b"invalidate"[..]));
+        let keys: Vec<&[u8]> = elements(parts[1]).filter_map(string_of).collect();
         assert_eq!(keys, vec![&b"a"[..], &b"bb"[..]]);
         let exec = b"*2\r\n:1500\r\n$3\r\nval\r\n";
-        let parts = elements(exec);
+        let parts: Vec<&[u8]> = elements(exec).collect();
         assert_eq!(parts, vec![&b":1500\r\n"[..], &b"$3\r\nval\r\n"[..]]);
     }
 }

@@ -99,7 +99,12 @@ fn load(path: &Path) -> Vec<(Bytes, Bytes)> {
     };
     pairs
         .into_iter()
-        .filter_map(|(k, r)| Some((Bytes::from(unhex(&k)?), Bytes::from(unhex(&r)?))))
+        .filter_map(|(k, r)| {
+            Some((
+                Bytes::from(crate::hex::decode(&k)?),
+                Bytes::from(crate::hex::decode(&r)?),
+            ))
+        })
         .take(MAX_SAVED)
         .collect()
 }
@@ -110,7 +115,7 @@ fn save(cache: &NearCache, dir: &str) {
         .requests()
         .into_iter()
         .take(MAX_SAVED)
-        .map(|(k, r)| (hex(&k), hex(&r)))
+        .map(|(k, r)| (crate::hex::encode(&k), crate::hex::encode(&r)))
         .collect();
     let path = file(dir);
     let tmp = path.with_extension("json.tmp");
@@ -120,18 +125,4 @@ fn save(cache: &NearCache, dir: &str) {
     if let Err(e) = res {
         tracing::warn!(path = %path.display(), error = %e, "near cache: cannot save the warm-up list");
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }

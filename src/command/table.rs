@@ -71,6 +71,18 @@ impl CommandInfo {
         self.flags & flag != 0
     }
 
+    /// The subcommand named `sub` (case-insensitive) of a container command
+    /// (`CLIENT ID`, `OBJECT ENCODING`); the command itself otherwise.
+    pub fn sub(&self, sub: Option<&[u8]>) -> &CommandInfo {
+        if self.subcommands.is_empty() {
+            return self;
+        }
+        let mut buf = [0u8; MAX_NAME];
+        sub.and_then(|s| lowercase(s, &mut buf))
+            .and_then(|s| self.subcommands.get(s))
+            .unwrap_or(self)
+    }
+
     /// Does `argc` (including the name) satisfy the arity?
     pub fn arity_ok(&self, argc: usize) -> bool {
         let a = self.arity;
@@ -124,16 +136,7 @@ impl CommandTable {
     /// Look up a command, descending into its subcommand when it has them.
     #[inline]
     pub fn get_with_sub(&self, name: &[u8], sub: Option<&[u8]>) -> Option<&CommandInfo> {
-        let info = self.get(name)?;
-        if info.subcommands.is_empty() {
-            return Some(info);
-        }
-        let Some(sub) = sub else { return Some(info) };
-        let mut buf = [0u8; MAX_NAME];
-        match lowercase(sub, &mut buf) {
-            Some(sub) => info.subcommands.get(sub).or(Some(info)),
-            None => Some(info),
-        }
+        Some(self.get(name)?.sub(sub))
     }
 }
 

@@ -95,7 +95,7 @@ pub async fn run(ctx: Arc<Ctx>) {
                 .keys
                 .iter()
                 .filter(|e| e.rate > 0)
-                .map(|e| (hex(&e.key), e.rate))
+                .map(|e| (crate::hex::encode(&e.key), e.rate))
                 .collect(),
         };
         let json = serde_json::to_string(&summary).unwrap_or_default();
@@ -145,7 +145,7 @@ pub async fn read(ctx: &Ctx) -> Result<Vec<FleetEntry>, String> {
             continue;
         }
         for (k, rate) in s.keys {
-            if let Some(k) = unhex(&k) {
+            if let Some(k) = crate::hex::decode(&k) {
                 let e = merged.entry(k).or_default();
                 e.0 += rate;
                 e.1 += 1;
@@ -168,31 +168,4 @@ pub async fn read(ctx: &Ctx) -> Result<Vec<FleetEntry>, String> {
         .collect();
     out.sort_by(|a, b| b.rate.cmp(&a.rate).then_with(|| a.key.cmp(&b.key)));
     Ok(out)
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hex_round_trip() {
-        let k = b"a\x00\xffz".to_vec();
-        assert_eq!(unhex(&hex(&k)), Some(k));
-        assert_eq!(unhex("abc"), None);
-        assert_eq!(unhex("zz"), None);
-    }
 }

@@ -4,6 +4,7 @@
 
 pub mod detector;
 pub mod fleet;
+pub mod sampler;
 pub mod sketch;
 
 pub use detector::{Detector, HotEntry};

@@ -139,6 +139,58 @@ pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
     Scanner::new().next(buf)
 }
 
+/// The elements of a complete aggregate frame, as raw sub-frames, without
+/// allocating (for the few frames keyward looks into: pushes, EXEC replies).
+pub fn elements(frame: &[u8]) -> Elements<'_> {
+    let header = line_end(frame, 1).and_then(|nl| Some((nl, parse_int(&frame[1..nl - 1])?)));
+    match header {
+        Some((nl, n)) => Elements {
+            frame,
+            pos: nl + 1,
+            left: n.max(0) as u64,
+        },
+        None => Elements {
+            frame,
+            pos: 0,
+            left: 0,
+        },
+    }
+}
+
+pub struct Elements<'a> {
+    frame: &'a [u8],
+    pos: usize,
+    left: u64,
+}
+
+impl<'a> Iterator for Elements<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        if self.left == 0 {
+            return None;
+        }
+        let len = frame_len(self.frame.get(self.pos..)?).ok()??;
+        let e = &self.frame[self.pos..self.pos + len];
+        self.pos += len;
+        self.left -= 1;
+        Some(e)
+    }
+}
+
+/// The contents of a bulk or simple string frame.
+pub fn string_of(frame: &[u8]) -> Option<&[u8]> {
+    let nl = line_end(frame, 1)?;
+    match frame.first()? {
+        b'$' => {
+            let n = parse_int(&frame[1..nl - 1])?;
+            frame.get(nl + 1..nl + 1 + n.max(0) as usize)
+        }
+        b'+' => Some(&frame[1..nl - 1]),
+        _ => None,
+    }
+}
+
 enum Element {
     /// Not enough bytes; the buffer must reach this length first.
     Incomplete(usize),

@@ -33,6 +33,7 @@ use crate::command::keys::for_each_key;
 use crate::command::table::flags;
 use crate::command::{classify, Class};
 use crate::error::{Error, Kind};
+use crate::hotkey::sampler::Sampler;
 use crate::resp::reply;
 use crate::resp::request::Args;
 use crate::resp::{Parsed, Proto, Request, RequestParser};
@@ -133,8 +134,7 @@ pub fn start(
         run_count: 0,
         target: Target::Pool(Proto::Resp2, 0),
         closing: false,
-        sample_tick: 0,
-        sample_rng: (0x9E37_79B9_7F4A_7C15 ^ id.wrapping_mul(0xBF58_476D_1CE4_E5B9)) | 1,
+        sampler: Sampler::new(id),
         run_replica: false,
         pending_written: Vec::new(),
     };
@@ -178,10 +178,8 @@ struct Reader {
     /// Where the last request went.
     target: Target,
     closing: bool,
-    /// Requests left until the next hot-key sample, and the generator of
-    /// the random gaps between samples.
-    sample_tick: u32,
-    sample_rng: u64,
+    /// Which requests the hot-key detector samples.
+    sampler: Sampler,
     /// The run at the front of `buf` goes to a replica.
     run_replica: bool,
     /// Keys written by requests not yet handed to the writer. Each is
@@ -291,69 +289,50 @@ impl Reader {
                     None => &self.buf[off..off + req.consumed],
                 };
                 let args: SmallVec<[&[u8]; 8]> = ArgView::new(frame, &req.args).collect();
-                // Hot-key sampling: a countdown per request; one in
-                // `sample_rate` has its keys recorded.
-                if let Some(d) = &self.ctx.hotkeys {
-                    if self.sample_tick == 0 {
-                        // The next gap is random with mean `sample_rate`: a
-                        // fixed period would alias with periodic workloads
-                        // (a pipeline cycling over 20 keys, sampled every 8th
-                        // request, would only ever see 5 of them).
-                        let rate = d.config.sample_rate;
-                        self.sample_tick = if rate <= 1 {
-                            0
-                        } else {
-                            // xorshift64: cheap, per client, no shared state.
-                            let mut x = self.sample_rng;
-                            x ^= x << 13;
-                            x ^= x >> 7;
-                            x ^= x << 17;
-                            self.sample_rng = x;
-                            (x % (2 * rate as u64 - 1)) as u32
-                        };
-                        if let Some(info) = table.as_deref().and_then(|t| t.get(args[0])) {
-                            for_each_key(info, args.len(), |i| args[i], |k| d.record(k));
-                        }
-                    } else {
-                        self.sample_tick -= 1;
-                    }
+                let sampled = match &self.ctx.hotkeys {
+                    Some(d) => self.sampler.due(d.config.sample_rate),
+                    None => false,
+                };
+                let cache = self.ctx.cache.as_ref();
+                let cache_active = cache.is_some_and(|c| c.store.active());
+                // One command-table lookup, only when something needs it.
+                let info = if sampled || cache_active || self.ctx.read_from_replica {
+                    table.as_deref().and_then(|t| t.get(args[0]))
+                } else {
+                    None
+                };
+                if let (Some(d), Some(info), true) = (&self.ctx.hotkeys, info, sampled) {
+                    for_each_key(info, args.len(), |i| args[i], |k| d.record(k));
                 }
                 let class = classify(table.as_deref(), &args);
-                if let Some(cache) = &self.ctx.cache {
-                    // A write drops its keys from the cache before it is
-                    // forwarded: a client reads its own writes.
-                    if cache.store.active() {
-                        if let Some(info) = table.as_deref().and_then(|t| t.get(args[0])) {
-                            if info.has(flags::WRITE) || info.has(flags::MAY_REPLICATE) {
-                                let written = &mut self.pending_written;
-                                for_each_key(
-                                    info,
-                                    args.len(),
-                                    |i| args[i],
-                                    |k| {
-                                        cache.store.invalidate(k);
-                                        written.push(Bytes::copy_from_slice(k));
-                                    },
-                                );
-                            }
-                        }
-                    }
-                    // A hit on a hot key is answered here, in order.
-                    if class == Class::Forward && self.pinned.is_none() && self.state.db == 0 {
-                        if let Some(d) = &self.ctx.hotkeys {
-                            if let Some(reply) = cache.lookup(d, &args, frame, self.proto) {
-                                hit = Some(reply);
-                            }
-                        }
+                // A write drops its keys from the cache before it is
+                // forwarded (and again when its reply arrives, see
+                // `pending_written`): a client reads its own writes.
+                if let (Some(cache), Some(info), true) = (cache, info, cache_active) {
+                    if info.has(flags::WRITE) || info.has(flags::MAY_REPLICATE) {
+                        let written = &mut self.pending_written;
+                        for_each_key(
+                            info,
+                            args.len(),
+                            |i| args[i],
+                            |k| {
+                                cache.store.invalidate(k);
+                                written.push(Bytes::copy_from_slice(k));
+                            },
+                        );
                     }
                 }
-                // With read_from = "replica", read-only commands go to a
-                // replica (one lookup, only in that mode).
+                // A hit on a hot key is answered here, in order.
+                if let (Some(cache), Some(d)) = (cache, &self.ctx.hotkeys) {
+                    if class == Class::Forward && self.pinned.is_none() && self.state.db == 0 {
+                        hit = cache.lookup(d, &args, frame, self.proto);
+                    }
+                }
+                // With read_from = "replica", read-only commands go to a replica.
                 let replica = self.ctx.read_from_replica
                     && class == Class::Forward
-                    && table
-                        .as_deref()
-                        .and_then(|t| t.get_with_sub(args[0], args.get(1).copied()))
+                    && info
+                        .map(|i| i.sub(args.get(1).copied()))
                         .is_some_and(|i| i.has(flags::READONLY) && !i.has(flags::WRITE));
                 (class, replica)
             };
@@ -430,14 +409,7 @@ impl Reader {
                 self.ctx
                     .send_replica(self.proto, self.id as usize, &req, count, meter)
             {
-                let written = std::mem::take(&mut self.pending_written);
-                self.push(Entry::Pooled {
-                    rx,
-                    req,
-                    count,
-                    proto: self.proto,
-                    written,
-                });
+                self.push_pooled(rx, req, count);
                 return;
             }
         }
@@ -445,7 +417,6 @@ impl Reader {
     }
 
     async fn send_pool(&mut self, req: Bytes, count: u32) {
-        let meter = Some(self.shared.meter.clone());
         // Held here while a failover is suspected or under way. A batch
         // bound for another connection than the last one (other RESP
         // version, pinned before, a new master) first waits for every
@@ -465,7 +436,7 @@ impl Reader {
                     self.id as usize,
                     &req,
                     count,
-                    meter.clone(),
+                    Some(&self.shared.meter),
                     generation,
                 )
                 .await
@@ -495,6 +466,11 @@ impl Reader {
                 rx
             }
         };
+        self.push_pooled(rx, req, count);
+    }
+
+    /// Queue a batch sent to a pool, with the keys it writes.
+    fn push_pooled(&mut self, rx: oneshot::Receiver<BatchResult>, req: Bytes, count: u32) {
         let written = std::mem::take(&mut self.pending_written);
         self.push(Entry::Pooled {
             rx,
@@ -1204,8 +1180,10 @@ impl Writer<'_> {
         let hold = Duration::from_millis(ctx.config.sentinel.hold_ms);
         let deadline = tokio::time::Instant::now() + hold;
         loop {
-            let meter = Some(self.shared.meter.clone());
-            let rx = match ctx.send(proto, id as usize, frame, 1, meter, 0).await? {
+            let rx = match ctx
+                .send(proto, id as usize, frame, 1, Some(&self.shared.meter), 0)
+                .await?
+            {
                 Sent::Queued(_, rx) => rx,
                 // Generation 0 accepts any master; nothing was sent.
                 Sent::Moved(_) => continue,

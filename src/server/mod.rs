@@ -117,17 +117,10 @@ impl Ctx {
         let held_bytes = self.held_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
         let _release = Held(self, requests, bytes);
         if held_requests > c.hold_max_requests || held_bytes > c.hold_max_bytes {
-            let t = self.topology.snapshot();
-            return Err(Error::upstream(
-                Kind::MasterDown,
-                format!(
-                    "no verified master for '{}' (state: {}) and the hold queue is full (sentinel.hold_max_requests = {}, sentinel.hold_max_bytes = {})",
-                    t.master_name.as_deref().unwrap_or("upstream"),
-                    t.state.name(),
-                    c.hold_max_requests,
-                    c.hold_max_bytes
-                ),
-            ));
+            return Err(self.master_down(&format!(
+                "and the hold queue is full (sentinel.hold_max_requests = {}, sentinel.hold_max_bytes = {})",
+                c.hold_max_requests, c.hold_max_bytes
+            )));
         }
         let hold = Duration::from_millis(c.hold_ms);
         let deadline = tokio::time::Instant::now() + hold;
@@ -140,18 +133,24 @@ impl Ctx {
                 .await
                 .is_err()
             {
-                let t = self.topology.snapshot();
-                return Err(Error::upstream(
-                    Kind::MasterDown,
-                    format!(
-                        "no verified master for '{}' (state: {}) after {} ms (sentinel.hold_ms)",
-                        t.master_name.as_deref().unwrap_or("upstream"),
-                        t.state.name(),
-                        hold.as_millis()
-                    ),
-                ));
+                return Err(
+                    self.master_down(&format!("after {} ms (sentinel.hold_ms)", hold.as_millis()))
+                );
             }
         }
+    }
+
+    /// `-MASTERDOWN no verified master for '<name>' (state: ...) <why>`.
+    fn master_down(&self, why: &str) -> Error {
+        let t = self.topology.snapshot();
+        Error::upstream(
+            Kind::MasterDown,
+            format!(
+                "no verified master for '{}' (state: {}) {why}",
+                t.master_name.as_deref().unwrap_or("upstream"),
+                t.state.name()
+            ),
+        )
     }
 
     /// Send a batch to the current master's shared pool for `proto`.
@@ -172,7 +171,7 @@ impl Ctx {
         sticky: usize,
         bytes: &[u8],
         count: u32,
-        meter: Option<Arc<Meter>>,
+        meter: Option<&Arc<Meter>>,
         generation: u64,
     ) -> Result<Sent, Error> {
         let hold = Duration::from_millis(self.config.sentinel.hold_ms);
@@ -183,7 +182,7 @@ impl Ctx {
                 return Ok(Sent::Moved(up.generation));
             }
             let pool = up.pool(proto);
-            match pool.send(sticky, bytes, count, meter.clone()) {
+            match pool.send(sticky, bytes, count, meter.cloned()) {
                 Ok(rx) => return Ok(Sent::Queued(up.generation, rx)),
                 Err(e) if e.kind == Kind::Unavailable => {
                     if pool.wait_first(self.config.connect_timeout()).await {

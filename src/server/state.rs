@@ -31,23 +31,18 @@ pub struct SessionState {
 impl SessionState {
     /// True when nothing ties the client to its pinned connection.
     pub fn clean(&self) -> bool {
-        self.db == 0
-            && !self.in_multi
-            && !self.watching
-            && !self.monitor
-            && !self.client_state
-            && !self.reply_off
-            && !self.reply_skip
-            && self.channels.is_empty()
-            && self.patterns.is_empty()
-            && self.shard_channels.is_empty()
+        self.no_connection_state() && !self.subscribed()
     }
 
     /// Subscriptions are the only state: they can be carried to a new
     /// master by subscribing again.
     pub fn only_subscriptions(&self) -> bool {
-        self.subscribed()
-            && self.db == 0
+        self.no_connection_state() && self.subscribed()
+    }
+
+    /// Nothing but (possibly) subscriptions ties the client to its connection.
+    fn no_connection_state(&self) -> bool {
+        self.db == 0
             && !self.in_multi
             && !self.watching
             && !self.monitor

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use redis_protocol::resp2::types::OwnedFrame;
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -677,44 +676,29 @@ async fn subscribe(
     loop {
         let run = async {
             let mut stream: TcpStream = connector::connect(&s, Proto::Resp2).await?;
-            let reply = connector::call(&mut stream, &[b"PSUBSCRIBE", b"*"]).await?;
-            decode(&reply)?;
-            tracing::debug!(sentinel = %s.address, "subscribed to sentinel events");
+            connector::send(&mut stream, &[b"PSUBSCRIBE", b"*"]).await?;
+            // One buffer for the whole stream: an event may arrive in the
+            // same read as the PSUBSCRIBE confirmation.
             let mut buf = BytesMut::with_capacity(4096);
             let mut scanner = Scanner::new();
+            decode(&connector::read_frame(&mut stream, &mut buf, &mut scanner).await?)?;
+            tracing::debug!(sentinel = %s.address, "subscribed to sentinel events");
             loop {
-                while let Some(end) = scanner
-                    .next(&buf)
-                    .map_err(|e| Error::upstream(Kind::Protocol, e.to_string()))?
+                let frame = connector::read_frame(&mut stream, &mut buf, &mut scanner).await?;
+                // pmessage <pattern> <channel> <payload>
+                let Ok(f) = decode(&frame) else { continue };
+                if let [OwnedFrame::BulkString(kind), _, OwnedFrame::BulkString(ch), OwnedFrame::BulkString(p)] =
+                    items(&f)
                 {
-                    let frame = buf.split_to(end);
-                    scanner.consumed(end);
-                    if let Ok(f) = decode(&frame) {
-                        // pmessage <pattern> <channel> <payload>
-                        if let [OwnedFrame::BulkString(kind), _, OwnedFrame::BulkString(ch), OwnedFrame::BulkString(p)] =
-                            items(&f)
-                        {
-                            if kind == b"pmessage" {
-                                let ev = Event {
-                                    channel: String::from_utf8_lossy(ch).into_owned(),
-                                    payload: String::from_utf8_lossy(p).into_owned(),
-                                };
-                                if events.send(ev).await.is_err() {
-                                    return Ok(());
-                                }
-                            }
+                    if kind == b"pmessage" {
+                        let ev = Event {
+                            channel: String::from_utf8_lossy(ch).into_owned(),
+                            payload: String::from_utf8_lossy(p).into_owned(),
+                        };
+                        if events.send(ev).await.is_err() {
+                            return Ok(());
                         }
                     }
-                }
-                let n = stream
-                    .read_buf(&mut buf)
-                    .await
-                    .map_err(|e| Error::upstream(Kind::Io, e.to_string()))?;
-                if n == 0 {
-                    return Err(Error::upstream(
-                        Kind::Unavailable,
-                        "sentinel closed the connection",
-                    ));
                 }
             }
         };

@@ -77,24 +77,44 @@ pub async fn connect(s: &Settings, proto: Proto) -> Result<TcpStream, Error> {
 /// Send one command and read exactly one reply. Only for connections not yet
 /// handed to a pipelined reader (handshake, table load).
 pub async fn call(stream: &mut TcpStream, args: &[&[u8]]) -> Result<BytesMut, Error> {
+    send(stream, args).await?;
+    read_frame(
+        stream,
+        &mut BytesMut::with_capacity(4096),
+        &mut Scanner::new(),
+    )
+    .await
+}
+
+/// Write one command.
+pub async fn send(stream: &mut TcpStream, args: &[&[u8]]) -> Result<(), Error> {
     let mut out = BytesMut::new();
     reply::command(&mut out, args);
     stream
         .write_all(&out)
         .await
-        .map_err(|e| Error::upstream(Kind::Io, e.to_string()))?;
-    let mut buf = BytesMut::with_capacity(4096);
-    let mut scanner = Scanner::new();
+        .map_err(|e| Error::upstream(Kind::Io, e.to_string()))
+}
+
+/// Read the next complete frame, keeping whatever follows it in `buf` for
+/// the next call (pub/sub streams).
+pub async fn read_frame(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    scanner: &mut Scanner,
+) -> Result<BytesMut, Error> {
     loop {
         if let Some(end) = scanner
-            .next(&buf)
+            .next(buf)
             .map_err(|e| Error::upstream(Kind::Protocol, e.to_string()))?
         {
-            return Ok(buf.split_to(end));
+            let frame = buf.split_to(end);
+            scanner.consumed(end);
+            return Ok(frame);
         }
         buf.reserve(scanner.need().saturating_sub(buf.len()).max(4096));
         let n = stream
-            .read_buf(&mut buf)
+            .read_buf(buf)
             .await
             .map_err(|e| Error::upstream(Kind::Io, e.to_string()))?;
         if n == 0 {

@@ -81,8 +81,4 @@ impl Upstream {
         self.node.fenced.store(true, Ordering::Release);
         self.retired.cancel();
     }
-
-    pub fn is_retired(&self) -> bool {
-        self.node.fenced.load(Ordering::Acquire)
-    }
 }

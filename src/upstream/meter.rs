@@ -63,10 +63,6 @@ impl Meter {
         self.bytes.fetch_sub(n, Ordering::Relaxed);
     }
 
-    pub fn bytes(&self) -> usize {
-        self.bytes.load(Ordering::Relaxed)
-    }
-
     /// The client went over its output limit.
     pub fn exceeded(&self) -> bool {
         self.over.load(Ordering::Acquire)

@@ -22,6 +22,7 @@ use super::connector;
 use super::generation::Upstream;
 use super::meter::Meter;
 use crate::error::{Error, Kind};
+use crate::resp::scan::{elements, string_of};
 use crate::resp::{Proto, Scanner};
 
 /// What the relay hands the client's writer.
@@ -350,20 +351,7 @@ fn answers_request(frame: &[u8], proto: Proto, subscribed: bool) -> bool {
 
 /// The first element of an aggregate frame, if it is a bulk or simple string.
 fn first_element(frame: &[u8]) -> Option<&[u8]> {
-    let nl = memchr::memchr(b'\n', frame)?;
-    let rest = &frame[nl + 1..];
-    match rest.first()? {
-        b'$' => {
-            let nl2 = memchr::memchr(b'\n', rest)?;
-            let len: usize = std::str::from_utf8(&rest[1..nl2 - 1]).ok()?.parse().ok()?;
-            rest.get(nl2 + 1..nl2 + 1 + len)
-        }
-        b'+' => {
-            let nl2 = memchr::memchr(b'\n', rest)?;
-            rest.get(1..nl2 - 1)
-        }
-        _ => None,
-    }
+    elements(frame).next().and_then(string_of)
 }
 
 #[cfg(test)]

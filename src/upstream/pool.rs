@@ -81,10 +81,6 @@ impl Pool {
         pool
     }
 
-    pub fn node(&self) -> &Arc<Node> {
-        &self.node
-    }
-
     /// Requests in flight on all connections.
     pub fn pending(&self) -> usize {
         self.slots
@@ -147,21 +143,7 @@ impl Pool {
         if self.ever_connected.load(Ordering::Acquire) {
             return self.live() > 0;
         }
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.up.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.live() > 0 {
-                return true;
-            }
-            if self.ever_connected.load(Ordering::Acquire) {
-                return false;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.live() > 0;
-            }
-        }
+        self.wait_live(tokio::time::Instant::now() + timeout).await
     }
 
     /// Wait until a connection is up (or `deadline` passes); true if one is.
