@@ -179,8 +179,13 @@ impl Default for CacheConfig {
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct AdminConfig {
-    /// HTTP listener for /live and /ready; empty disables it.
+    /// HTTP listener for /live, /ready, /metrics, /ui...; empty disables it.
     pub listen: String,
+    /// KEYWARD SLOWLOG keeps requests at least this slow (microseconds,
+    /// read to reply written); negative disables it, 0 logs everything.
+    pub slowlog_slower_than_us: i64,
+    /// Entries KEYWARD SLOWLOG keeps (newest first).
+    pub slowlog_max_len: usize,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -189,6 +194,10 @@ pub struct LogConfig {
     pub level: String,
     /// "text" or "json".
     pub format: String,
+    /// Error replies keyward makes itself are logged (with connection and
+    /// request ids) at most this many times a second; the rest are counted
+    /// in keyward_errors_total and summed up in the next line logged.
+    pub max_error_lines_per_sec: u32,
 }
 
 fn redact<S: serde::Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
@@ -240,10 +249,13 @@ impl Default for Config {
             cache: CacheConfig::default(),
             admin: AdminConfig {
                 listen: "127.0.0.1:9380".into(),
+                slowlog_slower_than_us: 10_000,
+                slowlog_max_len: 128,
             },
             log: LogConfig {
                 level: "info".into(),
-                format: "text".into(),
+                format: "json".into(),
+                max_error_lines_per_sec: 20,
             },
         }
     }
@@ -545,6 +557,15 @@ impl Config {
                     ("admin", "listen") => set_str(&mut s.admin.listen, &name, v, problems),
                     ("log", "level") => set_str(&mut s.log.level, &name, v, problems),
                     ("log", "format") => set_str(&mut s.log.format, &name, v, problems),
+                    ("log", "max_error_lines_per_sec") => {
+                        set_num(&mut s.log.max_error_lines_per_sec, &name, v, problems)
+                    }
+                    ("admin", "slowlog_slower_than_us") => {
+                        set_num(&mut s.admin.slowlog_slower_than_us, &name, v, problems)
+                    }
+                    ("admin", "slowlog_max_len") => {
+                        set_num(&mut s.admin.slowlog_max_len, &name, v, problems)
+                    }
                     _ => false,
                 };
                 if !known {

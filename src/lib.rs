@@ -31,6 +31,7 @@ pub mod config;
 pub mod error;
 pub mod hex;
 pub mod hotkey;
+pub mod logging;
 pub mod metrics;
 pub mod resp;
 pub mod server;

@@ -38,6 +38,12 @@ struct Cli {
     /// Folder for the near cache's warm-up list (cache.state_dir).
     #[arg(long, value_name = "DIR")]
     state_dir: Option<String>,
+    /// Log line format: json or text (log.format).
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<String>,
+    /// Log filter, e.g. info, debug, keyward=trace (log.level).
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
     /// Validate the configuration, print the effective one and exit (0 or 2).
     #[arg(long)]
     check_config: bool,
@@ -70,26 +76,17 @@ fn load(cli: &Cli) -> Result<Config, ConfigError> {
     if let Some(v) = cli.cache_mb {
         config.cache.max_mb = v;
     }
+    if let Some(v) = &cli.log_format {
+        config.log.format = v.clone();
+    }
+    if let Some(v) = &cli.log_level {
+        config.log.level = v.clone();
+    }
     if let Some(v) = &cli.master_name {
         config.sentinel.master_name = v.clone();
     }
     config.validate()?;
     Ok(config)
-}
-
-fn init_logging(config: &Config) {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if config.log.format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
 
 fn main() -> ExitCode {
@@ -105,7 +102,7 @@ fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
-    init_logging(&config);
+    keyward::logging::init(&config.log.level, &config.log.format);
     // Each client is a socket; 10,000 clients need more than the usual 1024.
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) if n < (config.server.max_clients as u64) * 2 + 64 => {

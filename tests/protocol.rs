@@ -975,7 +975,7 @@ fn check_config_prints_the_effective_config_and_exits_0() {
         get("upstream", "command_timeout_ms").as_integer(),
         Some(5000)
     );
-    assert_eq!(get("log", "format").as_str(), Some("text"));
+    assert_eq!(get("log", "format").as_str(), Some("json"));
     assert!(
         !stdout.contains("hunter2"),
         "the upstream password must not be printed:\n{stdout}"

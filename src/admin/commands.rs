@@ -1,5 +1,6 @@
 //! The KEYWARD command family, answered by keyward itself over RESP:
-//! `KEYWARD TOPOLOGY`, `KEYWARD FAILOVER` (in `server::client`, as it
+//! `KEYWARD TOPOLOGY`, `HOTKEYS`, `CACHE`, `SLOWLOG`, `CLIENTS`, `CONFIG GET`
+//! (those three in `introspect`), `FAILOVER` (in `server::client`, as it
 //! waits) and `KEYWARD HELP`.
 
 use bytes::BytesMut;
@@ -16,6 +17,9 @@ pub fn keyward(ctx: &Ctx, proto: Proto, args: &[&[u8]], out: &mut BytesMut) {
         b"topology" if args.len() == 1 => topology(ctx, proto, out),
         b"hotkeys" => hotkeys(ctx, &args[1..], out),
         b"cache" => cache(ctx, proto, &args[1..], out),
+        b"slowlog" => super::introspect::slowlog(ctx, &args[1..], out),
+        b"clients" => super::introspect::clients(ctx, &args[1..], out),
+        b"config" => super::introspect::config(ctx, proto, &args[1..], out),
         b"help" => {
             let lines = [
                 "KEYWARD <subcommand> [<arg> [value] [opt] ...]. Subcommands are:",
@@ -26,6 +30,12 @@ pub fn keyward(ctx: &Ctx, proto: Proto, args: &[&[u8]], out: &mut BytesMut) {
                 "    FLEET merges every keyward publishing to the same Redis: key, ops/s, instances, hot flag.",
                 "CACHE [COUNT <n>]",
                 "    Near cache: budget, bytes, entries, hits, misses, fills, invalidations, flushes, keys cached.",
+                "SLOWLOG GET [<count>] | LEN | RESET",
+                "    Requests slower than admin.slowlog_slower_than_us, measured at the proxy (read to reply written).",
+                "CLIENTS [COUNT <n>]",
+                "    Proxy clients, one line each: id, addr, age, idle, pinned, last command, requests, protocol.",
+                "CONFIG GET <pattern> [<pattern> ...]",
+                "    The effective configuration, as section.key names and values.",
                 "FAILOVER",
                 "    Planned switchover to a caught-up replica through Sentinel, holding requests meanwhile.",
                 "HELP",

@@ -8,6 +8,13 @@
 //! - `GET /hotkeys?count=n`: the hottest keys of the last window as JSON.
 //! - `GET /metrics`: Prometheus metrics.
 //! - `GET /cache?count=n`: near-cache statistics and the keys cached now.
+//! - `GET /health`: each component's state as JSON (200 unless down).
+//! - `GET /stats`: request counts, latency histogram and percentiles,
+//!   overall and per command family, as JSON (the dashboard's source).
+//! - `GET /clients?count=n`: the clients connected now.
+//! - `GET /log-level`, `PUT /log-level` (body: a filter such as `debug`).
+//! - `GET /ui`: the dashboard, one self-contained page embedded in the
+//!   binary that polls the JSON endpoints above every second.
 
 use std::sync::Arc;
 
@@ -28,10 +35,21 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .route("/hotkeys", get(hotkeys))
         .route("/metrics", get(metrics))
         .route("/cache", get(cache))
+        .route("/health", get(health))
+        .route("/stats", get(stats))
+        .route("/clients", get(clients))
+        .route("/log-level", get(log_level).put(set_log_level))
+        .route("/ui", get(ui))
         .with_state(ctx)
 }
 
 async fn ready(State(ctx): State<Arc<Ctx>>) -> (StatusCode, String) {
+    if ctx.shutdown.is_cancelled() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: shutting down\n".into(),
+        );
+    }
     let t = ctx.topology.snapshot();
     let Some(up) = ctx.current() else {
         return (
@@ -65,9 +83,76 @@ async fn ready(State(ctx): State<Arc<Ctx>>) -> (StatusCode, String) {
     (StatusCode::OK, "ready\n".into())
 }
 
-/// The topology as JSON: master, epoch, state, replicas, sentinels.
-async fn topology(State(ctx): State<Arc<Ctx>>) -> axum::Json<crate::topology::Topology> {
-    axum::Json((*ctx.topology.snapshot()).clone())
+/// The topology as JSON: master, epoch, state, replicas, sentinels, and
+/// the last failover with its timeline.
+async fn topology(State(ctx): State<Arc<Ctx>>) -> axum::Json<serde_json::Value> {
+    let mut v = serde_json::to_value(&*ctx.topology.snapshot()).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.insert(
+            "last_failover".into(),
+            serde_json::to_value(ctx.topology.last_failover()).unwrap_or_default(),
+        );
+    }
+    axum::Json(v)
+}
+
+/// The dashboard page (embedded at build time; no external assets).
+async fn ui() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("ui.html"))
+}
+
+async fn health(State(ctx): State<Arc<Ctx>>) -> (StatusCode, axum::Json<serde_json::Value>) {
+    let h = super::health::report(&ctx);
+    let code = if h.status == "down" {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (
+        code,
+        axum::Json(serde_json::to_value(h).unwrap_or_default()),
+    )
+}
+
+/// Counters and latency for the dashboard; see `admin::health::stats`.
+async fn stats(State(ctx): State<Arc<Ctx>>) -> axum::Json<serde_json::Value> {
+    axum::Json(super::health::stats(&ctx))
+}
+
+/// The clients connected now: `?count=n` (default 100).
+async fn clients(
+    State(ctx): State<Arc<Ctx>>,
+    axum::extract::Query(q): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> (StatusCode, axum::Json<serde_json::Value>) {
+    let count = match q.get("count").map(|c| c.parse::<usize>()) {
+        None => 100,
+        Some(Ok(n)) if n > 0 => n,
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(serde_json::json!({"error": "count must be a positive integer"})),
+            )
+        }
+    };
+    (
+        StatusCode::OK,
+        axum::Json(serde_json::json!({
+            "total": ctx.registry.len(),
+            "clients": ctx.registry.list(count),
+        })),
+    )
+}
+
+async fn log_level() -> String {
+    format!("{}\n", crate::logging::level())
+}
+
+/// Change the log filter; 400 with the reason if it does not parse.
+async fn set_log_level(body: String) -> (StatusCode, String) {
+    match crate::logging::set_level(&body) {
+        Ok(()) => (StatusCode::OK, format!("{}\n", crate::logging::level())),
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")),
+    }
 }
 
 /// Prometheus text exposition.

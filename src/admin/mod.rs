@@ -1,5 +1,8 @@
-//! The admin side: an HTTP listener for health checks (and later metrics,
-//! hot keys, topology and the dashboard).
+//! The admin side: the HTTP listener (health, metrics, JSON views, the
+//! dashboard) and the KEYWARD commands and INFO section over RESP.
 
 pub mod commands;
+pub mod health;
 pub mod http;
+pub mod info;
+pub mod introspect;

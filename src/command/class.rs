@@ -8,6 +8,7 @@
 //! state). Whether a command blocks comes from the server's own `blocking`
 //! flag in the command table.
 
+use super::family::Family;
 use super::table::{flags, lowercase, CommandTable};
 
 /// Which subscription namespace a (UN)SUBSCRIBE command acts on.
@@ -52,58 +53,112 @@ pub enum Class {
     ClientReply(ReplyMode),
     /// The KEYWARD admin family, answered by keyward.
     Keyward,
+    /// INFO: the upstream's answer plus a `# Keyward` section.
+    Info,
     /// SYNC/PSYNC: a replication stream is not RESP and would wreck a
     /// shared connection, so keyward refuses it.
     Replication,
 }
 
+/// Where a request goes and the family it is counted under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Routed {
+    pub class: Class,
+    pub family: Family,
+}
+
 /// Classify a request from its arguments (`args[0]` is the command name).
 pub fn classify(table: Option<&CommandTable>, args: &[&[u8]]) -> Class {
+    route(table, args).class
+}
+
+/// Classify a request and find its family, with one table lookup at most.
+pub fn route(table: Option<&CommandTable>, args: &[&[u8]]) -> Routed {
+    let other = |class| Routed {
+        class,
+        family: Family::Other,
+    };
     let Some(name) = args.first() else {
-        return Class::Forward;
+        return other(Class::Forward);
     };
     let mut buf = [0u8; 64];
     let Some(lower) = lowercase(name, &mut buf) else {
-        return Class::Forward;
+        return other(Class::Forward);
     };
-    match lower {
-        b"get" | b"set" => return Class::Forward,
-        b"hello" => return Class::Hello,
-        b"auth" => return Class::Auth,
-        b"quit" => return Class::Quit,
-        b"reset" => return Class::Reset,
-        b"select" => return Class::Select,
-        b"multi" => return Class::Multi,
-        b"exec" => return Class::Exec,
-        b"discard" => return Class::Discard,
-        b"watch" => return Class::Watch,
-        b"unwatch" => return Class::Unwatch,
-        b"subscribe" => return Class::Subscribe(SubKind::Channel),
-        b"psubscribe" => return Class::Subscribe(SubKind::Pattern),
-        b"ssubscribe" => return Class::Subscribe(SubKind::Shard),
-        b"unsubscribe" => return Class::Unsubscribe(SubKind::Channel),
-        b"punsubscribe" => return Class::Unsubscribe(SubKind::Pattern),
-        b"sunsubscribe" => return Class::Unsubscribe(SubKind::Shard),
-        b"monitor" => return Class::Monitor,
-        b"sync" | b"psync" => return Class::Replication,
-        b"keyward" => return Class::Keyward,
-        b"wait" | b"waitaof" => return Class::Blocking,
-        b"client" => return classify_client(args),
+    let class = match lower {
+        // The two commands that make most of any workload skip the table.
+        b"get" | b"set" => {
+            return Routed {
+                class: Class::Forward,
+                family: Family::String,
+            }
+        }
+        b"keyward" => {
+            return Routed {
+                class: Class::Keyward,
+                family: Family::Keyward,
+            }
+        }
+        b"hello" => Class::Hello,
+        b"auth" => Class::Auth,
+        b"quit" => Class::Quit,
+        b"reset" => Class::Reset,
+        b"select" => Class::Select,
+        b"multi" => Class::Multi,
+        b"exec" => Class::Exec,
+        b"discard" => Class::Discard,
+        b"watch" => Class::Watch,
+        b"unwatch" => Class::Unwatch,
+        b"subscribe" => Class::Subscribe(SubKind::Channel),
+        b"psubscribe" => Class::Subscribe(SubKind::Pattern),
+        b"ssubscribe" => Class::Subscribe(SubKind::Shard),
+        b"unsubscribe" => Class::Unsubscribe(SubKind::Channel),
+        b"punsubscribe" => Class::Unsubscribe(SubKind::Pattern),
+        b"sunsubscribe" => Class::Unsubscribe(SubKind::Shard),
+        b"monitor" => Class::Monitor,
+        b"sync" | b"psync" => Class::Replication,
+        b"info" => Class::Info,
+        b"wait" | b"waitaof" => Class::Blocking,
+        b"client" => classify_client(args),
         b"xread" | b"xreadgroup" => {
             // XREAD is flagged `blocking` but only blocks with BLOCK.
             let blocks = args[1..].iter().any(|a| a.eq_ignore_ascii_case(b"block"));
-            return if blocks {
+            if blocks {
                 Class::Blocking
             } else {
                 Class::Forward
-            };
+            }
         }
-        _ => {}
-    }
-    match table.and_then(|t| t.get(lower)) {
-        Some(info) if info.has(flags::BLOCKING) => Class::Blocking,
-        _ => Class::Forward,
-    }
+        _ => {
+            return match table.and_then(|t| t.get(lower)) {
+                Some(info) => Routed {
+                    class: if info.has(flags::BLOCKING) {
+                        Class::Blocking
+                    } else {
+                        Class::Forward
+                    },
+                    family: info.sub(args.get(1).copied()).family,
+                },
+                None => other(Class::Forward),
+            }
+        }
+    };
+    let family = match table.and_then(|t| t.get(lower)) {
+        Some(info) => info.sub(args.get(1).copied()).family,
+        // Before the table is loaded (or for HELLO and AUTH against a
+        // Redis that does not list them): name the obvious ones.
+        None => match class {
+            Class::Hello | Class::Auth | Class::Quit | Class::Reset | Class::Select => {
+                Family::Connection
+            }
+            Class::Multi | Class::Exec | Class::Discard | Class::Watch | Class::Unwatch => {
+                Family::Transaction
+            }
+            Class::Subscribe(_) | Class::Unsubscribe(_) => Family::PubSub,
+            _ => Family::Other,
+        },
+    };
+    Routed { class, family }
 }
 
 fn classify_client(args: &[&[u8]]) -> Class {

@@ -2,8 +2,10 @@
 //! routing families built on it.
 
 pub mod class;
+pub mod family;
 pub mod keys;
 pub mod table;
 
-pub use class::{classify, Class, ReplyMode, SubKind};
+pub use class::{classify, Class, ReplyMode, Routed, SubKind};
+pub use family::{Family, FAMILIES};
 pub use table::{CommandInfo, CommandTable};

@@ -10,6 +10,8 @@ use std::collections::HashMap;
 
 use redis_protocol::resp2::types::OwnedFrame;
 
+use super::family::Family;
+
 /// Command flag bits (a subset of what `COMMAND` reports).
 pub mod flags {
     pub const READONLY: u32 = 1 << 0;
@@ -61,6 +63,8 @@ pub struct CommandInfo {
     pub first_key: i64,
     pub last_key: i64,
     pub key_step: i64,
+    /// The metrics family, from the command's ACL categories.
+    pub family: Family,
     /// Subcommands by lowercase name (`CLIENT` -> `id`, `setname`, ...).
     pub subcommands: HashMap<Vec<u8>, CommandInfo, ahash::RandomState>,
 }
@@ -193,10 +197,24 @@ fn parse_entry(entry: &OwnedFrame) -> Result<CommandInfo, String> {
             }
         }
     }
+    if let Some(OwnedFrame::Array(cats)) = parts.get(6) {
+        info.family = Family::from_categories(cats.iter().filter_map(text));
+    }
     if let Some(OwnedFrame::Array(subs)) = parts.get(9) {
         for sub in subs {
             let s = parse_entry(sub)?;
             info.subcommands.insert(s.name.as_bytes().to_vec(), s);
+        }
+        // A container (CLIENT, CONFIG) reports no categories of its own.
+        if info.family == Family::Other {
+            if let Some(f) = info
+                .subcommands
+                .values()
+                .map(|s| s.family)
+                .find(|f| *f != Family::Other)
+            {
+                info.family = f;
+            }
         }
     }
     Ok(info)

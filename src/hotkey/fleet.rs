@@ -61,7 +61,8 @@ async fn call(ctx: &Ctx, args: &[&[u8]]) -> Result<OwnedFrame, String> {
     let bytes = rx
         .await
         .map_err(|_| "upstream dropped the request".to_string())?
-        .map_err(|e| e.error.resp_text())?;
+        .map_err(|e| e.error.resp_text())?
+        .bytes;
     match redis_protocol::resp2::decode::decode(&bytes) {
         Ok(Some((OwnedFrame::Error(e), _))) => Err(e),
         Ok(Some((f, _))) => Ok(f),

@@ -15,7 +15,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use smallvec::SmallVec;
@@ -27,17 +27,20 @@ use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
 
 use super::local;
+use super::registry::ClientInfo;
 use super::state::SessionState;
 use super::{Ctx, Sent};
+use crate::command::class::route;
 use crate::command::keys::for_each_key;
 use crate::command::table::flags;
-use crate::command::{classify, Class};
+use crate::command::{Class, Family};
 use crate::error::{Error, Kind};
 use crate::hotkey::sampler::Sampler;
+use crate::metrics::{ErrorKind, Tally};
 use crate::resp::reply;
 use crate::resp::request::Args;
 use crate::resp::{Parsed, Proto, Request, RequestParser};
-use crate::upstream::{BatchResult, Meter, PinMsg, Pinned};
+use crate::upstream::{BatchResult, Meter, PinMsg, Pinned, Replies};
 
 /// Local replies are flushed to the writer once this large.
 const LOCAL_FLUSH: usize = 64 * 1024;
@@ -46,10 +49,25 @@ const WRITE_FLUSH: usize = 64 * 1024;
 /// Replies at least this large are written from their own buffer, not copied.
 const WRITE_DIRECT: usize = 16 * 1024;
 
+/// What the metrics need of a batch of requests: when they were read,
+/// their families, and the number of the first on its connection (the
+/// request id in log lines).
+struct Batch {
+    start: Instant,
+    tally: Tally,
+    first_seq: u64,
+}
+
 /// One step of the reply stream, in request order.
 enum Entry {
-    /// Replies keyward made itself for `n` requests.
-    Ready(Bytes, u32),
+    /// Replies keyward made itself for `n` requests; `errors` are the
+    /// indexes of error replies among them.
+    Ready {
+        bytes: Bytes,
+        n: u32,
+        errors: Vec<u32>,
+        batch: Batch,
+    },
     /// A batch sent to the shared pool.
     Pooled {
         rx: oneshot::Receiver<BatchResult>,
@@ -59,6 +77,7 @@ enum Entry {
         /// Keys the batch writes, dropped from the near cache again when
         /// its reply arrives (see `Reader::pending_written`).
         written: Vec<Bytes>,
+        batch: Batch,
     },
     /// Everything a pinned connection sends, until it is released.
     Relay(mpsc::Receiver<PinMsg>),
@@ -88,12 +107,13 @@ impl Shared {
     }
 }
 
-/// Decrements the client count however the reader task ends (including
-/// being aborted).
-struct ClientSlot(Arc<Ctx>);
+/// Decrements the client count and leaves the registry however the reader
+/// task ends (including being aborted).
+struct ClientSlot(Arc<Ctx>, u64);
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
+        self.0.registry.remove(self.1);
         self.0.clients.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -105,10 +125,12 @@ pub fn start(
     ctx: Arc<Ctx>,
     stream: TcpStream,
     id: u64,
+    peer: std::net::SocketAddr,
     readers: &mut JoinSet<()>,
     writers: &TaskTracker,
 ) {
     let _ = stream.set_nodelay(true);
+    let info = ctx.registry.add(id, peer);
     let (rd, wr) = stream.into_split();
     let shared = Arc::new(Shared {
         meter: Arc::new(Meter::new(id, ctx.config.server.max_reply_bytes)),
@@ -117,7 +139,14 @@ pub fn start(
         permits: Semaphore::new(ctx.config.server.max_pending_requests),
     });
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer = writers.spawn(write_loop(ctx.clone(), shared.clone(), rx, wr, id));
+    let writer = writers.spawn(write_loop(
+        ctx.clone(),
+        shared.clone(),
+        rx,
+        wr,
+        id,
+        info.clone(),
+    ));
     let mut reader = Reader {
         ctx: ctx.clone(),
         id,
@@ -137,8 +166,18 @@ pub fn start(
         sampler: Sampler::new(id),
         run_replica: false,
         pending_written: Vec::new(),
+        info,
+        seq: 0,
+        read_at: Instant::now(),
+        family: Family::Other,
+        run_tally: Tally::default(),
+        run_first_seq: 0,
+        local_tally: Tally::default(),
+        local_errors: Vec::new(),
+        local_first_seq: 0,
+        last_cmd: SmallVec::new(),
     };
-    let slot = ClientSlot(ctx);
+    let slot = ClientSlot(ctx, id);
     let reader = readers.spawn(async move {
         let _slot = slot;
         reader.run(rd).await;
@@ -187,6 +226,24 @@ struct Reader {
     /// its reply arrives: a fill racing the write on the tracking
     /// connection cannot then outlive the acknowledgement.
     pending_written: Vec<Bytes>,
+    /// This client in the registry (KEYWARD CLIENTS).
+    info: Arc<ClientInfo>,
+    /// Requests read so far; the current one's number is its request id.
+    seq: u64,
+    /// When the last read returned: where request latency starts.
+    read_at: Instant,
+    /// The current request's family.
+    family: Family,
+    /// Families of the run bound for the pool, and its first request id.
+    run_tally: Tally,
+    run_first_seq: u64,
+    /// Families of the local replies not yet handed to the writer, which
+    /// of them are errors, and the first one's request id.
+    local_tally: Tally,
+    local_errors: Vec<u32>,
+    local_first_seq: u64,
+    /// The last command name read (KEYWARD CLIENTS shows it).
+    last_cmd: SmallVec<[u8; 16]>,
 }
 
 impl Reader {
@@ -238,9 +295,21 @@ impl Reader {
             };
             match n {
                 Ok(0) | Err(_) => return,
-                Ok(_) => {}
+                Ok(n) => {
+                    self.read_at = Instant::now();
+                    self.ctx
+                        .stats
+                        .bytes_in
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
             }
+            let before = self.seq;
             self.process().await;
+            if self.seq > before {
+                self.info.active(self.seq - before, &self.last_cmd);
+                self.info.set_pinned(self.pinned.is_some());
+                self.info.set_proto(self.proto.number() as u8);
+            }
         }
     }
 
@@ -259,10 +328,10 @@ impl Reader {
                 Ok(None) => break,
                 Err(e) => {
                     self.emit_run(&mut off).await;
-                    let mut out = BytesMut::new();
-                    reply::error(&mut out, &format!("ERR {e}"));
-                    tracing::debug!(client = self.id, error = %e, "client protocol error; closing");
-                    self.local_reply(out.freeze(), 1).await;
+                    self.seq += 1;
+                    self.family = Family::Other;
+                    self.local_error(ErrorKind::ClientProtocol, &format!("ERR {e}"))
+                        .await;
                     self.close().await;
                     return;
                 }
@@ -282,6 +351,7 @@ impl Reader {
             if !self.take_permit(&mut off).await {
                 return;
             }
+            self.seq += 1;
             let mut hit: Option<Bytes> = None;
             let class = {
                 let frame: &[u8] = match &req.inline {
@@ -289,6 +359,9 @@ impl Reader {
                     None => &self.buf[off..off + req.consumed],
                 };
                 let args: SmallVec<[&[u8]; 8]> = ArgView::new(frame, &req.args).collect();
+                self.last_cmd.clear();
+                self.last_cmd
+                    .extend_from_slice(&args[0][..args[0].len().min(32)]);
                 let sampled = match &self.ctx.hotkeys {
                     Some(d) => self.sampler.due(d.config.sample_rate),
                     None => false,
@@ -304,7 +377,9 @@ impl Reader {
                 if let (Some(d), Some(info), true) = (&self.ctx.hotkeys, info, sampled) {
                     for_each_key(info, args.len(), |i| args[i], |k| d.record(k));
                 }
-                let class = classify(table.as_deref(), &args);
+                let routed = route(table.as_deref(), &args);
+                let class = routed.class;
+                self.family = routed.family;
                 // A write drops its keys from the cache before it is
                 // forwarded (and again when its reply arrives, see
                 // `pending_written`): a client reads its own writes.
@@ -356,7 +431,11 @@ impl Reader {
                 }
                 self.run_replica = replica;
                 off += req.consumed;
+                if self.run_count == 0 {
+                    self.run_first_seq = self.seq;
+                }
                 self.run_count += 1;
+                self.run_tally.push(self.family);
                 continue;
             }
             self.emit_run(&mut off).await;
@@ -401,6 +480,11 @@ impl Reader {
         let req = self.buf.split_to(*off).freeze();
         *off = 0;
         let count = std::mem::take(&mut self.run_count);
+        let batch = Batch {
+            start: self.read_at,
+            tally: std::mem::take(&mut self.run_tally),
+            first_seq: self.run_first_seq,
+        };
         if self.run_replica {
             // Reads may be stale on a replica (that is the point of the
             // option) and need no ordering barrier against the master.
@@ -409,14 +493,25 @@ impl Reader {
                 self.ctx
                     .send_replica(self.proto, self.id as usize, &req, count, meter)
             {
-                self.push_pooled(rx, req, count);
+                self.push_pooled(rx, req, count, batch);
                 return;
             }
         }
-        self.send_pool(req, count).await;
+        self.send_pool(req, count, batch).await;
     }
 
-    async fn send_pool(&mut self, req: Bytes, count: u32) {
+    /// A batch of one: the current request.
+    fn one(&self) -> Batch {
+        let mut tally = Tally::default();
+        tally.push(self.family);
+        Batch {
+            start: self.read_at,
+            tally,
+            first_seq: self.seq,
+        }
+    }
+
+    async fn send_pool(&mut self, req: Bytes, count: u32, batch: Batch) {
         // Held here while a failover is suspected or under way. A batch
         // bound for another connection than the last one (other RESP
         // version, pinned before, a new master) first waits for every
@@ -466,11 +561,17 @@ impl Reader {
                 rx
             }
         };
-        self.push_pooled(rx, req, count);
+        self.push_pooled(rx, req, count, batch);
     }
 
     /// Queue a batch sent to a pool, with the keys it writes.
-    fn push_pooled(&mut self, rx: oneshot::Receiver<BatchResult>, req: Bytes, count: u32) {
+    fn push_pooled(
+        &mut self,
+        rx: oneshot::Receiver<BatchResult>,
+        req: Bytes,
+        count: u32,
+        batch: Batch,
+    ) {
         let written = std::mem::take(&mut self.pending_written);
         self.push(Entry::Pooled {
             rx,
@@ -478,6 +579,7 @@ impl Reader {
             count,
             proto: self.proto,
             written,
+            batch,
         });
     }
 
@@ -501,11 +603,24 @@ impl Reader {
         let bytes = self.local.split().freeze();
         let n = std::mem::take(&mut self.local_n);
         self.shared.meter.add(bytes.len());
-        self.push(Entry::Ready(bytes, n));
+        let batch = Batch {
+            start: self.read_at,
+            tally: std::mem::take(&mut self.local_tally),
+            first_seq: self.local_first_seq,
+        };
+        let errors = std::mem::take(&mut self.local_errors);
+        self.push(Entry::Ready {
+            bytes,
+            n,
+            errors,
+            batch,
+        });
     }
 
-    /// A reply keyward makes itself, in order with everything before it.
+    /// A reply keyward makes itself for the current request, in order with
+    /// everything before it.
     async fn local_reply(&mut self, bytes: Bytes, requests: u32) {
+        let error = bytes.first() == Some(&b'-');
         if let (Some(p), Some(tx)) = (&self.pinned, &self.pinned_tx) {
             // Behind the pinned connection's replies: wait until they are
             // all queued, then queue this one on the same relay.
@@ -513,7 +628,19 @@ impl Reader {
             self.shared.meter.add(bytes.len());
             let _ = tx.send(PinMsg::Data(bytes)).await;
             self.shared.permits.add_permits(requests as usize);
+            let errors: &[u32] = if error { &[0] } else { &[] };
+            let us = self.read_at.elapsed().as_micros() as u64;
+            self.ctx.stats.finish(&self.one().tally, errors, us);
             return;
+        }
+        if self.local_n == 0 {
+            self.local_first_seq = self.seq;
+        }
+        if error {
+            self.local_errors.push(self.local_n);
+        }
+        for _ in 0..requests {
+            self.local_tally.push(self.family);
         }
         self.local.extend_from_slice(&bytes);
         self.local_n += requests;
@@ -522,7 +649,13 @@ impl Reader {
         }
     }
 
-    async fn local_error(&mut self, text: &str) {
+    /// An error reply keyward makes itself: counted and logged with the
+    /// connection and request ids.
+    async fn local_error(&mut self, kind: ErrorKind, text: &str) {
+        self.ctx.stats.error(kind);
+        self.ctx
+            .error_lines
+            .log(self.id, self.seq, kind.name(), text);
         let mut out = BytesMut::new();
         reply::error(&mut out, text);
         self.local_reply(out.freeze(), 1).await;
@@ -565,7 +698,7 @@ impl Reader {
         let p = self.pinned.take().expect("checked");
         self.pinned_tx = None;
         p.release().await;
-        tracing::trace!(client = self.id, "pinned connection released");
+        tracing::trace!(conn = self.id, "pinned connection released");
     }
 
     /// Make sure the client has a pinned connection; false (with an error
@@ -577,8 +710,8 @@ impl Reader {
         self.switch_to(Target::Pinned).await;
         match self.open_pinned().await {
             Ok(()) => true,
-            Err(text) => {
-                self.local_error(&text).await;
+            Err((kind, text)) => {
+                self.local_error(kind, &text).await;
                 false
             }
         }
@@ -586,14 +719,15 @@ impl Reader {
 
     /// Open a pinned connection on the current master; the error is the
     /// reply line for the client.
-    async fn open_pinned(&mut self) -> Result<(), String> {
+    async fn open_pinned(&mut self) -> Result<(), (ErrorKind, String)> {
         let max = self.ctx.config.upstream.max_pinned;
         let Ok(permit) = self.ctx.pinned.clone().try_acquire_owned() else {
-            return Err(format!(
+            return Err((ErrorKind::Limit, format!(
                 "ERR max number of pinned upstream connections reached (upstream.max_pinned = {max})"
-            ));
+            )));
         };
-        let up = self.ctx.upstream(1, 0).await.map_err(|e| e.resp_text())?;
+        let fail = |e: Error| (ErrorKind::from(&e.kind), e.resp_text());
+        let up = self.ctx.upstream(1, 0).await.map_err(fail)?;
         let (tx, rx) = mpsc::channel(64);
         let p = Pinned::open(
             &up,
@@ -603,7 +737,7 @@ impl Reader {
             self.shared.meter.clone(),
         )
         .await
-        .map_err(|e| e.resp_text())?;
+        .map_err(fail)?;
         p.set_carry_any_loss(self.ctx.config.uses_sentinel());
         self.push(Entry::Relay(rx));
         self.pinned = Some(p);
@@ -632,8 +766,8 @@ impl Reader {
         loop {
             match self.open_pinned().await {
                 Ok(()) => break,
-                Err(e) if tokio::time::Instant::now() >= deadline => {
-                    tracing::warn!(client = self.id, error = %e, "cannot carry subscriptions to a new master; closing client");
+                Err((_, e)) if tokio::time::Instant::now() >= deadline => {
+                    tracing::warn!(conn = self.id, error = %e, "cannot carry subscriptions to a new master; closing client");
                     self.shared.meter.kill();
                     self.closing = true;
                     return;
@@ -676,7 +810,7 @@ impl Reader {
         }
         p.set_resubscribe(true);
         tracing::info!(
-            client = self.id,
+            conn = self.id,
             channels = self.state.channels.len(),
             patterns = self.state.patterns.len(),
             shard_channels = self.state.shard_channels.len(),
@@ -692,15 +826,18 @@ impl Reader {
         let Some(p) = &mut self.pinned else { return };
         // The request's permit covers nothing once it is on the relay.
         self.shared.permits.add_permits(1);
+        self.ctx.stats.relayed(self.family);
         if let Err(e) = p.send(frame, expect).await {
             // The relay reports the lost connection; stop reading.
-            tracing::debug!(client = self.id, error = %e, "pinned write failed");
+            tracing::debug!(conn = self.id, req = self.seq, error = %e, "pinned write failed");
             self.closing = true;
         }
     }
 
     /// Route one request that is not a plain pool-bound one.
     async fn dispatch(&mut self, class: Class, req: &Request, frame: Bytes) {
+        // KEYWARD CLIENTS (and anything slow here) shows this command now.
+        self.info.active(0, &self.last_cmd);
         let args: Vec<&[u8]> = ArgView::new(&frame, &req.args).collect();
         match class {
             Class::Hello => self.hello(&args, &frame).await,
@@ -832,9 +969,14 @@ impl Reader {
             }
             Class::Replication => {
                 self.local_error(
+                    ErrorKind::Refused,
                     "ERR keyward does not forward SYNC/PSYNC; connect replicas to Redis directly",
                 )
                 .await
+            }
+            Class::Info => {
+                let wanted = crate::admin::info::wanted(&args[1..]);
+                self.info(req, frame.clone(), wanted).await
             }
             Class::Forward => self.forward(req, frame).await,
         }
@@ -847,18 +989,64 @@ impl Reader {
             self.send_pinned(&frame, expect).await;
         } else {
             self.flush_local();
-            self.send_pool(frame, 1).await;
+            let batch = self.one();
+            self.send_pool(frame, 1, batch).await;
+        }
+    }
+
+    /// INFO: the upstream's answer with keyward's `# Keyward` section
+    /// added (for the default sets and `INFO keyward`). Inside a pinned
+    /// session (MULTI queues it) it goes to the pinned connection as is.
+    async fn info(&mut self, req: &Request, frame: Bytes, wanted: bool) {
+        if self.pinned.is_some() || !wanted {
+            return self.forward(req, frame).await;
+        }
+        let mut out = BytesMut::new();
+        match self.info_upstream(&frame).await {
+            Ok(upstream) => {
+                let section = crate::admin::info::section(&self.ctx);
+                crate::admin::info::append(&mut out, &upstream, &section);
+                self.local_reply(out.freeze(), 1).await;
+            }
+            Err(e) => {
+                self.local_error(ErrorKind::from(&e.kind), &e.resp_text())
+                    .await
+            }
+        }
+    }
+
+    /// Ask the upstream for INFO and wait for the answer. No meter: the
+    /// reply is charged when it is queued as a local reply.
+    async fn info_upstream(&mut self, frame: &[u8]) -> Result<Bytes, Error> {
+        loop {
+            let rx = match self
+                .ctx
+                .send(self.proto, self.id as usize, frame, 1, None, 0)
+                .await?
+            {
+                Sent::Queued(_, rx) => rx,
+                // Generation 0 accepts any master; nothing was sent.
+                Sent::Moved(_) => continue,
+            };
+            return match rx.await {
+                Ok(Ok(r)) => Ok(r.bytes),
+                Ok(Err(e)) => Err(e.error),
+                Err(_) => Err(Error::upstream(
+                    Kind::OutcomeUnknown,
+                    "upstream connection dropped the request",
+                )),
+            };
         }
     }
 
     async fn hello(&mut self, args: &[&[u8]], _frame: &Bytes) {
         let hello = match local::parse_hello(&args[1..]) {
             Ok(h) => h,
-            Err(e) => return self.local_error(&e).await,
+            Err(e) => return self.local_error(ErrorKind::Refused, &e).await,
         };
         if let Some((user, pass)) = &hello.auth {
             if let Err(e) = local::check_auth(Some(user), pass) {
-                return self.local_error(&e).await;
+                return self.local_error(ErrorKind::Refused, &e).await;
             }
         }
         let proto = hello.proto.unwrap_or(self.proto);
@@ -867,7 +1055,7 @@ impl Reader {
                 // The pinned connection speaks the old protocol; switching it
                 // mid-state is not supported, so say so rather than mislead.
                 return self
-                    .local_error("ERR keyward cannot change the protocol while the connection holds state (MULTI, SUBSCRIBE, SELECT, CLIENT); send RESET first")
+                    .local_error(ErrorKind::Refused, "ERR keyward cannot change the protocol while the connection holds state (MULTI, SUBSCRIBE, SELECT, CLIENT); send RESET first")
                     .await;
             }
         }
@@ -935,12 +1123,17 @@ async fn write_loop(
     mut rx: mpsc::UnboundedReceiver<Entry>,
     mut wr: OwnedWriteHalf,
     id: u64,
+    info: Arc<ClientInfo>,
 ) {
     let mut w = Writer {
         invalidate_after: None,
         out: BytesMut::new(),
         wr: &mut wr,
         shared: &shared,
+        ctx: &ctx,
+        info: &info,
+        observed: Vec::new(),
+        errors: Vec::new(),
     };
     loop {
         let entry = match rx.try_recv() {
@@ -957,8 +1150,18 @@ async fn write_loop(
             Err(mpsc::error::TryRecvError::Disconnected) => break,
         };
         let ok = match entry {
-            Entry::Ready(bytes, n) => {
+            Entry::Ready {
+                bytes,
+                n,
+                errors,
+                batch,
+            } => {
                 let ok = w.put(bytes).await;
+                w.observed.push(Observed {
+                    batch,
+                    errors,
+                    req: None,
+                });
                 shared.finish_entry(n);
                 ok
             }
@@ -968,6 +1171,7 @@ async fn write_loop(
                 count,
                 proto,
                 written,
+                batch,
             } => {
                 if let Some(cache) = ctx.cache.as_ref().filter(|_| !written.is_empty()) {
                     // The writes have run once their reply is here: drop
@@ -976,7 +1180,7 @@ async fn write_loop(
                     // writes travel on different connections).
                     w.invalidate_after = Some((cache.clone(), written));
                 }
-                let ok = w.pooled(&ctx, rx, req, count, proto, id).await;
+                let ok = w.pooled(rx, req, count, proto, id, batch).await;
                 shared.finish_entry(count);
                 ok
             }
@@ -1000,6 +1204,18 @@ async fn write_loop(
     let _ = wr.shutdown().await;
 }
 
+/// A batch whose replies are queued, waiting for the write that sends
+/// them to record its latency.
+struct Observed {
+    batch: Batch,
+    errors: Vec<u32>,
+    /// The requests, for the slow log (pooled batches).
+    req: Option<Bytes>,
+}
+
+/// Requests of one slow batch written to the slow log at most.
+const SLOWLOG_PER_BATCH: usize = 8;
+
 struct Writer<'a> {
     /// Keys of the batch being awaited to drop from the near cache when its
     /// reply arrives.
@@ -1007,21 +1223,54 @@ struct Writer<'a> {
     out: BytesMut,
     wr: &'a mut OwnedWriteHalf,
     shared: &'a Shared,
+    ctx: &'a Ctx,
+    info: &'a ClientInfo,
+    /// Batches whose replies are buffered or being written.
+    observed: Vec<Observed>,
+    /// Indexes of the requests of the current pooled batch answered with
+    /// an error keyward made (a failed batch).
+    errors: Vec<u32>,
 }
 
 impl Writer<'_> {
     /// Write out what is buffered; false if the client is gone.
     async fn flush(&mut self) -> bool {
         if self.out.is_empty() {
+            self.record();
             return true;
         }
         let ok = self.wr.write_all(&self.out).await.is_ok();
         self.shared.meter.sub(self.out.len());
+        self.sent(self.out.len());
         self.out.clear();
         if self.out.capacity() > 4 * WRITE_FLUSH {
             self.out = BytesMut::new();
         }
+        self.record();
         ok
+    }
+
+    fn sent(&self, n: usize) {
+        self.ctx
+            .stats
+            .bytes_out
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// The replies of the observed batches are written: record their
+    /// latency (one clock read for all), and log the slow ones.
+    fn record(&mut self) {
+        if self.observed.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for o in self.observed.drain(..) {
+            let us = now.saturating_duration_since(o.batch.start).as_micros() as u64;
+            self.ctx.stats.finish(&o.batch.tally, &o.errors, us);
+            if let (true, Some(req)) = (self.ctx.slowlog.is_slow(us), &o.req) {
+                slowlog_batch(self.ctx, req, us, &self.info.addr.to_string());
+            }
+        }
     }
 
     /// Queue reply bytes (already counted on the meter).
@@ -1032,6 +1281,7 @@ impl Writer<'_> {
             }
             let ok = self.wr.write_all(&bytes).await.is_ok();
             self.shared.meter.sub(bytes.len());
+            self.sent(bytes.len());
             return ok;
         }
         self.out.extend_from_slice(&bytes);
@@ -1048,15 +1298,30 @@ impl Writer<'_> {
         self.put(b.freeze()).await
     }
 
+    /// An error reply keyward makes for request `seq` (its index in the
+    /// pooled batch is `index`): counted, logged with the connection and
+    /// request ids, queued.
+    async fn put_error(&mut self, error: &Error, seq: u64, index: u32) -> bool {
+        let kind = ErrorKind::from(&error.kind);
+        let text = error.resp_text();
+        self.ctx.stats.error(kind);
+        self.ctx
+            .error_lines
+            .log(self.info.id, seq, kind.name(), &text);
+        self.errors.push(index);
+        self.put_local(&text).await
+    }
+
     async fn pooled(
         &mut self,
-        ctx: &Ctx,
         mut rx: oneshot::Receiver<BatchResult>,
         req: Bytes,
         count: u32,
         proto: Proto,
         id: u64,
+        batch: Batch,
     ) -> bool {
+        let ctx = self.ctx;
         let res = match rx.try_recv() {
             Ok(r) => r,
             Err(_) => {
@@ -1081,14 +1346,26 @@ impl Writer<'_> {
                 cache.store.invalidate(k);
             }
         }
-        match res {
-            Ok(bytes) => self.put(bytes).await,
-            Err(e) => self.failed(ctx, e, req, count, proto, id).await,
-        }
+        let slow_req = (ctx.slowlog.slower_than_us >= 0).then(|| req.clone());
+        let (ok, errors) = match res {
+            Ok(Replies { bytes, errors }) => (self.put(bytes).await, errors),
+            Err(e) => {
+                let first_seq = batch.first_seq;
+                let ok = self.failed(ctx, e, req, count, proto, id, first_seq).await;
+                (ok, std::mem::take(&mut self.errors))
+            }
+        };
+        self.observed.push(Observed {
+            batch,
+            errors,
+            req: slow_req,
+        });
+        ok
     }
 
     /// A batch failed: keep the replies that came, retry reads once, and give
     /// every other request an error that says whether it reached Redis.
+    #[allow(clippy::too_many_arguments)]
     async fn failed(
         &mut self,
         ctx: &Ctx,
@@ -1097,6 +1374,7 @@ impl Writer<'_> {
         count: u32,
         proto: Proto,
         id: u64,
+        first_seq: u64,
     ) -> bool {
         if !e.delivered.is_empty() && !self.put(e.delivered).await {
             return false;
@@ -1142,7 +1420,10 @@ impl Writer<'_> {
                     }
                     let ok = match self.retry(ctx, &frame, proto, id, readonly).await {
                         Ok(bytes) => self.put(bytes).await,
-                        Err(e2) => self.put_local(&e2.resp_text()).await,
+                        Err(e2) => {
+                            self.put_error(&e2, first_seq + index as u64 - 1, index - 1)
+                                .await
+                        }
                     };
                     if !ok {
                         return false;
@@ -1150,14 +1431,21 @@ impl Writer<'_> {
                     continue;
                 }
             }
-            if !self.put_local(&e.error.resp_text()).await {
+            if !self
+                .put_error(&e.error, first_seq + index as u64 - 1, index - 1)
+                .await
+            {
                 return false;
             }
         }
         // Requests the rescan could not find (should not happen) still get a reply.
         while index < count {
             index += 1;
-            if index > e.done && !self.put_local(&e.error.resp_text()).await {
+            if index > e.done
+                && !self
+                    .put_error(&e.error, first_seq + index as u64 - 1, index - 1)
+                    .await
+            {
                 return false;
             }
         }
@@ -1189,7 +1477,7 @@ impl Writer<'_> {
                 Sent::Moved(_) => continue,
             };
             let e2 = match rx.await {
-                Ok(Ok(bytes)) => return Ok(bytes),
+                Ok(Ok(r)) => return Ok(r.bytes),
                 Ok(Err(e2)) => e2.error,
                 Err(_) => Error::upstream(
                     Kind::OutcomeUnknown,
@@ -1235,18 +1523,38 @@ impl Writer<'_> {
                     }
                 }
                 Some(PinMsg::Lost { error, outstanding }) => {
+                    let kind = ErrorKind::from(&error.kind);
                     for _ in 0..outstanding {
+                        self.ctx.stats.error(kind);
                         if !self.put_local(&error.resp_text()).await {
                             return false;
                         }
                     }
                     // The connection's state (transaction, subscriptions,
                     // database) is gone; close rather than carry on without it.
-                    tracing::warn!(error = %error, "pinned upstream connection lost; closing client");
+                    tracing::warn!(conn = self.info.id, error = %error, outstanding, "pinned upstream connection lost; closing client");
                     self.flush().await;
                     return false;
                 }
             }
+        }
+    }
+}
+
+/// Put the first requests of a slow batch in the slow log.
+fn slowlog_batch(ctx: &Ctx, req: &[u8], us: u64, addr: &str) {
+    let mut parser = RequestParser::new();
+    let mut off = 0usize;
+    for _ in 0..SLOWLOG_PER_BATCH {
+        match parser.parse(&req[off..], &ctx.limits) {
+            Ok(Some(Parsed::Request(r))) => {
+                let frame = &req[off..off + r.consumed];
+                let args: Vec<&[u8]> = ArgView::new(frame, &r.args).collect();
+                ctx.slowlog.add(args.into_iter(), us, addr);
+                off += r.consumed;
+            }
+            Ok(Some(Parsed::Skip(n))) => off += n,
+            _ => return,
         }
     }
 }

@@ -42,6 +42,7 @@ pub async fn serve(ctx: Arc<Ctx>, listener: TcpListener) {
         };
         if ctx.clients.fetch_add(1, Ordering::AcqRel) >= max {
             ctx.clients.fetch_sub(1, Ordering::AcqRel);
+            ctx.stats.rejected.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, max, "rejecting client: server.max_clients reached");
             writers.spawn(async move {
                 let _ = stream
@@ -52,7 +53,8 @@ pub async fn serve(ctx: Arc<Ctx>, listener: TcpListener) {
             continue;
         }
         let id = ctx.next_client_id.fetch_add(1, Ordering::Relaxed);
-        client::start(ctx.clone(), stream, id, &mut readers, &writers);
+        ctx.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        client::start(ctx.clone(), stream, id, peer, &mut readers, &writers);
     }
     drop(listener);
     let open = ctx.clients.load(Ordering::Acquire);

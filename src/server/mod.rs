@@ -4,6 +4,8 @@
 pub mod client;
 pub mod listener;
 pub mod local;
+pub mod registry;
+pub mod slowlog;
 pub mod state;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -54,6 +56,13 @@ pub struct Ctx {
     pub pinned: Arc<Semaphore>,
     pub next_client_id: AtomicU64,
     pub clients: AtomicUsize,
+    /// Request counters and latency by family, bytes, errors (metrics).
+    pub stats: crate::metrics::RequestStats,
+    /// The clients connected now (KEYWARD CLIENTS, /clients).
+    pub registry: registry::Registry,
+    pub slowlog: slowlog::SlowLog,
+    /// Rate limit of the error-reply log lines.
+    pub error_lines: crate::logging::ErrorLines,
     /// Cancelled on SIGTERM/SIGINT: sessions stop reading new requests.
     pub shutdown: CancellationToken,
 }
@@ -90,6 +99,13 @@ impl Ctx {
             pinned: Arc::new(Semaphore::new(config.upstream.max_pinned)),
             next_client_id: AtomicU64::new(1),
             clients: AtomicUsize::new(0),
+            stats: Default::default(),
+            registry: Default::default(),
+            slowlog: slowlog::SlowLog::new(
+                config.admin.slowlog_slower_than_us,
+                config.admin.slowlog_max_len,
+            ),
+            error_lines: crate::logging::ErrorLines::new(config.log.max_error_lines_per_sec),
             shutdown,
             config,
         }

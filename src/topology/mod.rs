@@ -9,6 +9,7 @@
 
 pub mod sentinel;
 pub mod switchover;
+pub mod timeline;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -37,6 +38,14 @@ pub enum State {
 }
 
 impl State {
+    pub const ALL: [State; 5] = [
+        State::Discovering,
+        State::Healthy,
+        State::Suspect,
+        State::Fenced,
+        State::Switching,
+    ];
+
     fn from_u8(v: u8) -> State {
         match v {
             1 => State::Healthy,
@@ -86,6 +95,7 @@ pub struct Shared {
     snapshot: ArcSwap<Topology>,
     state: AtomicU8,
     changed: watch::Sender<u64>,
+    timeline: std::sync::Mutex<timeline::Timeline>,
 }
 
 impl Shared {
@@ -95,6 +105,7 @@ impl Shared {
             snapshot: ArcSwap::from_pointee(initial),
             state: AtomicU8::new(state),
             changed: watch::channel(0).0,
+            timeline: Default::default(),
         }
     }
 
@@ -108,10 +119,24 @@ impl Shared {
     }
 
     /// Publish a new snapshot (the tracker only).
-    pub fn publish(&self, mut t: Topology) {
+    pub fn publish(&self, t: Topology) {
+        self.publish_because(t, "")
+    }
+
+    /// Publish a new snapshot; `why` goes on the failover timeline.
+    pub fn publish_because(&self, mut t: Topology, why: &str) {
         let old = self.snapshot.load();
         if old.state != t.state || old.master != t.master {
             t.since_ms = now_ms();
+            self.timeline
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .change(
+                    t.since_ms,
+                    (old.state, old.master.as_deref()),
+                    (t.state, t.master.as_deref()),
+                    why,
+                );
         } else {
             t.since_ms = old.since_ms;
         }
@@ -123,6 +148,23 @@ impl Shared {
     /// Wake everything waiting for a change without publishing one.
     pub fn poke(&self) {
         self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// The failover under way, else the last one.
+    pub fn last_failover(&self) -> Option<timeline::Failover> {
+        self.timeline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .latest()
+            .cloned()
+    }
+
+    /// Failovers (episodes that ended on another master) since start.
+    pub fn failovers(&self) -> u64 {
+        self.timeline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .failovers
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {

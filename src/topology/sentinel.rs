@@ -70,6 +70,8 @@ struct Tracker {
     pending_epoch: u64,
     /// The replica the failover leader selected, watched until it is master.
     candidate: Option<(String, Instant)>,
+    /// Why the state is changing, for the failover timeline.
+    reason: String,
     /// A ROLE check on the master is running; its result comes on `checks`.
     checking: bool,
     checks: mpsc::Sender<(String, Result<String, Error>)>,
@@ -108,6 +110,7 @@ pub async fn run(ctx: Arc<Ctx>) {
         sdown: false,
         pending_epoch: 0,
         candidate: None,
+        reason: String::new(),
         checking: false,
         checks: check_tx,
         events: tx,
@@ -166,30 +169,34 @@ impl Tracker {
     }
 
     /// Publish the snapshot for the admin side and the data path.
-    fn publish(&self) {
-        self.ctx.topology.publish(Topology {
-            master: self.master.clone(),
-            epoch: self.epoch,
-            state: self.state,
-            // Sentinels list the promoted replica among the replicas for a
-            // moment after a failover: show the master once.
-            replicas: self
-                .replicas
-                .iter()
-                .filter(|r| Some(*r) != self.master.as_ref())
-                .cloned()
-                .collect(),
-            sentinels: self
-                .sentinels
-                .iter()
-                .map(|(a, r)| SentinelInfo {
-                    address: a.clone(),
-                    reachable: *r,
-                })
-                .collect(),
-            master_name: Some(self.name.clone()),
-            since_ms: 0,
-        });
+    fn publish(&mut self) {
+        let why = std::mem::take(&mut self.reason);
+        self.ctx.topology.publish_because(
+            Topology {
+                master: self.master.clone(),
+                epoch: self.epoch,
+                state: self.state,
+                // Sentinels list the promoted replica among the replicas for a
+                // moment after a failover: show the master once.
+                replicas: self
+                    .replicas
+                    .iter()
+                    .filter(|r| Some(*r) != self.master.as_ref())
+                    .cloned()
+                    .collect(),
+                sentinels: self
+                    .sentinels
+                    .iter()
+                    .map(|(a, r)| SentinelInfo {
+                        address: a.clone(),
+                        reachable: *r,
+                    })
+                    .collect(),
+                master_name: Some(self.name.clone()),
+                since_ms: 0,
+            },
+            &why,
+        );
     }
 
     fn set_state(&mut self, state: State, why: &str) {
@@ -203,6 +210,7 @@ impl Tracker {
                 "topology state change"
             );
             self.state = state;
+            self.reason = why.to_string();
         }
         self.publish();
     }

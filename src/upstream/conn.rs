@@ -30,7 +30,16 @@ use crate::error::{Error, Kind};
 use crate::resp::Scanner;
 
 /// The outcome of one batch.
-pub type BatchResult = Result<Bytes, BatchError>;
+pub type BatchResult = Result<Replies, BatchError>;
+
+/// The replies to a whole batch.
+#[derive(Debug, Default)]
+pub struct Replies {
+    pub bytes: Bytes,
+    /// Indexes (in the batch) of the requests Redis answered with an error,
+    /// for the request metrics; empty (and unallocated) as a rule.
+    pub errors: Vec<u32>,
+}
 
 /// A batch that did not complete.
 #[derive(Debug)]
@@ -296,6 +305,8 @@ struct ReadState {
     frames: u32,
     /// Bytes of the front waiter's complete replies charged to its meter.
     charged: usize,
+    /// Which of the front waiter's replies are errors.
+    errors: Vec<u32>,
 }
 
 async fn read_loop(conn: Arc<Conn>, mut rd: OwnedReadHalf) {
@@ -306,6 +317,7 @@ async fn read_loop(conn: Arc<Conn>, mut rd: OwnedReadHalf) {
         local: VecDeque::new(),
         frames: 0,
         charged: 0,
+        errors: Vec::new(),
     };
     let error = loop {
         let want = st.scanner.need().saturating_sub(st.buf.len()).max(8 * 1024);
@@ -329,8 +341,14 @@ impl ReadState {
     fn deliver(&mut self) -> Result<(), String> {
         let mut delivered = 0usize;
         loop {
+            let start = self.scanner.frame_start();
             match self.scanner.next(&self.buf) {
-                Ok(Some(_)) => self.frames += 1,
+                Ok(Some(_)) => {
+                    if matches!(self.buf[start], b'-' | b'!') {
+                        self.errors.push(self.frames);
+                    }
+                    self.frames += 1
+                }
                 Ok(None) => break,
                 Err(e) => return Err(format!("{}: {e}", self.conn.address)),
             }
@@ -369,12 +387,13 @@ impl ReadState {
                 let w = self.local.pop_front().expect("front exists");
                 self.frames = 0;
                 self.charged = 0;
+                let errors = std::mem::take(&mut self.errors);
                 delivered += w.count as usize;
                 if !w.discard {
                     let end = self.scanner.frame_start();
-                    let data = self.buf.split_to(end).freeze();
+                    let bytes = self.buf.split_to(end).freeze();
                     self.scanner.consumed(end);
-                    let _ = w.tx.send(Ok(data));
+                    let _ = w.tx.send(Ok(Replies { bytes, errors }));
                 }
             }
         }

@@ -8,7 +8,7 @@ pub mod meter;
 pub mod pinned;
 pub mod pool;
 
-pub use conn::{BatchError, BatchResult, Conn};
+pub use conn::{BatchError, BatchResult, Conn, Replies};
 pub use connector::Settings;
 pub use generation::Upstream;
 pub use meter::Meter;

@@ -1,0 +1,124 @@
+//! Logging: JSON (default) or text lines on stderr through `tracing`, a
+//! filter that `PUT /log-level` can change at runtime, and the rate-limited
+//! log line for each error reply keyward makes itself.
+//!
+//! Every line about a client carries `conn` (the connection id, also the
+//! `id` of `KEYWARD CLIENTS` and of HELLO's reply) and, when it concerns a
+//! request, `req` (the request's number on that connection, from 1). At the
+//! default level nothing is logged per request, so a request pays only the
+//! disabled-callsite checks of the debug/trace macros (an atomic load each).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Registry};
+
+type Reload = reload::Handle<EnvFilter, Registry>;
+
+static HANDLE: OnceLock<Reload> = OnceLock::new();
+static LEVEL: Mutex<String> = Mutex::new(String::new());
+
+/// Install the global subscriber. `RUST_LOG`, when set and valid, wins over
+/// `level`. Safe to call once; later calls do nothing.
+pub fn init(level: &str, format: &str) {
+    let level = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| EnvFilter::try_new(v).is_ok())
+        .unwrap_or_else(|| level.to_string());
+    let filter = EnvFilter::try_new(&level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
+    let ok = if format == "json" {
+        registry
+            .with(fmt.json().flatten_event(true).with_current_span(false))
+            .try_init()
+            .is_ok()
+    } else {
+        registry.with(fmt).try_init().is_ok()
+    };
+    if ok {
+        let _ = HANDLE.set(handle);
+        *LEVEL.lock().unwrap_or_else(|e| e.into_inner()) = level;
+    }
+}
+
+/// The filter in force.
+pub fn level() -> String {
+    LEVEL.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Change the filter (`info`, `debug`, `keyward=trace,info`...).
+pub fn set_level(text: &str) -> Result<(), String> {
+    let text = text.trim();
+    let filter =
+        EnvFilter::try_new(text).map_err(|e| format!("invalid log filter `{text}`: {e}"))?;
+    let handle = HANDLE
+        .get()
+        .ok_or_else(|| "logging is not initialised".to_string())?;
+    handle
+        .reload(filter)
+        .map_err(|e| format!("cannot change the log filter: {e}"))?;
+    *LEVEL.lock().unwrap_or_else(|e| e.into_inner()) = text.to_string();
+    tracing::info!(filter = text, "log filter changed");
+    Ok(())
+}
+
+/// Rate limit for error-reply lines: at most `per_sec` a second, the rest
+/// counted and reported with the next line.
+#[derive(Debug)]
+pub struct ErrorLines {
+    per_sec: u64,
+    /// (second, lines logged in it) packed as second << 20 | count.
+    window: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl ErrorLines {
+    pub fn new(per_sec: u32) -> Self {
+        ErrorLines {
+            per_sec: per_sec as u64,
+            window: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Log one error reply sent to connection `conn` for its request `req`.
+    pub fn log(&self, conn: u64, req: u64, kind: &str, text: &str) {
+        if !tracing::enabled!(tracing::Level::WARN) {
+            return;
+        }
+        let now = crate::topology::now_ms() / 1000;
+        let w = self.window.load(Ordering::Relaxed);
+        let (sec, n) = (w >> 20, w & 0xF_FFFF);
+        let n = if sec == now { n } else { 0 };
+        if n >= self.per_sec {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        // A lost race only lets a line or two more through.
+        self.window.store(now << 20 | (n + 1), Ordering::Relaxed);
+        let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+        tracing::warn!(conn, req, kind, error = text, suppressed, "error reply");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_counts_the_rest() {
+        let l = ErrorLines::new(2);
+        // No subscriber in unit tests: nothing is enabled, nothing counted.
+        l.log(1, 1, "limit", "x");
+        assert_eq!(l.suppressed.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn bad_filter_is_refused() {
+        assert!(set_level("=====").is_err());
+    }
+}
