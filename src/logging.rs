@@ -20,16 +20,24 @@ type Reload = reload::Handle<EnvFilter, Registry>;
 static HANDLE: OnceLock<Reload> = OnceLock::new();
 static LEVEL: Mutex<String> = Mutex::new(String::new());
 
-/// Install the global subscriber. `RUST_LOG`, when set and valid, wins over
-/// `level`. Safe to call once; later calls do nothing.
+/// Install the global subscriber on stderr. `RUST_LOG`, when set and
+/// valid, wins over `level`. Safe to call once; later calls do nothing.
 pub fn init(level: &str, format: &str) {
+    init_with(level, format, std::io::stderr)
+}
+
+/// `init` with another destination (the logging bench writes to a sink).
+pub fn init_with<W>(level: &str, format: &str, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let level = std::env::var("RUST_LOG")
         .ok()
         .filter(|v| EnvFilter::try_new(v).is_ok())
         .unwrap_or_else(|| level.to_string());
     let filter = EnvFilter::try_new(&level).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
     let registry = tracing_subscriber::registry().with(filter);
     let ok = if format == "json" {
         registry

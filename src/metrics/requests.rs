@@ -8,8 +8,6 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
-use smallvec::SmallVec;
-
 use super::histogram::{Histogram, Snapshot};
 use crate::command::{Family, FAMILIES};
 use crate::error::Kind;
@@ -98,32 +96,48 @@ impl From<&Kind> for ErrorKind {
     }
 }
 
-/// The families of a batch's requests, in order, as runs.
+/// The families of a batch's requests, in order, as runs. The first run is
+/// inline (a batch is almost always of one family); more allocate.
 #[derive(Debug, Default, Clone)]
 pub struct Tally {
-    runs: SmallVec<[(Family, u32); 2]>,
+    first: (Family, u32),
+    /// Runs after the first; empty (unallocated) for one-family batches.
+    rest: Vec<(Family, u32)>,
 }
 
 impl Tally {
     #[inline]
     pub fn push(&mut self, f: Family) {
-        match self.runs.last_mut() {
-            Some((last, n)) if *last == f => *n += 1,
-            _ => self.runs.push((f, 1)),
+        if !self.rest.is_empty() {
+            match self.rest.last_mut() {
+                Some((last, n)) if *last == f => *n += 1,
+                _ => self.rest.push((f, 1)),
+            }
+        } else if self.first.1 == 0 || self.first.0 == f {
+            self.first = (f, self.first.1 + 1);
+        } else {
+            self.rest.push((f, 1));
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.runs.is_empty()
+        self.first.1 == 0
     }
 
     pub fn clear(&mut self) {
-        self.runs.clear();
+        *self = Tally::default();
+    }
+
+    /// The runs in order.
+    pub fn runs(&self) -> impl Iterator<Item = (Family, u32)> + '_ {
+        std::iter::once(self.first)
+            .filter(|r| r.1 > 0)
+            .chain(self.rest.iter().copied())
     }
 
     /// The number of requests counted.
     pub fn len(&self) -> u32 {
-        self.runs.iter().map(|r| r.1).sum()
+        self.runs().map(|r| r.1).sum()
     }
 }
 
@@ -163,7 +177,7 @@ impl RequestStats {
     pub fn finish(&self, tally: &Tally, errors: &[u32], us: u64) {
         let mut start = 0u32;
         let mut e = 0usize;
-        for &(f, n) in &tally.runs {
+        for (f, n) in tally.runs() {
             let end = start + n;
             let mut errs = 0u32;
             while e < errors.len() && errors[e] < end {

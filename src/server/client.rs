@@ -176,6 +176,7 @@ pub fn start(
         local_errors: Vec::new(),
         local_first_seq: 0,
         last_cmd: SmallVec::new(),
+        published_cmd: SmallVec::new(),
     };
     let slot = ClientSlot(ctx, id);
     let reader = readers.spawn(async move {
@@ -242,8 +243,10 @@ struct Reader {
     local_tally: Tally,
     local_errors: Vec<u32>,
     local_first_seq: u64,
-    /// The last command name read (KEYWARD CLIENTS shows it).
+    /// The last command name read (KEYWARD CLIENTS shows it), and the one
+    /// last published to the registry.
     last_cmd: SmallVec<[u8; 16]>,
+    published_cmd: SmallVec<[u8; 16]>,
 }
 
 impl Reader {
@@ -306,11 +309,21 @@ impl Reader {
             let before = self.seq;
             self.process().await;
             if self.seq > before {
-                self.info.active(self.seq - before, &self.last_cmd);
-                self.info.set_pinned(self.pinned.is_some());
-                self.info.set_proto(self.proto.number() as u8);
+                self.publish_info(self.seq - before);
             }
         }
+    }
+
+    /// Update this client's registry record: `n` more requests, and the
+    /// last command's name when it changed (the lock is taken only then).
+    fn publish_info(&mut self, n: u64) {
+        self.info.active(n, self.read_at);
+        if self.published_cmd != self.last_cmd {
+            self.info.set_cmd(&self.last_cmd);
+            self.published_cmd.clone_from(&self.last_cmd);
+        }
+        self.info.set_pinned(self.pinned.is_some());
+        self.info.set_proto(self.proto.number() as u8);
     }
 
     /// Handle every complete request in the buffer.
@@ -837,7 +850,7 @@ impl Reader {
     /// Route one request that is not a plain pool-bound one.
     async fn dispatch(&mut self, class: Class, req: &Request, frame: Bytes) {
         // KEYWARD CLIENTS (and anything slow here) shows this command now.
-        self.info.active(0, &self.last_cmd);
+        self.publish_info(0);
         let args: Vec<&[u8]> = ArgView::new(&frame, &req.args).collect();
         match class {
             Class::Hello => self.hello(&args, &frame).await,

@@ -29,17 +29,22 @@ pub struct ClientInfo {
 }
 
 impl ClientInfo {
-    /// A read brought `n` requests, the last one named `cmd`.
-    pub fn active(&self, n: u64, cmd: &[u8]) {
+    /// A read at `at` brought `n` requests.
+    #[inline]
+    pub fn active(&self, n: u64, at: Instant) {
         self.requests.fetch_add(n, Relaxed);
-        self.active_ms
-            .store(self.since.elapsed().as_millis() as u64, Relaxed);
+        self.active_ms.store(
+            at.saturating_duration_since(self.since).as_millis() as u64,
+            Relaxed,
+        );
+    }
+
+    /// The client's last command is now `cmd` (called when it changes).
+    pub fn set_cmd(&self, cmd: &[u8]) {
         let name = &cmd[..cmd.len().min(MAX_CMD)];
         let mut c = self.cmd.lock().unwrap_or_else(|e| e.into_inner());
-        if c.as_bytes() != name {
-            c.clear();
-            c.extend(name.iter().map(|b| b.to_ascii_lowercase() as char));
-        }
+        c.clear();
+        c.extend(name.iter().map(|b| b.to_ascii_lowercase() as char));
     }
 
     pub fn set_pinned(&self, pinned: bool) {
@@ -131,7 +136,8 @@ mod tests {
         let r = Registry::default();
         let a = r.add(2, "127.0.0.1:1000".parse().unwrap());
         r.add(1, "127.0.0.1:1001".parse().unwrap());
-        a.active(3, b"GET");
+        a.active(3, Instant::now());
+        a.set_cmd(b"GET");
         a.set_pinned(true);
         let l = r.list(10);
         assert_eq!(l.iter().map(|c| c.id).collect::<Vec<_>>(), vec![1, 2]);
