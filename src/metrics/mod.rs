@@ -37,6 +37,7 @@ pub const PINNED: &str = "keyward_pinned_connections";
 pub const UPSTREAM_CONNECTIONS: &str = "keyward_upstream_connections";
 pub const UPSTREAM_INFLIGHT: &str = "keyward_upstream_inflight";
 pub const UPSTREAM_BREAKER_OPEN: &str = "keyward_upstream_breaker_open";
+pub const UPSTREAM_ERRORS: &str = "keyward_upstream_errors_total";
 pub const TOPOLOGY_STATE: &str = "keyward_topology_state";
 pub const FAILOVERS: &str = "keyward_failovers_total";
 pub const SLOWLOG_ENTRIES: &str = "keyward_slowlog_entries";
@@ -103,6 +104,10 @@ pub fn install() -> Option<&'static PrometheusHandle> {
             metrics::describe_gauge!(
                 UPSTREAM_BREAKER_OPEN,
                 "1 while a node's circuit breaker is open (no live connection; requests fail at once)."
+            );
+            metrics::describe_counter!(
+                UPSTREAM_ERRORS,
+                "Failed connects and lost or stalled shared connections per upstream node (since the node's current generation)."
             );
             metrics::describe_gauge!(TOPOLOGY_STATE, "1 for the tracker's current state.");
             metrics::describe_counter!(
@@ -199,6 +204,8 @@ pub fn render(ctx: &Ctx) -> Option<String> {
             .set(live as f64);
         metrics::gauge!(UPSTREAM_INFLIGHT, "node" => node.clone(), "role" => role)
             .set(inflight as f64);
+        metrics::counter!(UPSTREAM_ERRORS, "node" => node.clone(), "role" => role)
+            .absolute(up.node.errors.load(Ordering::Relaxed));
         metrics::gauge!(UPSTREAM_BREAKER_OPEN, "node" => node, "role" => role)
             .set(if up.pool2.live() == 0 { 1.0 } else { 0.0 });
     }

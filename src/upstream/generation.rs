@@ -51,6 +51,7 @@ impl Upstream {
             backoff_max: Duration::from_millis(u.backoff_max_ms),
             learned,
             fenced: Arc::new(AtomicBool::new(false)),
+            errors: Default::default(),
         });
         let retired = CancellationToken::new();
         let pool2 = Pool::start(node.clone(), Proto::Resp2, u.pool_size, retired.clone());

@@ -9,7 +9,7 @@
 //! maintainer also watches its connection for stalls (requests pending with
 //! no reply for the command timeout) and closes it, failing its requests.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,6 +48,9 @@ pub struct Node {
     /// Set when this node may no longer receive writes (it failed over or is
     /// about to): shared connections stop writing at once.
     pub fenced: Arc<AtomicBool>,
+    /// Failed connects and lost or stalled connections (all pools of the
+    /// node): `keyward_upstream_errors_total`.
+    pub errors: AtomicU64,
 }
 
 pub struct Pool {
@@ -259,6 +262,7 @@ async fn maintain(pool: Arc<Pool>, slot: usize, shutdown: CancellationToken) {
                     }
                 }
                 pool.slots[slot].store(None);
+                node.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(upstream = %node.settings.address, slot, proto = ?pool.proto, "upstream connection lost; reconnecting");
                 // Reconnect at once the first time; back off if that fails.
                 pool.set_error(Error::upstream(
@@ -268,6 +272,7 @@ async fn maintain(pool: Arc<Pool>, slot: usize, shutdown: CancellationToken) {
                 continue;
             }
             Err(e) => {
+                node.errors.fetch_add(1, Ordering::Relaxed);
                 if !was_down_logged {
                     tracing::warn!(upstream = %node.settings.address, slot, proto = ?pool.proto, error = %e.detail, "cannot connect to upstream; retrying with backoff");
                     was_down_logged = true;
