@@ -6,7 +6,8 @@
 //! commands listed in `cacheable`. A miss on a hot key is forwarded as usual
 //! and starts one fill (single flight) on the tracking connection; a write
 //! through keyward drops the key before it is forwarded, so a client always
-//! reads its own writes. Entries live `min(PTTL, cache.max_ttl_ms)`.
+//! reads its own writes. Entries live `min(PTTL, cache.max_ttl_ms)`. MGET is
+//! answered from the cached GET replies of its keys when all are there.
 
 pub mod resp3;
 pub mod store;
@@ -14,14 +15,15 @@ pub mod tracking;
 pub mod warmup;
 
 use std::sync::Arc;
+use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use crate::command::table::lowercase;
 use crate::config::CacheConfig;
 use crate::hotkey::Detector;
-use crate::resp::Proto;
+use crate::resp::{reply, Proto};
 use store::Store;
 use tracking::Fill;
 
@@ -67,8 +69,12 @@ impl NearCache {
         (Arc::new(cache), rx)
     }
 
-    /// The cached reply for this request, if its key is hot and cached;
-    /// on a miss for a hot key, a fill starts in the background.
+    /// Append the cached reply for this request to `out` and return true
+    /// if there is one; on a miss for a hot key, a fill starts in the
+    /// background. `now` is when the request was read (entries expire
+    /// against it, so a hit costs no clock read). An entry exists only for
+    /// a key that was hot when filled; keys that cool down are dropped when
+    /// the hot set changes, so a hit needs no hot-set lookup.
     #[inline]
     pub fn lookup(
         &self,
@@ -76,27 +82,82 @@ impl NearCache {
         args: &[&[u8]],
         frame: &[u8],
         proto: Proto,
-    ) -> Option<Bytes> {
-        if hot.hot_now.load(std::sync::atomic::Ordering::Relaxed) == 0 || args.len() < 2 {
-            return None;
+        now: Instant,
+        out: &mut BytesMut,
+    ) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if hot.hot_now.load(Relaxed) == 0 || args.len() < 2 {
+            return false;
         }
-        if !cacheable(args[0], args.len()) || !hot.is_hot(args[1]) {
-            return None;
+        if args[0].eq_ignore_ascii_case(b"mget") {
+            return self.lookup_mget(hot, &args[1..], proto, now, out);
         }
-        if let Some(reply) = self.store.get(frame, proto) {
-            self.store
-                .hits
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Some(reply);
+        if !cacheable(args[0], args.len()) {
+            return false;
         }
-        self.store
-            .misses
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.store.get_into(frame, proto, now, out) {
+            self.store.hits.fetch_add(1, Relaxed);
+            return true;
+        }
+        if !hot.is_hot(args[1]) {
+            return false;
+        }
+        self.store.misses.fetch_add(1, Relaxed);
         self.fill(
             Bytes::copy_from_slice(args[1]),
             Bytes::copy_from_slice(frame),
         );
-        None
+        false
+    }
+
+    /// MGET, served per key: when every key is hot and its `GET` reply is
+    /// cached, the replies are put together as Redis would (a key holding
+    /// another type is a null in MGET, not an error). Otherwise the missing
+    /// keys' `GET`s are filled for next time and MGET goes to Redis.
+    fn lookup_mget(
+        &self,
+        hot: &Detector,
+        keys: &[&[u8]],
+        proto: Proto,
+        now: Instant,
+        out: &mut BytesMut,
+    ) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !keys.iter().all(|k| hot.is_hot(k)) {
+            return false;
+        }
+        let start = out.len();
+        reply::array(out, keys.len());
+        let mut frame = BytesMut::with_capacity(64);
+        let mut missing: smallvec::SmallVec<[usize; 4]> = smallvec::SmallVec::new();
+        for (i, k) in keys.iter().enumerate() {
+            // Cached by exact request bytes: clients send GET or get.
+            let cached = [b"GET".as_slice(), b"get"].iter().find_map(|name| {
+                frame.clear();
+                reply::command(&mut frame, &[name, k]);
+                self.store.get(&frame, proto, now)
+            });
+            match cached {
+                Some(r) if r.first() == Some(&b'-') => match proto {
+                    Proto::Resp2 => out.extend_from_slice(b"$-1\r\n"),
+                    Proto::Resp3 => out.extend_from_slice(b"_\r\n"),
+                },
+                Some(r) => out.extend_from_slice(&r),
+                None => missing.push(i),
+            }
+        }
+        if missing.is_empty() {
+            self.store.hits.fetch_add(1, Relaxed);
+            return true;
+        }
+        out.truncate(start);
+        self.store.misses.fetch_add(1, Relaxed);
+        for i in missing {
+            frame.clear();
+            reply::command(&mut frame, &[b"GET", keys[i]]);
+            self.fill(Bytes::copy_from_slice(keys[i]), frame.split().freeze());
+        }
+        false
     }
 
     /// Start a fill of `request` on `key` unless one is in flight; false if

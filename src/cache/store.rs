@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::resp::Proto;
 
@@ -142,11 +142,11 @@ impl Store {
         self.len() == 0
     }
 
-    /// The cached reply to `request` in `proto`, if fresh.
-    pub fn get(&self, request: &[u8], proto: Proto) -> Option<Bytes> {
+    /// The cached reply to `request` in `proto`, if fresh at `now`.
+    pub fn get(&self, request: &[u8], proto: Proto, now: Instant) -> Option<Bytes> {
         let mut inner = self.lock();
         let e = inner.entries.get(request)?;
-        if e.expires <= Instant::now() {
+        if e.expires <= now {
             let key = e.key.clone();
             remove(&mut inner, request, &key);
             self.refresh_active(&inner);
@@ -155,6 +155,33 @@ impl Store {
         match proto {
             Proto::Resp3 => Some(e.resp3.clone()),
             Proto::Resp2 => e.resp2.clone(),
+        }
+    }
+
+    /// Append the cached reply to `request` in `proto` to `out` if it is
+    /// fresh at `now` (copied under the lock: no reference count traffic
+    /// on the hit path).
+    pub fn get_into(&self, request: &[u8], proto: Proto, now: Instant, out: &mut BytesMut) -> bool {
+        let mut inner = self.lock();
+        let Some(e) = inner.entries.get(request) else {
+            return false;
+        };
+        if e.expires <= now {
+            let key = e.key.clone();
+            remove(&mut inner, request, &key);
+            self.refresh_active(&inner);
+            return false;
+        }
+        let reply = match proto {
+            Proto::Resp3 => Some(&e.resp3),
+            Proto::Resp2 => e.resp2.as_ref(),
+        };
+        match reply {
+            Some(r) => {
+                out.extend_from_slice(r);
+                true
+            }
+            None => false,
         }
     }
 
@@ -361,15 +388,28 @@ mod tests {
             Duration::from_secs(5)
         ));
         assert_eq!(
-            s.get(&r, Proto::Resp3).as_deref(),
+            s.get(&r, Proto::Resp3, Instant::now()).as_deref(),
             Some(&b"$1\r\nv\r\n"[..])
         );
         assert_eq!(
-            s.get(&r, Proto::Resp2).as_deref(),
+            s.get(&r, Proto::Resp2, Instant::now()).as_deref(),
             Some(&b"$1\r\nv\r\n"[..])
         );
+        let mut out = BytesMut::from(&b"+before\r\n"[..]);
+        assert!(s.get_into(&r, Proto::Resp2, Instant::now(), &mut out));
+        assert_eq!(&out[..], b"+before\r\n$1\r\nv\r\n", "appended");
+        let later = Instant::now() + Duration::from_secs(6);
+        assert!(!s.get_into(&r, Proto::Resp2, later, &mut out), "expired at `now`");
+        assert!(s.get(&r, Proto::Resp3, Instant::now()).is_none(), "expiry removed it");
+        assert!(s.complete_fill(
+            k.clone(),
+            r.clone(),
+            s.begin_fill(&k, &r).unwrap(),
+            b("$1\r\nv\r\n"),
+            Duration::from_secs(5)
+        ));
         s.invalidate(b"k");
-        assert!(s.get(&r, Proto::Resp3).is_none());
+        assert!(s.get(&r, Proto::Resp3, Instant::now()).is_none());
         assert!(!s.active());
     }
 
@@ -380,11 +420,11 @@ mod tests {
         let t = s.begin_fill(&k, &r).unwrap();
         s.invalidate(b"k");
         assert!(!s.complete_fill(k.clone(), r.clone(), t, b(":1\r\n"), Duration::from_secs(5)));
-        assert!(s.get(&r, Proto::Resp3).is_none());
+        assert!(s.get(&r, Proto::Resp3, Instant::now()).is_none());
         let t = s.begin_fill(&k, &r).unwrap();
         s.flush(FlushReason::Start);
         assert!(!s.complete_fill(k, r.clone(), t, b(":1\r\n"), Duration::from_secs(5)));
-        assert!(s.get(&r, Proto::Resp3).is_none());
+        assert!(s.get(&r, Proto::Resp3, Instant::now()).is_none());
     }
 
     #[test]
@@ -399,15 +439,21 @@ mod tests {
             s.len() <= 2 && s.bytes() <= 2 * (OVERHEAD + 40),
             "over budget"
         );
-        assert!(s.get(b"req4", Proto::Resp3).is_some(), "newest kept");
+        assert!(
+            s.get(b"req4", Proto::Resp3, Instant::now()).is_some(),
+            "newest kept"
+        );
         let (k, r) = (b("x"), b("rx"));
         let t = s.begin_fill(&k, &r).unwrap();
         assert!(s.complete_fill(k, r, t, b(":1\r\n"), Duration::from_millis(1)));
         // Poll until the 1 ms lifetime has run out (deadline: 1 s).
         let deadline = Instant::now() + Duration::from_secs(1);
-        while Instant::now() < deadline && s.get(b"rx", Proto::Resp3).is_some() {
+        while Instant::now() < deadline && s.get(b"rx", Proto::Resp3, Instant::now()).is_some() {
             std::hint::spin_loop();
         }
-        assert!(s.get(b"rx", Proto::Resp3).is_none(), "expired");
+        assert!(
+            s.get(b"rx", Proto::Resp3, Instant::now()).is_none(),
+            "expired"
+        );
     }
 }

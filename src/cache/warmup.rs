@@ -1,7 +1,10 @@
 //! Warm-up: the cached requests (keys and commands, never values) are saved
 //! to the state folder every few seconds and at shutdown; at start keyward
 //! declares those keys hot and refetches them through the fill path at a
-//! bounded rate, so the cache serves hits right after a restart.
+//! bounded rate, so the cache serves hits right after a restart. With the
+//! fleet view on, the keys the other instances find hot now are declared
+//! hot too and their GET replies fetched: a new proxy joining a fleet (or
+//! one restarted without its state folder) starts warm.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -25,15 +28,19 @@ fn file(dir: &str) -> PathBuf {
 /// Load, warm, then save periodically until shutdown (and once more then).
 pub async fn run(ctx: Arc<Ctx>, cache: Arc<NearCache>) {
     let dir = cache.config.state_dir.clone();
-    if dir.is_empty() {
-        cache.warm.store(true, Ordering::Release);
-        return;
-    }
-    let saved = load(&file(&dir));
-    if !saved.is_empty() {
-        warm(&ctx, &cache, saved).await;
+    let saved = if dir.is_empty() {
+        Vec::new()
+    } else {
+        load(&file(&dir))
+    };
+    let fleet = ctx.hotkeys.as_ref().is_some_and(|d| d.config.fleet);
+    if !saved.is_empty() || fleet {
+        warm(&ctx, &cache, saved, fleet).await;
     }
     cache.warm.store(true, Ordering::Release);
+    if dir.is_empty() {
+        return;
+    }
     let mut tick = tokio::time::interval(SAVE_EVERY);
     tick.tick().await;
     loop {
@@ -47,7 +54,7 @@ pub async fn run(ctx: Arc<Ctx>, cache: Arc<NearCache>) {
     }
 }
 
-async fn warm(ctx: &Ctx, cache: &NearCache, saved: Vec<(Bytes, Bytes)>) {
+async fn warm(ctx: &Ctx, cache: &NearCache, mut saved: Vec<(Bytes, Bytes)>, fleet: bool) {
     let Some(d) = &ctx.hotkeys else { return };
     let started = std::time::Instant::now();
     d.seed_hot(
@@ -65,6 +72,16 @@ async fn warm(ctx: &Ctx, cache: &NearCache, saved: Vec<(Bytes, Bytes)>) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if fleet {
+        let from_fleet = fleet_hot(ctx, &saved).await;
+        d.seed_hot(
+            from_fleet
+                .iter()
+                .map(|(k, _)| k.to_vec().into_boxed_slice())
+                .collect(),
+        );
+        saved.extend(from_fleet);
     }
     let per_fill = Duration::from_secs_f64(1.0 / cache.config.warmup_rate.max(1) as f64);
     let mut pace = tokio::time::interval(per_fill);
@@ -87,6 +104,28 @@ async fn warm(ctx: &Ctx, cache: &NearCache, saved: Vec<(Bytes, Bytes)>) {
         ms = started.elapsed().as_millis() as u64,
         "near cache warmed from the saved list"
     );
+}
+
+/// The fleet's hot keys not already in `saved`, each with its GET request.
+async fn fleet_hot(ctx: &Ctx, saved: &[(Bytes, Bytes)]) -> Vec<(Bytes, Bytes)> {
+    let entries = match crate::hotkey::fleet::read(ctx).await {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(error = %e, "near cache warm-up: fleet hot set unavailable");
+            return Vec::new();
+        }
+    };
+    let known: std::collections::HashSet<&[u8]> = saved.iter().map(|(k, _)| k.as_ref()).collect();
+    entries
+        .into_iter()
+        .filter(|e| e.hot && !known.contains(e.key.as_slice()))
+        .take(MAX_SAVED.saturating_sub(saved.len()))
+        .map(|e| {
+            let mut req = bytes::BytesMut::new();
+            crate::resp::reply::command(&mut req, &[b"GET", &e.key]);
+            (Bytes::from(e.key), req.freeze())
+        })
+        .collect()
 }
 
 fn load(path: &Path) -> Vec<(Bytes, Bytes)> {

@@ -177,6 +177,7 @@ pub fn start(
         local_first_seq: 0,
         last_cmd: SmallVec::new(),
         published_cmd: SmallVec::new(),
+        hit_buf: BytesMut::new(),
     };
     let slot = ClientSlot(ctx, id);
     let reader = readers.spawn(async move {
@@ -247,6 +248,8 @@ struct Reader {
     /// last published to the registry.
     last_cmd: SmallVec<[u8; 16]>,
     published_cmd: SmallVec<[u8; 16]>,
+    /// A cache hit's reply while a run waits to be sent before it.
+    hit_buf: BytesMut,
 }
 
 impl Reader {
@@ -365,7 +368,10 @@ impl Reader {
                 return;
             }
             self.seq += 1;
-            let mut hit: Option<Bytes> = None;
+            // A near-cache hit's reply goes straight to the local replies
+            // when no run is pending before it (the usual case), else to
+            // `hit_buf` until the run is sent.
+            let mut hit = false;
             let class = {
                 let frame: &[u8] = match &req.inline {
                     Some(f) => f,
@@ -413,7 +419,12 @@ impl Reader {
                 // A hit on a hot key is answered here, in order.
                 if let (Some(cache), Some(d)) = (cache, &self.ctx.hotkeys) {
                     if class == Class::Forward && self.pinned.is_none() && self.state.db == 0 {
-                        hit = cache.lookup(d, &args, frame, self.proto);
+                        let out = if self.run_count == 0 {
+                            &mut self.local
+                        } else {
+                            &mut self.hit_buf
+                        };
+                        hit = cache.lookup(d, &args, frame, self.proto, self.read_at, out);
                     }
                 }
                 // With read_from = "replica", read-only commands go to a replica.
@@ -425,11 +436,14 @@ impl Reader {
                 (class, replica)
             };
             let (class, replica) = class;
-            if let Some(reply) = hit.take() {
-                self.emit_run(&mut off).await;
-                let consumed = req.consumed;
-                self.buf.advance(consumed);
-                self.local_reply(reply, 1).await;
+            if hit {
+                if !self.hit_buf.is_empty() {
+                    self.emit_run(&mut off).await;
+                    self.local.extend_from_slice(&self.hit_buf);
+                    self.hit_buf.clear();
+                }
+                self.buf.advance(req.consumed);
+                self.note_local(1, false);
                 continue;
             }
             if self.pinned.is_some() {
@@ -646,6 +660,12 @@ impl Reader {
             self.ctx.stats.finish(&self.one().tally, errors, us);
             return;
         }
+        self.local.extend_from_slice(&bytes);
+        self.note_local(requests, error);
+    }
+
+    /// `requests` more replies were put in `local` for the current request.
+    fn note_local(&mut self, requests: u32, error: bool) {
         if self.local_n == 0 {
             self.local_first_seq = self.seq;
         }
@@ -655,7 +675,6 @@ impl Reader {
         for _ in 0..requests {
             self.local_tally.push(self.family);
         }
-        self.local.extend_from_slice(&bytes);
         self.local_n += requests;
         if self.local.len() >= LOCAL_FLUSH {
             self.flush_local();
