@@ -399,8 +399,14 @@ mod tests {
         assert!(s.get_into(&r, Proto::Resp2, Instant::now(), &mut out));
         assert_eq!(&out[..], b"+before\r\n$1\r\nv\r\n", "appended");
         let later = Instant::now() + Duration::from_secs(6);
-        assert!(!s.get_into(&r, Proto::Resp2, later, &mut out), "expired at `now`");
-        assert!(s.get(&r, Proto::Resp3, Instant::now()).is_none(), "expiry removed it");
+        assert!(
+            !s.get_into(&r, Proto::Resp2, later, &mut out),
+            "expired at `now`"
+        );
+        assert!(
+            s.get(&r, Proto::Resp3, Instant::now()).is_none(),
+            "expiry removed it"
+        );
         assert!(s.complete_fill(
             k.clone(),
             r.clone(),

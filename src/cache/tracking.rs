@@ -172,6 +172,14 @@ async fn session(
                 pending.push_back(Pending::Ping(Instant::now()));
             }
             Some(fill) = fills.recv() => {
+                // A fill taken after the master was fenced or replaced (and
+                // the cache flushed) must not read the old master: this
+                // link's session ends and the next one serves the fills.
+                let installed = ctx.upstream.load().as_ref().map(|u| u.generation);
+                if installed != Some(generation) {
+                    cache.store.abandon_fill(&fill.request);
+                    return Some(TOPOLOGY_CHANGED.into());
+                }
                 let mut out = BytesMut::new();
                 reply::command(&mut out, &[b"CLIENT", b"CACHING", b"YES"]);
                 reply::command(&mut out, &[b"MULTI"]);
@@ -273,10 +281,11 @@ fn land(cache: &NearCache, fill: Fill, exec: &Bytes) {
     } else {
         bound
     };
-    if reply.first() == Some(&b'-')
-        || reply.first() == Some(&b'!')
-        || reply.len() > cache.config.max_reply_bytes
-    {
+    // Errors are not cached (LOADING, OOM, ... pass), except WRONGTYPE:
+    // it follows from the key's type, which only a write (an
+    // invalidation) can change, and MGET needs it to answer per key.
+    let error = matches!(reply.first(), Some(b'-' | b'!')) && !wrongtype(reply);
+    if error || reply.len() > cache.config.max_reply_bytes {
         cache.store.abandon_fill(&fill.request);
         return;
     }
@@ -285,6 +294,11 @@ fn land(cache: &NearCache, fill: Fill, exec: &Bytes) {
     cache
         .store
         .complete_fill(fill.key, fill.request, fill.ticket, reply, ttl);
+}
+
+/// A `-WRONGTYPE` error reply (RESP2/RESP3 simple error).
+fn wrongtype(reply: &[u8]) -> bool {
+    reply.starts_with(b"-WRONGTYPE ")
 }
 
 #[cfg(test)]
@@ -301,5 +315,11 @@ mod tests {
         let exec = b"*2\r\n:1500\r\n$3\r\nval\r\n";
         let parts: Vec<&[u8]> = elements(exec).collect();
         assert_eq!(parts, vec![&b":1500\r\n"[..], &b"$3\r\nval\r\n"[..]]);
+        assert!(wrongtype(
+            b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n"
+        ));
+        assert!(!wrongtype(
+            b"-LOADING Redis is loading the dataset in memory\r\n"
+        ));
     }
 }

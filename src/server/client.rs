@@ -113,6 +113,7 @@ struct ClientSlot(Arc<Ctx>, u64);
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
+        tracing::debug!(conn = self.1, "client disconnected");
         self.0.registry.remove(self.1);
         self.0.clients.fetch_sub(1, Ordering::AcqRel);
     }
@@ -131,6 +132,7 @@ pub fn start(
 ) {
     let _ = stream.set_nodelay(true);
     let info = ctx.registry.add(id, peer);
+    tracing::debug!(conn = id, %peer, "client connected");
     let (rd, wr) = stream.into_split();
     let shared = Arc::new(Shared {
         meter: Arc::new(Meter::new(id, ctx.config.server.max_reply_bytes)),
@@ -372,6 +374,7 @@ impl Reader {
             // when no run is pending before it (the usual case), else to
             // `hit_buf` until the run is sent.
             let mut hit = false;
+            let mut hit_error = false;
             let class = {
                 let frame: &[u8] = match &req.inline {
                     Some(f) => f,
@@ -424,7 +427,10 @@ impl Reader {
                         } else {
                             &mut self.hit_buf
                         };
+                        let before = out.len();
                         hit = cache.lookup(d, &args, frame, self.proto, self.read_at, out);
+                        // A cached WRONGTYPE is an error reply all the same.
+                        hit_error = hit && out.get(before) == Some(&b'-');
                     }
                 }
                 // With read_from = "replica", read-only commands go to a replica.
@@ -443,7 +449,7 @@ impl Reader {
                     self.hit_buf.clear();
                 }
                 self.buf.advance(req.consumed);
-                self.note_local(1, false);
+                self.note_local(1, hit_error);
                 continue;
             }
             if self.pinned.is_some() {

@@ -305,14 +305,27 @@ async fn relay(
             break e;
         }
     };
+    // Replies owed to the client, not counting keyward's own swallowed
+    // ones (a re-subscription still unanswered when this connection died
+    // too, e.g. a master lost right after the carry-over): those are
+    // carried again, and the client is owed no error for them.
+    let owed = shared
+        .outstanding
+        .load(Ordering::Acquire)
+        .saturating_sub(shared.swallow.swap(0, Ordering::AcqRel));
     let carried = (shared.retired.load(Ordering::Acquire)
         || shared.carry_any_loss.load(Ordering::Acquire))
         && shared.resubscribe.load(Ordering::Acquire)
-        && shared.outstanding.load(Ordering::Acquire) == 0;
+        && owed == 0;
     shared.carried.store(carried, Ordering::Release);
     if !shared.releasing.load(Ordering::Acquire) && !carried {
-        let outstanding = shared.outstanding.swap(0, Ordering::AcqRel);
-        let _ = tx.send(PinMsg::Lost { error, outstanding }).await;
+        shared.outstanding.store(0, Ordering::Release);
+        let _ = tx
+            .send(PinMsg::Lost {
+                error,
+                outstanding: owed,
+            })
+            .await;
     }
     shared.outstanding.store(0, Ordering::Release);
     shared.idle.notify_waiters();
