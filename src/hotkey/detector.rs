@@ -63,7 +63,15 @@ struct KeyState {
     above: u32,
     below: u32,
     hot: bool,
+    /// The reported rate (ops/s): the window's rate, or half the previous
+    /// report if that is more. A spike shows at once; a key that stops
+    /// fades over a few windows instead of vanishing (the hot rule itself
+    /// uses each window's own rate).
+    rate: f64,
 }
+
+/// How much of the reported rate is left after a window without traffic.
+const DECAY: f64 = 0.5;
 
 type Local = Arc<Mutex<HeavyHitters>>;
 
@@ -223,6 +231,7 @@ impl Detector {
         for key in keys {
             let rate = rates.get(&key).copied().unwrap_or(0);
             let st = states.entry(key.clone()).or_default();
+            st.rate = (rate as f64).max(st.rate * DECAY);
             if rate >= threshold {
                 st.above += 1;
                 st.below = 0;
@@ -244,13 +253,17 @@ impl Detector {
                 tracing::info!(key = %show(&key), rate, threshold, "hot key: left");
             }
         }
-        // Forget keys that are neither hot nor warming up.
-        states.retain(|k, st| st.hot || st.above > 0 || rates.contains_key(k));
+        // Forget keys that are neither hot, warming up, seen now, nor still
+        // fading out (a few windows; the map stays bounded by the top-K).
+        let forget_below = (threshold as f64 / 16.0).max(1.0);
+        states.retain(|k, st| {
+            st.hot || st.above > 0 || rates.contains_key(k) || st.rate >= forget_below
+        });
         let mut entries: Vec<HotEntry> = states
             .iter()
             .map(|(k, st)| HotEntry {
                 key: k.clone(),
-                rate: rates.get(k).copied().unwrap_or(0),
+                rate: st.rate as u64,
                 error,
                 hot: st.hot,
             })
@@ -323,8 +336,12 @@ mod tests {
         window(&d, &mut states, 150);
         assert!(d.is_hot(b"hot"));
         assert_eq!(rates(&d)[0], (b"hot".to_vec(), 150, true));
-        // Between half the threshold and the threshold: stays hot.
-        for _ in 0..10 {
+        // Between half the threshold and the threshold: stays hot. The
+        // reported rate fades from 150 (half of it, 75, is more than 60)
+        // and then follows the windows.
+        window(&d, &mut states, 60);
+        assert_eq!(rates(&d)[0].1, 75, "{:?}", rates(&d));
+        for _ in 0..9 {
             window(&d, &mut states, 60);
             assert_eq!(rates(&d)[0].1, 60, "{:?}", rates(&d));
         }
@@ -342,6 +359,37 @@ mod tests {
         window(&d, &mut states, 10);
         assert!(!d.is_hot(b"hot"));
         assert!(!d.is_hot(b"cold"));
+    }
+
+    /// A key that stops is reported at half its rate each window, then
+    /// forgotten; one that comes back is reported at its new rate at once.
+    #[test]
+    fn rates_decay_over_a_few_windows() {
+        let d = Detector::new(HotkeysConfig {
+            threshold: 1000,
+            ..config()
+        });
+        let mut states = HashMap::new();
+        for _ in 0..800 {
+            d.record(b"burst");
+        }
+        d.rotate(&mut states);
+        assert_eq!(rates(&d), vec![(b"burst".to_vec(), 800, false)]);
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            d.rotate(&mut states);
+            seen.push(rates(&d).first().map(|r| r.1));
+        }
+        assert_eq!(
+            seen,
+            vec![Some(400), Some(200), Some(100), None, None, None],
+            "halves each quiet window, forgotten below threshold/16"
+        );
+        for _ in 0..300 {
+            d.record(b"burst");
+        }
+        d.rotate(&mut states);
+        assert_eq!(rates(&d)[0].1, 300, "back at its new rate at once");
     }
 
     #[test]
