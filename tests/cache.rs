@@ -16,19 +16,10 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
-use tokio::sync::{Mutex, MutexGuard};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
-
-/// Requests per batch of the background load, and the pace between batches:
-/// 2,500 reads/s, far above the 100 ops/s hot threshold.
-const BATCH: usize = 50;
-const PACE: Duration = Duration::from_millis(20);
 
 /// The default `cache.max_ttl_ms`.
 const MAX_TTL_DEFAULT: u64 = 2_000;
@@ -37,114 +28,10 @@ const MAX_TTL_DEFAULT: u64 = 2_000;
 /// entry expiring by itself cannot explain a change seen within a second.
 const MAX_TTL_LONG: u64 = 30_000;
 
-/// keyward's config: fast hot-key detection (a key is hot after two 200 ms
-/// windows above 100 ops/s), no fleet view (it would write to Redis), and
-/// the near cache with the given `max_ttl_ms`.
-fn config(redis: &Redis, max_ttl_ms: u64) -> String {
-    format!(
-        "[upstream]\naddress = \"{}\"\n\
-         [hotkeys]\nwindow_ms = 200\nthreshold = 100\nfleet = false\n\
-         [cache]\nmax_mb = 16\nmax_ttl_ms = {max_ttl_ms}\nping_ms = 250\n",
-        redis.addr()
-    )
-}
-
-/// A RESP bulk string.
-fn bulk(v: &[u8]) -> Vec<u8> {
-    let mut out = format!("${}\r\n", v.len()).into_bytes();
-    out.extend_from_slice(v);
-    out.extend_from_slice(b"\r\n");
-    out
-}
-
-/// The background load that keeps keys hot: batches of [`BATCH`] pipelined
-/// requests (cycling through `cmds`) every [`PACE`] on one RESP2 connection
-/// through keyward, until stopped. Any error reply fails the test when the
-/// load is stopped.
-///
-/// [`HotLoad::pause`] holds the load between batches, so a test can send a
-/// request while no other traffic moves keyward's counters; a pause of a
-/// few hundred ms does not cool a key (leaving takes 5 quiet windows).
-struct HotLoad {
-    stop: Arc<AtomicBool>,
-    gate: Arc<Mutex<()>>,
-    task: Option<JoinHandle<u64>>,
-}
-
-impl HotLoad {
-    async fn start(port: u16, cmds: &[&[&[u8]]]) -> HotLoad {
-        let batch: Vec<u8> = (0..BATCH).flat_map(|i| cmd(cmds[i % cmds.len()])).collect();
-        let stop = Arc::new(AtomicBool::new(false));
-        let gate = Arc::new(Mutex::new(()));
-        let mut raw = Raw::connect(port).await;
-        let task = tokio::spawn({
-            let (stop, gate) = (stop.clone(), gate.clone());
-            async move {
-                let mut pace = tokio::time::interval(PACE);
-                pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let mut sent = 0u64;
-                while !stop.load(Ordering::Acquire) {
-                    pace.tick().await;
-                    let _held = gate.lock().await;
-                    raw.send(&batch).await;
-                    for reply in raw.read_replies(BATCH).await {
-                        assert!(
-                            !reply.starts_with(b"-"),
-                            "hot-key load got an error reply: {}",
-                            esc(&reply)
-                        );
-                    }
-                    sent += BATCH as u64;
-                }
-                sent
-            }
-        });
-        HotLoad {
-            stop,
-            gate,
-            task: Some(task),
-        }
-    }
-
-    /// Hold the load (after its current batch) until the guard is dropped.
-    async fn pause(&self) -> MutexGuard<'_, ()> {
-        self.gate.lock().await
-    }
-
-    /// Stop the load and surface any failure it saw; returns requests sent.
-    async fn stop(mut self) -> u64 {
-        self.stop.store(true, Ordering::Release);
-        let task = self.task.take().expect("load task");
-        match tokio::time::timeout(DEADLINE, task).await {
-            Ok(Ok(sent)) => sent,
-            Ok(Err(e)) => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => panic!("hot-key load did not stop within {DEADLINE:?}"),
-        }
-    }
-}
-
-impl Drop for HotLoad {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-    }
-}
-
-/// keyward's `/metrics` text.
-async fn metrics(kw: &Keyward) -> String {
-    let port = kw.admin_port();
-    let (status, body) = tokio::task::spawn_blocking(move || http_get(port, "/metrics"))
-        .await
-        .expect("http_get task");
-    assert_eq!(status, 200, "GET /metrics: {body}");
-    body
-}
-
-/// The value of an unlabelled metric, if present.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+/// keyward's config after the upstream: fast hot-key detection
+/// ([`FAST_HOTKEYS`]) and the near cache with the given `max_ttl_ms`.
+fn config(max_ttl_ms: u64) -> String {
+    format!("{FAST_HOTKEYS}[cache]\nmax_mb = 16\nmax_ttl_ms = {max_ttl_ms}\nping_ms = 250\n")
 }
 
 async fn cache_hits(kw: &Keyward) -> f64 {
@@ -189,22 +76,6 @@ async fn cached_reply(kw: &Keyward, load: &HotLoad, conn: &mut Raw, req: &[&[u8]
     }
 }
 
-/// `calls` of `cmdstat_<name>` in Redis's `INFO commandstats` (0 if absent).
-fn redis_calls(redis: &Redis, name: &str) -> u64 {
-    let info = redis.call(&[b"INFO", b"commandstats"]);
-    let text = String::from_utf8_lossy(&info);
-    let prefix = format!("cmdstat_{name}:calls=");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map(|rest| {
-            rest.split(',')
-                .next()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("bad commandstats line for {name}: {text}"))
-        })
-        .unwrap_or(0)
-}
-
 /// Poll `GET key` through `conn` back to back (1 ms apart) until it returns
 /// `want`; the time from `since` it took, or `None` if not within `limit`.
 async fn time_until_get(
@@ -240,7 +111,7 @@ async fn time_until_get(
 async fn hot_key_is_served_from_the_cache() {
     let redis = Redis::start();
     assert_eq!(esc(&redis.call(&[b"SET", b"hk", b"v1"])), esc(b"+OK\r\n"));
-    let kw = Keyward::start_config(&config(&redis, MAX_TTL_DEFAULT), &[]);
+    let kw = Keyward::start_for(&redis, &config(MAX_TTL_DEFAULT), &[]);
     let load = HotLoad::start(kw.port(), &[&[b"GET", b"hk"]]).await;
     wait_cache_hits(&kw).await;
 
@@ -264,7 +135,7 @@ async fn hot_key_is_served_from_the_cache() {
                 assert_eq!(esc(&reply), esc(&bulk(b"v1")));
             }
         }
-        let calls = redis_calls(&redis, "get");
+        let calls = redis_calls(redis.port(), "get");
         (calls, cache_hits(&kw).await - hits_before)
     };
     eprintln!("1000 GETs of a hot key: {calls} reached Redis, {hits} cache hits");
@@ -285,7 +156,7 @@ async fn hot_key_is_served_from_the_cache() {
 async fn read_your_writes_through_the_proxy() {
     let redis = Redis::start();
     assert_eq!(esc(&redis.call(&[b"SET", b"hk", b"v"])), esc(b"+OK\r\n"));
-    let kw = Keyward::start_config(&config(&redis, MAX_TTL_DEFAULT), &[]);
+    let kw = Keyward::start_for(&redis, &config(MAX_TTL_DEFAULT), &[]);
     let load = HotLoad::start(kw.port(), &[&[b"GET", b"hk"]]).await;
     wait_cache_hits(&kw).await;
     let mut a = Raw::connect(kw.port()).await;
@@ -343,7 +214,7 @@ async fn read_your_writes_through_the_proxy() {
 async fn external_write_is_seen_within_milliseconds() {
     let redis = Redis::start();
     assert_eq!(esc(&redis.call(&[b"SET", b"hk", b"v0"])), esc(b"+OK\r\n"));
-    let kw = Keyward::start_config(&config(&redis, MAX_TTL_LONG), &[]);
+    let kw = Keyward::start_for(&redis, &config(MAX_TTL_LONG), &[]);
     let load = HotLoad::start(kw.port(), &[&[b"GET", b"hk"]]).await;
     wait_cache_hits(&kw).await;
     let mut raw = Raw::connect(kw.port()).await;
@@ -395,7 +266,7 @@ async fn external_write_is_seen_within_milliseconds() {
 async fn flushall_flushes_the_cache() {
     let redis = Redis::start();
     assert_eq!(esc(&redis.call(&[b"SET", b"hk", b"v1"])), esc(b"+OK\r\n"));
-    let kw = Keyward::start_config(&config(&redis, MAX_TTL_LONG), &[]);
+    let kw = Keyward::start_for(&redis, &config(MAX_TTL_LONG), &[]);
     let load = HotLoad::start(kw.port(), &[&[b"GET", b"hk"]]).await;
     wait_cache_hits(&kw).await;
     let mut raw = Raw::connect(kw.port()).await;
@@ -450,7 +321,7 @@ async fn tracking_client(direct: &mut Raw) -> Option<u64> {
 async fn losing_the_tracking_link_flushes_the_cache() {
     let redis = Redis::start();
     assert_eq!(esc(&redis.call(&[b"SET", b"hk", b"old"])), esc(b"+OK\r\n"));
-    let kw = Keyward::start_config(&config(&redis, MAX_TTL_LONG), &[]);
+    let kw = Keyward::start_for(&redis, &config(MAX_TTL_LONG), &[]);
     let load = HotLoad::start(kw.port(), &[&[b"GET", b"hk"]]).await;
     wait_cache_hits(&kw).await;
     let mut raw = Raw::connect(kw.port()).await;
@@ -540,7 +411,7 @@ async fn resp2_and_resp3_replies_match_redis() {
         esc(&redis.call(&[b"ZADD", b"zz", b"2.5", b"m"])),
         esc(b":1\r\n")
     );
-    let kw = Keyward::start_config(&config(&redis, MAX_TTL_DEFAULT), &[]);
+    let kw = Keyward::start_for(&redis, &config(MAX_TTL_DEFAULT), &[]);
     let reads: [&[&[u8]]; 3] = [
         &[b"HGETALL", b"hh"],
         &[b"GET", b"missing"],
@@ -592,7 +463,7 @@ async fn resp2_and_resp3_replies_match_redis() {
 async fn cache_disabled_with_zero_mb() {
     let redis = Redis::start();
     assert_eq!(esc(&redis.call(&[b"SET", b"hk", b"v1"])), esc(b"+OK\r\n"));
-    let kw = Keyward::start_config(&config(&redis, MAX_TTL_DEFAULT), &["--cache-mb", "0"]);
+    let kw = Keyward::start_for(&redis, &config(MAX_TTL_DEFAULT), &["--cache-mb", "0"]);
     let load = HotLoad::start(kw.port(), &[&[b"GET", b"hk"]]).await;
     // The key is hot, so an enabled cache would be serving it by now.
     wait_until("keyward_hotkeys_hot >= 1", DEADLINE, || async {
@@ -614,7 +485,7 @@ async fn cache_disabled_with_zero_mb() {
                 assert_eq!(esc(&reply), esc(&bulk(b"v1")));
             }
         }
-        redis_calls(&redis, "get")
+        redis_calls(redis.port(), "get")
     };
     assert!(
         calls >= 1000,

@@ -7,15 +7,10 @@ use std::time::Duration;
 
 use support::*;
 
-const CONFIG: &str = "[hotkeys]\nwindow_ms = 200\nthreshold = 100\nfleet = false\n";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_stats_show_the_hot_key() {
     let redis = Redis::start();
-    let kw = Keyward::start_config(
-        &format!("[upstream]\naddress = \"{}\"\n{CONFIG}", redis.addr()),
-        &[],
-    );
+    let kw = Keyward::start_for(&redis, FAST_HOTKEYS, &[]);
     let mut raw = Raw::connect(kw.port()).await;
     assert_eq!(
         esc(&raw.call(&[b"SET", b"ck", b"v"]).await),
@@ -78,10 +73,7 @@ async fn cache_stats_show_the_hot_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disabled_cache_says_so() {
     let redis = Redis::start();
-    let kw = Keyward::start_config(
-        &format!("[upstream]\naddress = \"{}\"\n{CONFIG}", redis.addr()),
-        &["--cache-mb", "0"],
-    );
+    let kw = Keyward::start_for(&redis, FAST_HOTKEYS, &["--cache-mb", "0"]);
     let mut raw = Raw::connect(kw.port()).await;
     assert_eq!(
         esc(&raw.call(&[b"KEYWARD", b"CACHE"]).await),

@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-const CONFIG: &str = "[hotkeys]\nwindow_ms = 200\nthreshold = 100\nfleet = false\n";
-
 fn int_of(reply: &[u8]) -> Option<u64> {
     // "$n\r\n<digits>\r\n"
     let nl = reply.iter().position(|&b| b == b'\n')?;
@@ -24,10 +22,7 @@ fn int_of(reply: &[u8]) -> Option<u64> {
 
 fn cache_hits(admin: u16) -> u64 {
     let (_, m) = http_get(admin, "/metrics");
-    m.lines()
-        .find_map(|l| l.strip_prefix("keyward_cache_hits_total "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
+    metric(&m, "keyward_cache_hits_total").unwrap_or(0.0) as u64
 }
 
 /// Writers (one through keyward, one straight to Redis) increment a hot
@@ -39,10 +34,7 @@ fn cache_hits(admin: u16) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_never_go_back_in_time() {
     let redis = Redis::start();
-    let kw = Keyward::start_config(
-        &format!("[upstream]\naddress = \"{}\"\n{CONFIG}", redis.addr()),
-        &[],
-    );
+    let kw = Keyward::start_for(&redis, FAST_HOTKEYS, &[]);
     let mut setup = Raw::connect(kw.port()).await;
     assert_eq!(
         esc(&setup.call(&[b"SET", b"race", b"0"]).await),
@@ -132,11 +124,9 @@ async fn reads_never_go_back_in_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expiry_is_not_outlived() {
     let redis = Redis::start();
-    let kw = Keyward::start_config(
-        &format!(
-            "[upstream]\naddress = \"{}\"\n{CONFIG}[cache]\nmax_ttl_ms = 30000\n",
-            redis.addr()
-        ),
+    let kw = Keyward::start_for(
+        &redis,
+        &format!("{FAST_HOTKEYS}[cache]\nmax_ttl_ms = 30000\n"),
         &[],
     );
     let mut raw = Raw::connect(kw.port()).await;
@@ -174,11 +164,10 @@ async fn restart_with_state_dir_starts_warm() {
     let redis = Redis::start();
     let state = tempfile::tempdir().unwrap();
     let dir = state.path().to_str().unwrap().to_string();
-    let config = format!("[upstream]\naddress = \"{}\"\n{CONFIG}", redis.addr());
     for i in 0..20 {
         redis_cmd(redis.port(), &[b"SET", format!("w{i}").as_bytes(), b"x"]);
     }
-    let mut kw = Keyward::start_config(&config, &["--state-dir", &dir]);
+    let mut kw = Keyward::start_for(&redis, FAST_HOTKEYS, &["--state-dir", &dir]);
     let mut raw = Raw::connect(kw.port()).await;
     let batch: Vec<u8> = (0..20)
         .flat_map(|i| cmd(&[b"GET", format!("w{i}").as_bytes()]))
@@ -204,7 +193,7 @@ async fn restart_with_state_dir_starts_warm() {
         .is_some_and(|s| s.success()));
     let saved = std::fs::read_to_string(state.path().join("near-cache.json")).unwrap();
     assert!(!saved.contains("\"x\""), "values must never be saved");
-    let kw = Keyward::start_config(&config, &["--state-dir", &dir]);
+    let kw = Keyward::start_for(&redis, FAST_HOTKEYS, &["--state-dir", &dir]);
     wait_until("ready after warm-up", DEADLINE, || async {
         http_get(kw.admin_port(), "/ready").0 == 200
     })

@@ -13,14 +13,13 @@
 mod support;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 /// Fast hot-key detection (two 200 ms windows at 100 ops/s make a key hot),
 /// keys stay hot through short lulls (50 quiet windows to leave). Each test
@@ -28,38 +27,11 @@ use tokio::time::Instant;
 const HOTKEYS: &str =
     "[hotkeys]\nwindow_ms = 200\nthreshold = 100\nenter_windows = 2\nleave_windows = 50\n";
 
-/// keyward has to ask the Sentinels (or warm its cache) before it is ready.
-const READY_LIMIT: Duration = Duration::from_secs(20);
-
-/// How long the Sentinels may take to complete a failover.
-const SWITCH_LIMIT: Duration = Duration::from_secs(15);
-
-/// A read through keyward must be answered within this long, even while a
-/// failover is under way.
-const REPLY_LIMIT: Duration = Duration::from_secs(8);
-
-/// Run blocking kit code (process start, Sentinel polling, the HTTP getter)
-/// from an async test without stalling the runtime's other tasks.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
-}
-
-/// A RESP bulk string.
-fn bulk(v: &[u8]) -> Vec<u8> {
-    let mut out = format!("${}\r\n", v.len()).into_bytes();
-    out.extend_from_slice(v);
-    out.extend_from_slice(b"\r\n");
-    out
-}
-
-/// keyward's config for a plain upstream: fast hot keys plus `hotkeys`
-/// (more lines of that section, e.g. `fleet = false`), then `extra` (e.g. a
+/// keyward's config after the upstream: fast hot keys plus `hotkeys` (more
+/// lines of that section, e.g. `fleet = false`), then `extra` (e.g. a
 /// `[cache]` section).
-fn config(redis: &Redis, hotkeys: &str, extra: &str) -> String {
-    format!(
-        "[upstream]\naddress = \"{}\"\n{HOTKEYS}{hotkeys}{extra}",
-        redis.addr()
-    )
+fn config(hotkeys: &str, extra: &str) -> String {
+    format!("{HOTKEYS}{hotkeys}{extra}")
 }
 
 /// `KEYWARD CACHE` through a RESP2 connection, parsed.
@@ -118,31 +90,6 @@ fn cached_keys(cache: &Json) -> Vec<String> {
     }
 }
 
-/// `calls` of `cmdstat_<name>` in `INFO commandstats` on `port` (0 if absent).
-fn redis_calls(port: u16, name: &str) -> u64 {
-    let info = redis_cmd(port, &[b"INFO", b"commandstats"]);
-    let text = String::from_utf8_lossy(&info);
-    let prefix = format!("cmdstat_{name}:calls=");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map(|rest| {
-            rest.split(',')
-                .next()
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("bad commandstats line for {name}: {text}"))
-        })
-        .unwrap_or(0)
-}
-
-/// Poll `/ready` until 200.
-async fn wait_ready(kw: &Keyward) {
-    let admin = kw.admin_port();
-    wait_until("keyward /ready answers 200", READY_LIMIT, || async move {
-        blocking(|| http_get(admin, "/ready").0) == 200
-    })
-    .await;
-}
-
 /// Wait until `KEYWARD CACHE` hits exceed `above`; returns the count seen.
 async fn wait_hits_above(kw: &Keyward, above: u64, what: &str) -> u64 {
     let mut conn = Raw::connect(kw.port()).await;
@@ -159,79 +106,6 @@ async fn wait_hits_above(kw: &Keyward, above: u64, what: &str) -> u64 {
              last KEYWARD CACHE {stats:?}"
         );
         tokio::time::sleep(POLL).await;
-    }
-}
-
-/// A background load that keeps keys hot: batches of pipelined requests
-/// (cycling through `cmds`) every 20 ms on one connection, until stopped.
-/// [`HotLoad::pause`] holds it between batches, so a test can send a request
-/// while nothing else moves the counters. Error replies fail the test,
-/// except `-WRONGTYPE` (Redis's own answer to a GET of a hash).
-struct HotLoad {
-    stop: Arc<AtomicBool>,
-    gate: Arc<tokio::sync::Mutex<()>>,
-    task: Option<JoinHandle<u64>>,
-}
-
-impl HotLoad {
-    const BATCH: usize = 50;
-
-    async fn start(port: u16, cmds: &[&[&[u8]]]) -> HotLoad {
-        let batch: Vec<u8> = (0..Self::BATCH)
-            .flat_map(|i| cmd(cmds[i % cmds.len()]))
-            .collect();
-        let stop = Arc::new(AtomicBool::new(false));
-        let gate = Arc::new(tokio::sync::Mutex::new(()));
-        let mut raw = Raw::connect(port).await;
-        let task = tokio::spawn({
-            let (stop, gate) = (stop.clone(), gate.clone());
-            async move {
-                let mut pace = tokio::time::interval(Duration::from_millis(20));
-                pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let mut sent = 0u64;
-                while !stop.load(Ordering::Acquire) {
-                    pace.tick().await;
-                    let _held = gate.lock().await;
-                    raw.send(&batch).await;
-                    for reply in raw.read_replies(Self::BATCH).await {
-                        assert!(
-                            !reply.starts_with(b"-") || reply.starts_with(b"-WRONGTYPE"),
-                            "hot-key load got an error reply: {}",
-                            esc(&reply)
-                        );
-                    }
-                    sent += Self::BATCH as u64;
-                }
-                sent
-            }
-        });
-        HotLoad {
-            stop,
-            gate,
-            task: Some(task),
-        }
-    }
-
-    /// Hold the load (after its current batch) until the guard is dropped.
-    async fn pause(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.gate.lock().await
-    }
-
-    /// Stop the load, surfacing any failure it saw; returns requests sent.
-    async fn stop(mut self) -> u64 {
-        self.stop.store(true, Ordering::Release);
-        let task = self.task.take().expect("load task");
-        match tokio::time::timeout(DEADLINE, task).await {
-            Ok(Ok(sent)) => sent,
-            Ok(Err(e)) => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => panic!("hot-key load did not stop within {DEADLINE:?}"),
-        }
-    }
-}
-
-impl Drop for HotLoad {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
     }
 }
 
@@ -290,7 +164,7 @@ async fn read_your_writes_10k_under_a_hammering_reader() {
     const PAIRS: u64 = 10_000;
     let redis = Redis::start();
     assert_eq!(esc(&redis.call(&[b"SET", KEY, b"v0"])), esc(b"+OK\r\n"));
-    let kw = Keyward::start_config(&config(&redis, "fleet = false\n", ""), &[]);
+    let kw = Keyward::start_for(&redis, &config("fleet = false\n", ""), &[]);
 
     let stop = Arc::new(AtomicBool::new(false));
     let reader = tokio::spawn(hammer(kw.port(), KEY, stop.clone()));
@@ -351,86 +225,6 @@ async fn read_your_writes_10k_under_a_hammering_reader() {
 // 2. No stale value after a Sentinel failover
 // ---------------------------------------------------------------------------
 
-/// How one read through keyward ended.
-#[derive(Debug, Clone)]
-enum Answer {
-    Reply(Vec<u8>),
-    Closed(String),
-    Hang,
-}
-
-#[derive(Debug, Clone)]
-struct Read {
-    sent: Instant,
-    answered: Instant,
-    answer: Answer,
-}
-
-/// Send `request` and read exactly one reply frame.
-async fn roundtrip(
-    s: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    request: &[u8],
-) -> Result<Vec<u8>, String> {
-    s.write_all(request)
-        .await
-        .map_err(|e| format!("write: {e}"))?;
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(n) = frame_len(buf)? {
-            return Ok(buf.drain(..n).collect());
-        }
-        match s.read(&mut chunk).await {
-            Ok(0) => return Err(format!("closed by keyward; partial reply: {}", esc(buf))),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) => return Err(format!("read: {e}; partial reply: {}", esc(buf))),
-        }
-    }
-}
-
-/// Sequential `GET key` through keyward as fast as replies come back,
-/// recording when each was sent and what it returned (a new connection only
-/// if keyward drops one).
-async fn read_loop(
-    port: u16,
-    key: &'static [u8],
-    log: Arc<Mutex<Vec<Read>>>,
-    stop: Arc<AtomicBool>,
-) {
-    let request = cmd(&[b"GET", key]);
-    let mut conn: Option<(TcpStream, Vec<u8>)> = None;
-    while !stop.load(Ordering::Acquire) {
-        if conn.is_none() {
-            match tokio::time::timeout(REPLY_LIMIT, TcpStream::connect(("127.0.0.1", port))).await {
-                Ok(Ok(s)) => {
-                    s.set_nodelay(true).expect("set_nodelay");
-                    conn = Some((s, Vec::new()));
-                }
-                _ => {
-                    tokio::time::sleep(POLL).await;
-                    continue;
-                }
-            }
-        }
-        let (stream, buf) = conn.as_mut().expect("connected");
-        let sent = Instant::now();
-        let answer = match tokio::time::timeout(REPLY_LIMIT, roundtrip(stream, buf, &request)).await
-        {
-            Ok(Ok(r)) => Answer::Reply(r),
-            Ok(Err(e)) => Answer::Closed(e),
-            Err(_) => Answer::Hang,
-        };
-        if !matches!(answer, Answer::Reply(_)) {
-            conn = None;
-        }
-        log.lock().unwrap().push(Read {
-            sent,
-            answered: Instant::now(),
-            answer,
-        });
-    }
-}
-
 /// A hot key cached with v1 on the old master; a planned Sentinel failover;
 /// v2 written straight to the new master as soon as it is promoted. Reads
 /// through keyward reach v2, and none that started after keyward's
@@ -451,15 +245,9 @@ async fn no_stale_value_after_a_sentinel_failover() {
             replica.call(&[b"GET", KEY]) == bulk(b"v1")
         })
     });
-    let mut args: Vec<String> = Vec::new();
-    for a in sentinels.addrs() {
-        args.extend(["--sentinel".to_string(), a]);
-    }
-    args.extend(["--master-name".to_string(), sentinels.master_name().into()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let toml = format!("{HOTKEYS}fleet = false\n[cache]\nmax_ttl_ms = 30000\n");
-    let kw = blocking(|| Keyward::start_config(&toml, &args));
-    wait_ready(&kw).await;
+    let kw = blocking(|| start_keyward_sentinel_config(&sentinels, &toml));
+    wait_ready(&kw, READY_LIMIT).await;
     let topo = blocking(|| get_topology(kw.admin_port())).expect("/topology");
     assert_eq!(
         topo.master.as_deref(),
@@ -468,16 +256,14 @@ async fn no_stale_value_after_a_sentinel_failover() {
         topo.raw
     );
 
-    let log: Arc<Mutex<Vec<Read>>> = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let reader = tokio::spawn(read_loop(kw.port(), KEY, log.clone(), stop.clone()));
+    let reader = ClientLoop::reader(kw.port(), KEY);
 
     // Hot, cached with v1, and hits growing.
     let h1 = wait_hits_above(&kw, 0, "fk = v1 is served from the cache").await;
     wait_hits_above(&kw, h1, "cache hits keep growing before the failover").await;
     {
-        let reads = log.lock().unwrap();
-        let bad: Vec<&Read> = reads
+        let reads = reader.log();
+        let bad: Vec<&Exchange> = reads
             .iter()
             .filter(|r| !matches!(&r.answer, Answer::Reply(v) if *v == bulk(b"v1")))
             .collect();
@@ -511,9 +297,9 @@ async fn no_stale_value_after_a_sentinel_failover() {
     let cutoff = t_topo.max(t_v2);
 
     wait_until("a read through keyward returns v2", DEADLINE, || {
-        let log = log.clone();
+        let reader = &reader;
         async move {
-            log.lock().unwrap().iter().any(|r| {
+            reader.log().iter().any(|r| {
                 r.sent >= cutoff && matches!(&r.answer, Answer::Reply(v) if *v == bulk(b"v2"))
             })
         }
@@ -522,28 +308,16 @@ async fn no_stale_value_after_a_sentinel_failover() {
     let t_seen_v2 = Instant::now();
     // Keep reading for a while on the new master (the cache refills there).
     wait_until("1000 reads after the cutoff", DEADLINE, || {
-        let log = log.clone();
-        async move {
-            log.lock()
-                .unwrap()
-                .iter()
-                .filter(|r| r.sent >= cutoff)
-                .count()
-                >= 1000
-        }
+        let reader = &reader;
+        async move { reader.log().iter().filter(|r| r.sent >= cutoff).count() >= 1000 }
     })
     .await;
-    stop.store(true, Ordering::Release);
-    match tokio::time::timeout(REPLY_LIMIT * 2, reader).await {
-        Ok(r) => r.expect("reader task panicked"),
-        Err(_) => panic!("the reader did not stop"),
-    }
-    let reads = std::mem::take(&mut *log.lock().unwrap());
+    let reads = reader.stop().await;
     let cache_after = cache_json(&kw).await;
     let flushes_after = flushes_total(&cache_after);
 
-    let after: Vec<&Read> = reads.iter().filter(|r| r.sent >= cutoff).collect();
-    let stale: Vec<&Read> = after
+    let after: Vec<&Exchange> = reads.iter().filter(|r| r.sent >= cutoff).collect();
+    let stale: Vec<&Exchange> = after
         .iter()
         .copied()
         .filter(|r| matches!(&r.answer, Answer::Reply(v) if *v == bulk(b"v1")))
@@ -609,18 +383,6 @@ async fn no_stale_value_after_a_sentinel_failover() {
 // ---------------------------------------------------------------------------
 // 3. Memory stays bounded
 // ---------------------------------------------------------------------------
-
-/// keyward's resident set size in bytes, from /proc/<pid>/status.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status:\n{status}"))
-}
 
 fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
@@ -711,11 +473,11 @@ async fn memory_stays_bounded_over_millions_of_hits() {
             esc(b"+OK\r\n")
         );
     }
-    let kw = Keyward::start_config(
-        &config(&redis, "fleet = false\ntop_k = 200\n", ""),
+    let kw = Keyward::start_for(
+        &redis,
+        &config("fleet = false\ntop_k = 200\n", ""),
         &["--cache-mb", "16"],
     );
-    let pid = kw.pid();
 
     // One batch: PER_BATCH GETs cycling over the keys; its replies are fixed.
     let (mut request, mut expected) = (Vec::new(), Vec::new());
@@ -747,7 +509,7 @@ async fn memory_stays_bounded_over_millions_of_hits() {
     }
     drop(s);
     let s0 = keyward_cache(&mut stats).await;
-    let rss0 = rss_bytes(pid);
+    let rss0 = kw.rss_kib() * 1024;
 
     let budget = Arc::new(AtomicU64::new(TARGET));
     let done = Arc::new(AtomicU64::new(0));
@@ -778,7 +540,7 @@ async fn memory_stays_bounded_over_millions_of_hits() {
         );
         tokio::time::sleep(POLL).await;
     }
-    let warm_rss = rss_bytes(pid);
+    let warm_rss = kw.rss_kib() * 1024;
     let warm_took = started.elapsed();
     let warm_done = done.load(Ordering::Acquire).max(1);
     let projected = warm_took.mul_f64(TARGET as f64 / warm_done as f64);
@@ -808,7 +570,7 @@ async fn memory_stays_bounded_over_millions_of_hits() {
     }
     let took = started.elapsed();
     let sent = done.load(Ordering::Acquire);
-    let final_rss = rss_bytes(pid);
+    let final_rss = kw.rss_kib() * 1024;
     let s1 = keyward_cache(&mut stats).await;
     let hits = counter(&s1, "hits") - counter(&s0, "hits");
     let misses = counter(&s1, "misses") - counter(&s0, "misses");
@@ -910,13 +672,14 @@ async fn mget_served_per_key(keys: &[&[u8]]) {
         esc(&redis.call(&[b"HSET", b"h", b"f", b"v"])),
         esc(b":1\r\n")
     );
-    let kw = Keyward::start_config(
-        &config(&redis, "fleet = false\n", "[cache]\nmax_ttl_ms = 30000\n"),
+    let kw = Keyward::start_for(
+        &redis,
+        &config("fleet = false\n", "[cache]\nmax_ttl_ms = 30000\n"),
         &[],
     );
     let gets: Vec<[&[u8]; 2]> = keys.iter().map(|k| [&b"GET"[..], k]).collect();
     let cmds: Vec<&[&[u8]]> = gets.iter().map(|g| &g[..]).collect();
-    let load = HotLoad::start(kw.port(), &cmds).await;
+    let load = HotLoad::start_allowing_wrongtype(kw.port(), &cmds).await;
     wait_cached(&kw, keys).await;
 
     let mut mget: Vec<&[u8]> = vec![b"MGET"];
@@ -1057,9 +820,9 @@ async fn new_instance_joins_the_fleet_warm() {
     const KEY: &[u8] = b"fleetwarm";
     let redis = Redis::start();
     assert_eq!(esc(&redis.call(&[b"SET", KEY, b"warm!"])), esc(b"+OK\r\n"));
-    let toml = config(&redis, "fleet = true\n", "[cache]\nmax_ttl_ms = 30000\n");
-    let a = Keyward::start_config(&toml, &[]);
-    let load = HotLoad::start(a.port(), &[&[b"GET", KEY]]).await;
+    let toml = config("fleet = true\n", "[cache]\nmax_ttl_ms = 30000\n");
+    let a = Keyward::start_for(&redis, &toml, &[]);
+    let load = HotLoad::start_allowing_wrongtype(a.port(), &[&[b"GET", KEY]]).await;
     let mut a_conn = Raw::connect(a.port()).await;
     let deadline = Instant::now() + DEADLINE;
     loop {
@@ -1075,8 +838,8 @@ async fn new_instance_joins_the_fleet_warm() {
         tokio::time::sleep(POLL).await;
     }
 
-    let b = blocking(|| Keyward::start_config(&toml, &[]));
-    wait_ready(&b).await;
+    let b = blocking(|| Keyward::start_for(&redis, &toml, &[]));
+    wait_ready(&b, READY_LIMIT).await;
     load.stop().await;
     let b_cache = cache_json(&b).await;
     let mut b_conn = Raw::connect(b.port()).await;

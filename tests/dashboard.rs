@@ -300,14 +300,6 @@ fn read_lossy(p: &Path) -> String {
         .unwrap_or_else(|e| format!("<cannot read {}: {e}>", p.display()))
 }
 
-fn tail(s: &str, max: usize) -> &str {
-    let mut start = s.len().saturating_sub(max);
-    while !s.is_char_boundary(start) {
-        start += 1;
-    }
-    &s[start..]
-}
-
 // ---------------------------------------------------------------------- DOM
 
 /// The start tag beginning with `open` (`"<body"`), or holding ` id="..."`

@@ -12,252 +12,14 @@
 
 mod support;
 
-use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::Instant;
 
 use fred::prelude::*;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
-use tokio::time::Instant;
-
-/// A request through keyward must be answered within this long, even while
-/// there is no master: a hold that outlasts it counts as a hang.
-const REPLY_LIMIT: Duration = Duration::from_secs(8);
-
-/// After the Sentinels agree on a new master, keyward must take writes
-/// again within this long.
-const RESUME_LIMIT: Duration = Duration::from_secs(10);
-
-/// How long the Sentinels may take to complete a failover.
-const SWITCH_LIMIT: Duration = Duration::from_secs(15);
-
-/// keyward has to ask the Sentinels and verify the master before it is
-/// ready; allow for a slow start on a loaded box.
-const READY_LIMIT: Duration = Duration::from_secs(20);
-
-/// Error replies a client may get while no master takes writes: keyward's
-/// own `-ERR ...` (e.g. outcome unknown), `-MASTERDOWN` once a hold runs
-/// out, `-TRYAGAIN`. Notably not `-READONLY`, which would mean a write
-/// reached a replica.
-const OUTAGE_ERRORS: [&[u8]; 3] = [b"-ERR", b"-MASTERDOWN", b"-TRYAGAIN"];
-
-/// Run blocking kit code (process start/stop, Sentinel polling, the HTTP
-/// getter) from an async test without stalling the runtime's other tasks:
-/// the writer must keep running meanwhile.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
-}
-
-/// Await `fut`, failing the test if it takes longer than `limit`.
-async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: no answer within {limit:?}"),
-    }
-}
-
-/// Poll `/ready` until 200 (keyward found and verified a master).
-async fn wait_ready(kw: &Keyward) {
-    let admin = kw.admin_port();
-    wait_until("keyward /ready answers 200", READY_LIMIT, || async move {
-        blocking(|| http_get(admin, "/ready").0) == 200
-    })
-    .await;
-}
-
-/// `/topology`, panicking with the reason if it is not 200 JSON.
-fn topology(kw: &Keyward) -> TopologyView {
-    get_topology(kw.admin_port()).unwrap_or_else(|e| panic!("GET /topology: {e}"))
-}
-
-/// A master, one replica of it, and three sentinels watching the master
-/// with `down-after-milliseconds` = `down_after_ms`.
-fn replicated_group(down_after_ms: u64) -> (Redis, Redis, Sentinels) {
-    let master = Redis::start();
-    let replica = Redis::start_replica_of(&master);
-    let sentinels = Sentinels::start_down_after(&master, down_after_ms);
-    (master, replica, sentinels)
-}
-
-/// How one write through keyward ended, as the client saw it.
-#[derive(Debug, Clone)]
-enum Answer {
-    /// One complete RESP reply.
-    Reply(Vec<u8>),
-    /// keyward closed or reset the client connection instead of replying.
-    Closed(String),
-    /// No reply within [`REPLY_LIMIT`].
-    Hang,
-}
-
-/// One `SET fo:<i> <i>` through keyward.
-#[derive(Debug, Clone)]
-struct Write {
-    i: u64,
-    sent: Instant,
-    answered: Instant,
-    answer: Answer,
-}
-
-impl Write {
-    fn ok(&self) -> bool {
-        matches!(&self.answer, Answer::Reply(r) if r == b"+OK\r\n")
-    }
-    fn error(&self) -> Option<&[u8]> {
-        match &self.answer {
-            Answer::Reply(r) if r.starts_with(b"-") => Some(r),
-            _ => None,
-        }
-    }
-}
-
-/// A background task writing `SET fo:<i> <i>` through keyward, one request
-/// at a time as fast as replies come back, on one client connection (a new
-/// one only if keyward drops it). Every outcome is recorded so the test can
-/// check each acknowledged write afterwards.
-struct Writer {
-    log: Arc<Mutex<Vec<Write>>>,
-    stop: Arc<AtomicBool>,
-    task: JoinHandle<()>,
-}
-
-impl Writer {
-    fn start(port: u16) -> Writer {
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn(write_loop(port, log.clone(), stop.clone()));
-        Writer { log, stop, task }
-    }
-
-    fn oks(&self) -> usize {
-        self.log.lock().unwrap().iter().filter(|w| w.ok()).count()
-    }
-
-    /// The first acknowledged write whose request was sent at or after `t`.
-    fn first_ok_sent_after(&self, t: Instant) -> Option<Write> {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|w| w.sent >= t && w.ok())
-            .cloned()
-    }
-
-    /// Acknowledged writes sent at or after `t`.
-    fn oks_sent_after(&self, t: Instant) -> usize {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|w| w.sent >= t && w.ok())
-            .count()
-    }
-
-    /// Stop after the request in flight and return the full record.
-    async fn stop(self) -> Vec<Write> {
-        self.stop.store(true, Ordering::SeqCst);
-        within(REPLY_LIMIT * 2, "stopping the writer", self.task)
-            .await
-            .expect("writer task panicked");
-        std::mem::take(&mut *self.log.lock().unwrap())
-    }
-}
-
-async fn write_loop(port: u16, log: Arc<Mutex<Vec<Write>>>, stop: Arc<AtomicBool>) {
-    let mut conn: Option<(TcpStream, Vec<u8>)> = None;
-    let mut i = 0u64;
-    while !stop.load(Ordering::SeqCst) {
-        if conn.is_none() {
-            match tokio::time::timeout(REPLY_LIMIT, TcpStream::connect(("127.0.0.1", port))).await {
-                Ok(Ok(s)) => {
-                    s.set_nodelay(true).expect("set_nodelay");
-                    conn = Some((s, Vec::new()));
-                }
-                _ => {
-                    // keyward itself unreachable: not a write outcome; the
-                    // test notices through its own deadlines.
-                    tokio::time::sleep(POLL).await;
-                    continue;
-                }
-            }
-        }
-        let (stream, buf) = conn.as_mut().expect("connected");
-        i += 1;
-        let (key, val) = (format!("fo:{i}"), i.to_string());
-        let request = cmd(&[b"SET", key.as_bytes(), val.as_bytes()]);
-        let sent = Instant::now();
-        let answer = match tokio::time::timeout(REPLY_LIMIT, roundtrip(stream, buf, &request)).await
-        {
-            Ok(Ok(reply)) => Answer::Reply(reply),
-            Ok(Err(e)) => Answer::Closed(e),
-            Err(_) => Answer::Hang,
-        };
-        if !matches!(answer, Answer::Reply(_)) {
-            conn = None; // the connection's state is unknown; start afresh
-        }
-        log.lock().unwrap().push(Write {
-            i,
-            sent,
-            answered: Instant::now(),
-            answer,
-        });
-    }
-}
-
-/// Send `request` and read exactly one reply frame.
-async fn roundtrip(
-    s: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    request: &[u8],
-) -> Result<Vec<u8>, String> {
-    s.write_all(request)
-        .await
-        .map_err(|e| format!("write: {e}"))?;
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(n) = frame_len(buf)? {
-            return Ok(buf.drain(..n).collect());
-        }
-        match s.read(&mut chunk).await {
-            Ok(0) => return Err(format!("closed by keyward; partial reply: {}", esc(buf))),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) => return Err(format!("read: {e}; partial reply: {}", esc(buf))),
-        }
-    }
-}
-
-/// Every write in `writes` (all acknowledged) checked on the node at
-/// `port`: those whose key is missing or holds another value, with what was
-/// found.
-fn missing_on(port: u16, writes: &[&Write]) -> Vec<(u64, Option<String>)> {
-    let mut bad = Vec::new();
-    for batch in writes.chunks(500) {
-        let keys: Vec<String> = batch.iter().map(|w| format!("fo:{}", w.i)).collect();
-        let mut args: Vec<&[u8]> = vec![b"MGET"];
-        args.extend(keys.iter().map(|k| k.as_bytes()));
-        let reply = redis_cmd(port, &args);
-        let values = parse_reply(&reply)
-            .ok()
-            .and_then(Reply::array)
-            .unwrap_or_else(|| panic!("MGET on 127.0.0.1:{port}: {}", esc(&reply)));
-        assert_eq!(values.len(), batch.len(), "MGET reply length");
-        for (w, v) in batch.iter().zip(values) {
-            let got = v.text();
-            if got.as_deref() != Some(w.i.to_string().as_str()) {
-                bad.push((w.i, got));
-            }
-        }
-    }
-    bad
-}
 
 /// Client-visible facts about a writer's record that every failover test
 /// asserts: no hang, no dropped connection, only the errors in `allowed`.
-fn assert_answers_bounded(writes: &[Write], allowed: &[&[u8]]) {
+fn assert_answers_bounded(writes: &[Exchange], allowed: &[&[u8]]) {
     let hangs: Vec<u64> = writes
         .iter()
         .filter(|w| matches!(w.answer, Answer::Hang))
@@ -310,33 +72,6 @@ fn assert_answers_bounded(writes: &[Write], allowed: &[&[u8]]) {
         odd.len(),
         &odd[..odd.len().min(10)]
     );
-}
-
-/// Longest time between two consecutive acknowledgements: the write outage
-/// a client saw.
-fn longest_ack_gap(writes: &[Write]) -> Duration {
-    let acks: Vec<Instant> = writes
-        .iter()
-        .filter(|w| w.ok())
-        .map(|w| w.answered)
-        .collect();
-    acks.windows(2)
-        .map(|p| p[1].duration_since(p[0]))
-        .max()
-        .unwrap_or_default()
-}
-
-fn error_summary(writes: &[Write]) -> String {
-    let mut kinds: Vec<(String, usize)> = Vec::new();
-    for e in writes.iter().filter_map(Write::error) {
-        let text = String::from_utf8_lossy(e);
-        let head: String = text.trim_end().chars().take(60).collect();
-        match kinds.iter_mut().find(|(k, _)| *k == head) {
-            Some((_, n)) => *n += 1,
-            None => kinds.push((head, 1)),
-        }
-    }
-    format!("{kinds:?}")
 }
 
 /// Kit self-test, no keyward: a replica syncs, the sentinel group settles,
@@ -399,9 +134,7 @@ fn sentinel_kit_starts_and_fails_over() {
 /// the master, becomes ready, and a write through it lands on that master.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follows_sentinel_at_start() {
-    let (master, _replica, sentinels) = blocking(|| replicated_group(1000));
-    let kw = blocking(|| start_keyward_sentinel(&sentinels, &[]));
-    wait_ready(&kw).await;
+    let (master, _replica, _sentinels, kw) = sentinel_stack(1000).await;
 
     let c = client(kw.port()).await;
     let _: () = c
@@ -433,9 +166,7 @@ async fn follows_sentinel_at_start() {
 /// discarded when Sentinel demotes it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planned_failover_moves_writes_to_the_new_master() {
-    let (master, replica, sentinels) = blocking(|| replicated_group(1000));
-    let kw = blocking(|| start_keyward_sentinel(&sentinels, &[]));
-    wait_ready(&kw).await;
+    let (master, replica, sentinels, kw) = sentinel_stack(1000).await;
     let before = blocking(|| topology(&kw));
     assert_eq!(
         before.master.as_deref(),
@@ -447,7 +178,7 @@ async fn planned_failover_moves_writes_to_the_new_master() {
         .epoch
         .unwrap_or_else(|| panic!("/topology has no epoch: {}", before.raw));
 
-    let writer = Writer::start(kw.port());
+    let writer = ClientLoop::writer(kw.port(), "fo");
     wait_until("writes flow through keyward", DEADLINE, || {
         let w = &writer;
         async move { w.oks() >= 200 }
@@ -514,8 +245,8 @@ async fn planned_failover_moves_writes_to_the_new_master() {
     );
 
     assert_answers_bounded(&writes, &OUTAGE_ERRORS);
-    let acked: Vec<&Write> = writes.iter().filter(|w| w.ok()).collect();
-    let lost = blocking(|| missing_on(replica.port(), &acked));
+    let acked: Vec<&Exchange> = writes.iter().filter(|w| w.ok()).collect();
+    let lost = blocking(|| missing_on(replica.port(), "fo", &acked));
     assert!(
         lost.is_empty(),
         "{} of {} acknowledged writes are not on the new master {new} (key index, value found): first {:?}",
@@ -532,11 +263,9 @@ async fn planned_failover_moves_writes_to_the_new_master() {
 /// crash is on the new master.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn master_killed_writes_resume_after_promotion() {
-    let (mut master, replica, sentinels) = blocking(|| replicated_group(500));
-    let kw = blocking(|| start_keyward_sentinel(&sentinels, &[]));
-    wait_ready(&kw).await;
+    let (mut master, replica, sentinels, kw) = sentinel_stack(500).await;
 
-    let writer = Writer::start(kw.port());
+    let writer = ClientLoop::writer(kw.port(), "fo");
     wait_until("writes flow through keyward", DEADLINE, || {
         let w = &writer;
         async move { w.oks() >= 200 }
@@ -584,12 +313,12 @@ async fn master_killed_writes_resume_after_promotion() {
     );
 
     assert_answers_bounded(&writes, &OUTAGE_ERRORS);
-    let acked_after_crash: Vec<&Write> = writes
+    let acked_after_crash: Vec<&Exchange> = writes
         .iter()
         .filter(|w| w.sent >= t_dead && w.ok())
         .collect();
     assert!(!acked_after_crash.is_empty());
-    let lost = blocking(|| missing_on(replica.port(), &acked_after_crash));
+    let lost = blocking(|| missing_on(replica.port(), "fo", &acked_after_crash));
     assert!(
         lost.is_empty(),
         "{} of {} writes acknowledged after the crash are not on the new master {new}: first {:?}",
@@ -602,9 +331,7 @@ async fn master_killed_writes_resume_after_promotion() {
 /// `KEYWARD TOPOLOGY` over RESP names the master keyward follows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyward_topology_command() {
-    let (master, _replica, sentinels) = blocking(|| replicated_group(1000));
-    let kw = blocking(|| start_keyward_sentinel(&sentinels, &[]));
-    wait_ready(&kw).await;
+    let (master, _replica, _sentinels, kw) = sentinel_stack(1000).await;
 
     let mut raw = Raw::connect(kw.port()).await;
     let reply = raw.call(&[b"KEYWARD", b"TOPOLOGY"]).await;

@@ -24,71 +24,19 @@
 
 mod support;
 
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
-
-/// A request through keyward must be answered within this long, even while
-/// there is no master (the hold, `sentinel.hold_ms`, is 5 s by default).
-const REPLY_LIMIT: Duration = Duration::from_secs(8);
-
-/// How long the Sentinels may take to complete a failover.
-const SWITCH_LIMIT: Duration = Duration::from_secs(15);
-
-/// After the Sentinels agree on a new master, keyward must take writes (and
-/// carry subscribers) there within this long.
-const RESUME_LIMIT: Duration = Duration::from_secs(10);
-
-/// keyward has to ask the Sentinels and verify the master before it is
-/// ready; allow for a slow start on a loaded box.
-const READY_LIMIT: Duration = Duration::from_secs(20);
 
 /// Upper bound on each test's whole run (setup included), so a hang fails
 /// the test instead of stalling the suite.
 const TEST_LIMIT: Duration = Duration::from_secs(60);
 
-/// Errors a write may get while no master takes writes: keyward's own
-/// `-ERR ...` (e.g. outcome unknown), `-MASTERDOWN` once a hold runs out,
-/// `-TRYAGAIN`. Notably not `-READONLY` (a write reached a replica).
-const OUTAGE_ERRORS: [&[u8]; 3] = [b"-ERR", b"-MASTERDOWN", b"-TRYAGAIN"];
-
 /// The text keyward's error for a request whose connection died after it
 /// was sent carries (README: "an error saying its outcome is unknown").
 const OUTCOME_UNKNOWN: &str = "outcome of this command is unknown";
-
-/// Run blocking kit code (process control, Sentinel polling, the HTTP
-/// getter) from an async test without stalling the client tasks.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
-}
-
-/// Await `fut`, failing the test if it takes longer than `limit`.
-async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: not done within {limit:?}"),
-    }
-}
-
-/// Poll `/ready` until 200 (keyward found and verified a master).
-async fn wait_ready(kw: &Keyward) {
-    let admin = kw.admin_port();
-    wait_until("keyward /ready answers 200", READY_LIMIT, || async move {
-        blocking(|| http_get(admin, "/ready").0) == 200
-    })
-    .await;
-}
-
-/// `/topology`, panicking with the reason if it is not 200 JSON.
-fn topology(kw: &Keyward) -> TopologyView {
-    get_topology(kw.admin_port()).unwrap_or_else(|e| panic!("GET /topology: {e}"))
-}
 
 /// Two replicas of `master`, synced, then three sentinels watching it with
 /// `down-after-milliseconds` 1000.
@@ -112,34 +60,6 @@ fn node_at<'a>(replicas: &'a [Redis], addr: &str) -> &'a Redis {
                 replicas.iter().map(Redis::addr).collect::<Vec<_>>()
             )
         })
-}
-
-/// What `POST /failover` answered, parsed.
-#[derive(Debug)]
-struct FailoverAnswer {
-    status: u16,
-    ok: Option<bool>,
-    old: Option<String>,
-    new: Option<String>,
-    body: String,
-}
-
-/// `POST /failover` on keyward's admin port (blocking).
-fn post_failover(admin_port: u16) -> FailoverAnswer {
-    let (status, body) = http_post(admin_port, "/failover", b"");
-    let json = Json::parse(&body)
-        .unwrap_or_else(|e| panic!("POST /failover answered {status} with non-JSON ({e}): {body}"));
-    let text = |k: &str| json.get(k).and_then(Json::as_str).map(str::to_string);
-    FailoverAnswer {
-        status,
-        ok: match json.get("ok") {
-            Some(Json::Bool(b)) => Some(*b),
-            _ => None,
-        },
-        old: text("old"),
-        new: text("new"),
-        body,
-    }
 }
 
 /// Assert `a` is a successful switchover away from `old` to one of
@@ -184,201 +104,11 @@ async fn wait_replica_known(sentinels: &Sentinels, replica_port: u16, master_por
                 {
                     return false;
                 }
-                (0..sentinels.len()).all(|i| {
-                    let Some(r) = sentinels.ask(
-                        i,
-                        &[b"SENTINEL", b"REPLICAS", sentinels.master_name().as_bytes()],
-                    ) else {
-                        return false;
-                    };
-                    let Some(list) = parse_reply(&r).ok().and_then(Reply::array) else {
-                        return false;
-                    };
-                    list.iter().any(|rep| {
-                        rep.field("port").as_deref() == Some(replica_port.to_string().as_str())
-                            && rep.field("master-port").as_deref()
-                                == Some(master_port.to_string().as_str())
-                            && rep.field("flags").is_some_and(|f| {
-                                !f.contains("s_down")
-                                    && !f.contains("o_down")
-                                    && !f.contains("disconnected")
-                            })
-                    })
-                })
+                sentinels.all_know_healthy_replica(replica_port, Some(master_port))
             })
         },
     )
     .await;
-}
-
-// ---------------------------------------------------------------------------
-// A writer: SET <prefix>:<i> <i> through keyward, one at a time, recorded.
-// ---------------------------------------------------------------------------
-
-/// How one request through keyward ended, as the client saw it.
-#[derive(Debug, Clone)]
-enum Answer {
-    /// One complete RESP reply.
-    Reply(Vec<u8>),
-    /// keyward closed or reset the client connection instead of replying.
-    Closed(String),
-    /// No reply within [`REPLY_LIMIT`].
-    Hang,
-}
-
-/// One `SET <prefix>:<i> <i>` through keyward.
-#[derive(Debug, Clone)]
-struct Write {
-    i: u64,
-    sent: Instant,
-    answered: Instant,
-    answer: Answer,
-}
-
-impl Write {
-    fn ok(&self) -> bool {
-        matches!(&self.answer, Answer::Reply(r) if r == b"+OK\r\n")
-    }
-    fn error(&self) -> Option<&[u8]> {
-        match &self.answer {
-            Answer::Reply(r) if r.starts_with(b"-") => Some(r),
-            _ => None,
-        }
-    }
-}
-
-/// A background task writing `SET <prefix>:<i> <i>` through keyward, one
-/// request at a time as fast as replies come back, on one connection (a new
-/// one only after keyward dropped it or did not answer). Every outcome is
-/// recorded with when it was sent and answered.
-struct Writer {
-    log: Arc<Mutex<Vec<Write>>>,
-    stop: Arc<AtomicBool>,
-    task: JoinHandle<()>,
-}
-
-impl Writer {
-    fn start(port: u16, prefix: &'static str) -> Writer {
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn(write_loop(port, prefix, log.clone(), stop.clone()));
-        Writer { log, stop, task }
-    }
-
-    fn oks(&self) -> usize {
-        self.log.lock().unwrap().iter().filter(|w| w.ok()).count()
-    }
-
-    /// Acknowledged writes sent at or after `t`.
-    fn oks_sent_after(&self, t: Instant) -> usize {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|w| w.sent >= t && w.ok())
-            .count()
-    }
-
-    /// Stop after the request in flight and return the full record.
-    async fn stop(self) -> Vec<Write> {
-        self.stop.store(true, Ordering::SeqCst);
-        within(REPLY_LIMIT * 2, "stopping the writer", self.task)
-            .await
-            .expect("writer task panicked");
-        std::mem::take(&mut *self.log.lock().unwrap())
-    }
-}
-
-async fn write_loop(
-    port: u16,
-    prefix: &'static str,
-    log: Arc<Mutex<Vec<Write>>>,
-    stop: Arc<AtomicBool>,
-) {
-    let mut conn: Option<(TcpStream, Vec<u8>)> = None;
-    let mut i = 0u64;
-    while !stop.load(Ordering::SeqCst) {
-        if conn.is_none() {
-            match tokio::time::timeout(REPLY_LIMIT, TcpStream::connect(("127.0.0.1", port))).await {
-                Ok(Ok(s)) => {
-                    s.set_nodelay(true).expect("set_nodelay");
-                    conn = Some((s, Vec::new()));
-                }
-                _ => {
-                    // keyward itself unreachable: not a write outcome; the
-                    // test notices through its own deadlines.
-                    tokio::time::sleep(POLL).await;
-                    continue;
-                }
-            }
-        }
-        let (stream, buf) = conn.as_mut().expect("connected");
-        i += 1;
-        let (key, val) = (format!("{prefix}:{i}"), i.to_string());
-        let request = cmd(&[b"SET", key.as_bytes(), val.as_bytes()]);
-        let sent = Instant::now();
-        let answer = match tokio::time::timeout(REPLY_LIMIT, roundtrip(stream, buf, &request)).await
-        {
-            Ok(Ok(reply)) => Answer::Reply(reply),
-            Ok(Err(e)) => Answer::Closed(e),
-            Err(_) => Answer::Hang,
-        };
-        if !matches!(answer, Answer::Reply(_)) {
-            conn = None; // the connection's state is unknown; start afresh
-        }
-        log.lock().unwrap().push(Write {
-            i,
-            sent,
-            answered: Instant::now(),
-            answer,
-        });
-    }
-}
-
-/// Send `request` and read exactly one reply frame.
-async fn roundtrip(
-    s: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    request: &[u8],
-) -> Result<Vec<u8>, String> {
-    s.write_all(request)
-        .await
-        .map_err(|e| format!("write: {e}"))?;
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(n) = frame_len(buf)? {
-            return Ok(buf.drain(..n).collect());
-        }
-        match s.read(&mut chunk).await {
-            Ok(0) => return Err(format!("closed by keyward; partial reply: {}", esc(buf))),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) => return Err(format!("read: {e}; partial reply: {}", esc(buf))),
-        }
-    }
-}
-
-/// The writes among `writes` whose key `<prefix>:<i>` is missing on the
-/// node at `port` or holds another value, with what was found.
-fn missing_on(port: u16, prefix: &str, writes: &[&Write]) -> Vec<(u64, Option<String>)> {
-    let mut bad = Vec::new();
-    for batch in writes.chunks(500) {
-        let keys: Vec<String> = batch.iter().map(|w| format!("{prefix}:{}", w.i)).collect();
-        let mut args: Vec<&[u8]> = vec![b"MGET"];
-        args.extend(keys.iter().map(|k| k.as_bytes()));
-        let reply = redis_cmd(port, &args);
-        let values = parse_reply(&reply)
-            .ok()
-            .and_then(Reply::array)
-            .unwrap_or_else(|| panic!("MGET on 127.0.0.1:{port}: {}", esc(&reply)));
-        assert_eq!(values.len(), batch.len(), "MGET reply length");
-        for (w, v) in batch.iter().zip(values) {
-            let got = v.text();
-            if got.as_deref() != Some(w.i.to_string().as_str()) {
-                bad.push((w.i, got));
-            }
-        }
-    }
-    bad
 }
 
 /// Every write was answered (no hang, no dropped connection), none with
@@ -387,12 +117,12 @@ fn missing_on(port: u16, prefix: &str, writes: &[&Write]) -> Vec<(u64, Option<St
 /// Each offender is shown with when it was sent relative to `event` (the
 /// fault the test injected at `at`).
 fn assert_answers_bounded(
-    writes: &[Write],
+    writes: &[Exchange],
     allowed: &[&[u8]],
     (event, at): (&str, Instant),
     kw: &Keyward,
 ) {
-    let when = |w: &Write| {
+    let when = |w: &Exchange| {
         if w.sent >= at {
             format!("sent {:?} after {event}", w.sent - at)
         } else {
@@ -426,28 +156,9 @@ fn assert_answers_bounded(
     );
 }
 
-/// Error replies by kind (first 60 characters) with counts.
-fn error_summary(writes: &[Write]) -> String {
-    let mut kinds: Vec<(String, usize)> = Vec::new();
-    for e in writes.iter().filter_map(Write::error) {
-        let text = String::from_utf8_lossy(e);
-        let head: String = text.trim_end().chars().take(60).collect();
-        match kinds.iter_mut().find(|(k, _)| *k == head) {
-            Some((_, n)) => *n += 1,
-            None => kinds.push((head, 1)),
-        }
-    }
-    format!("{kinds:?}")
-}
-
 /// The last 8 KiB of keyward's log, for failure messages.
 fn log_tail(kw: &Keyward) -> String {
-    let log = kw.log();
-    let mut start = log.len().saturating_sub(8 * 1024);
-    while !log.is_char_boundary(start) {
-        start += 1;
-    }
-    log[start..].to_string()
+    tail(&kw.log(), 8 * 1024).to_string()
 }
 
 // ---------------------------------------------------------------------------
@@ -564,7 +275,7 @@ async fn zombie_master_body() {
     let master = blocking(Redis::start);
     let (replicas, sentinels) = blocking(|| group_of(&master));
     let kw = blocking(|| start_keyward_sentinel(&sentinels, &[]));
-    wait_ready(&kw).await;
+    wait_ready(&kw, READY_LIMIT).await;
     let old = master.addr();
     let pid = master.pid().expect("master is running");
     assert_eq!(
@@ -573,7 +284,7 @@ async fn zombie_master_body() {
     );
     let t_setup = t_test.elapsed();
 
-    let writer = Writer::start(kw.port(), "z");
+    let writer = ClientLoop::writer(kw.port(), "z");
     wait_until("writes flow through keyward", DEADLINE, || {
         let w = &writer;
         async move { w.oks() >= 200 }
@@ -651,7 +362,7 @@ async fn zombie_master_body() {
     watcher.join().expect("topology watcher panicked");
     let tl = timeline.lock().unwrap().clone();
 
-    let by_seq = |k: &str| -> Option<&Write> {
+    let by_seq = |k: &str| -> Option<&Exchange> {
         let i: u64 = k.strip_prefix("z:")?.parse().ok()?;
         writes.iter().find(|w| w.i == i)
     };
@@ -718,7 +429,7 @@ async fn zombie_master_body() {
         .filter(|w| w.ok() && w.sent < t_stopped)
         .map(|w| w.i)
         .max();
-    let acked: Vec<&Write> = writes
+    let acked: Vec<&Exchange> = writes
         .iter()
         .filter(|w| w.ok() && Some(w.i) != unreplicated_ok)
         .collect();
@@ -768,7 +479,7 @@ async fn dead_sentinel_body() {
     let master = blocking(Redis::start);
     let (replicas, mut sentinels) = blocking(|| group_of(&master));
     let kw = blocking(|| start_keyward_sentinel(&sentinels, &[]));
-    wait_ready(&kw).await;
+    wait_ready(&kw, READY_LIMIT).await;
     let admin = kw.admin_port();
     let addrs = sentinels.addrs();
     let dead = addrs[0].clone();
@@ -788,7 +499,7 @@ async fn dead_sentinel_body() {
     )
     .await;
 
-    let writer = Writer::start(kw.port(), "ds");
+    let writer = ClientLoop::writer(kw.port(), "ds");
     wait_until("writes flow through keyward", DEADLINE, || {
         let w = &writer;
         async move { w.oks() >= 200 }
@@ -870,7 +581,7 @@ async fn dead_sentinel_body() {
 
     // Not one error: a dead sentinel and a planned switchover are invisible.
     assert_answers_bounded(&writes, &[], ("the sentinel's kill", t_kill), &kw);
-    let acked: Vec<&Write> = writes.iter().filter(|w| w.ok()).collect();
+    let acked: Vec<&Exchange> = writes.iter().filter(|w| w.ok()).collect();
     let lost = blocking(|| missing_on(new_node.port(), "ds", &acked));
     assert!(
         lost.is_empty(),
@@ -901,7 +612,7 @@ async fn in_flight_body() {
     let mut master = blocking(|| Redis::start_with(&["--enable-debug-command", "yes"]));
     let (replicas, sentinels) = blocking(|| group_of(&master));
     let kw = blocking(|| start_keyward_sentinel(&sentinels, &[]));
-    wait_ready(&kw).await;
+    wait_ready(&kw, READY_LIMIT).await;
     let old = master.addr();
 
     let mut setup = Raw::connect(kw.port()).await;
@@ -1202,7 +913,7 @@ async fn subscriber_body() {
     let master = blocking(Redis::start);
     let (mut replicas, sentinels) = blocking(|| group_of(&master));
     let kw = blocking(|| start_keyward_sentinel(&sentinels, &[]));
-    wait_ready(&kw).await;
+    wait_ready(&kw, READY_LIMIT).await;
     let admin = kw.admin_port();
 
     let mut sub2 = Raw::connect(kw.port()).await;

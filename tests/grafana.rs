@@ -199,15 +199,6 @@ impl Exposition {
     }
 }
 
-async fn scrape(kw: &Keyward) -> String {
-    let port = kw.admin_port();
-    let (status, body) = tokio::task::spawn_blocking(move || http_get(port, "/metrics"))
-        .await
-        .expect("http_get task");
-    assert_eq!(status, 200, "GET /metrics: {body}");
-    body
-}
-
 /// Pipelines `pairs` SET/GET pairs on `raw` and checks every reply.
 async fn set_get(raw: &mut Raw, round: usize, pairs: usize) {
     let mut batch = Vec::new();
@@ -283,7 +274,7 @@ async fn every_dashboard_metric_is_exported() {
     // Counters may be bumped just after the reply went out; poll briefly.
     let deadline = Instant::now() + DEADLINE;
     let (text, missing) = loop {
-        let text = scrape(&kw).await;
+        let text = metrics(&kw).await;
         let exp = Exposition::parse(&text);
         let missing: Vec<String> = used
             .iter()

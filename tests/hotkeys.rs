@@ -44,10 +44,7 @@ async fn first_hotkey(raw: &mut Raw) -> Option<(Vec<u8>, bool)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skewed_workload_puts_the_hot_key_first() {
     let redis = Redis::start();
-    let kw = Keyward::start_config(
-        &format!("[upstream]\naddress = \"{}\"\n{CONFIG}", redis.addr()),
-        &[],
-    );
+    let kw = Keyward::start_for(&redis, CONFIG, &[]);
     let mut load = Raw::connect(kw.port()).await;
     let mut admin = Raw::connect(kw.port()).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -74,15 +71,9 @@ async fn skewed_workload_puts_the_hot_key_first() {
     assert!(first.contains("\"key\":\"hot:key\""), "{body}");
     assert!(first.contains("\"hot\":true"), "{body}");
     // Prometheus sees the samples and the hot key, never a key name.
-    let (status, metrics) = http_get(kw.admin_port(), "/metrics");
-    assert_eq!(status, 200, "{metrics}");
+    let metrics = get_metrics(kw.admin_port());
     let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
+        metric(&metrics, name).unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
     };
     assert!(value("keyward_hotkey_samples_total") > 0.0, "{metrics}");
     assert!(value("keyward_hotkeys_hot") >= 1.0, "{metrics}");
@@ -97,10 +88,7 @@ async fn skewed_workload_puts_the_hot_key_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_arguments_get_clear_errors() {
     let redis = Redis::start();
-    let kw = Keyward::start_config(
-        &format!("[upstream]\naddress = \"{}\"\n{CONFIG}", redis.addr()),
-        &[],
-    );
+    let kw = Keyward::start_for(&redis, CONFIG, &[]);
     let mut raw = Raw::connect(kw.port()).await;
     let cases: &[(&[&[u8]], &[u8])] = &[
         (
@@ -144,13 +132,7 @@ async fn bad_arguments_get_clear_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disabled_detection_says_so() {
     let redis = Redis::start();
-    let kw = Keyward::start_config(
-        &format!(
-            "[upstream]\naddress = \"{}\"\n[hotkeys]\nenabled = false\n",
-            redis.addr()
-        ),
-        &[],
-    );
+    let kw = Keyward::start_for(&redis, "[hotkeys]\nenabled = false\n", &[]);
     let mut raw = Raw::connect(kw.port()).await;
     assert_eq!(
         esc(&raw.call(&[b"KEYWARD", b"HOTKEYS"]).await),
@@ -196,12 +178,9 @@ fn entries(reply: &[u8]) -> Vec<(Vec<u8>, i64, i64, bool)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_view_sums_instances() {
     let redis = Redis::start();
-    let config = format!(
-        "[upstream]\naddress = \"{}\"\n[hotkeys]\nwindow_ms = 200\nthreshold = 1000\nsample_rate = 1\n",
-        redis.addr()
-    );
-    let a = Keyward::start_config(&config, &[]);
-    let b = Keyward::start_config(&config, &[]);
+    let config = "[hotkeys]\nwindow_ms = 200\nthreshold = 1000\nsample_rate = 1\n";
+    let a = Keyward::start_for(&redis, config, &[]);
+    let b = Keyward::start_for(&redis, config, &[]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut loads = Vec::new();
     for port in [a.port(), b.port()] {

@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::future::Future;
 use std::time::Duration;
 
 use support::*;
@@ -17,31 +16,6 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 const MAX_CLIENTS_ERR: &[u8] = b"-ERR max number of clients reached\r\n";
-
-/// Await `fut`, failing the test if it takes longer than `limit`.
-async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: nothing within {limit:?}"),
-    }
-}
-
-/// Poll `/ready` until it is 200, so the first requests do not race
-/// keyward's first upstream connection.
-async fn wait_ready(kw: &Keyward) {
-    let admin = kw.admin_port();
-    wait_until("/ready answers 200", DEADLINE, || async move {
-        tokio::task::spawn_blocking(move || http_get(admin, "/ready").0)
-            .await
-            .expect("http_get task")
-            == 200
-    })
-    .await;
-}
-
-fn upstream_toml(redis: &Redis) -> String {
-    format!("[upstream]\naddress = \"{}\"\n", redis.addr())
-}
 
 /// Connect, send PING and read one reply frame, or whatever arrived before
 /// the peer closed. Returns the stream (for keeping the connection open) and
@@ -97,11 +71,8 @@ async fn connect_pinged(port: u16) -> TcpStream {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_clients_rejects_the_extra_client_and_frees_slots() {
     let redis = Redis::start();
-    let kw = Keyward::start_config(
-        &format!("{}[server]\nmax_clients = 3\n", upstream_toml(&redis)),
-        &[],
-    );
-    wait_ready(&kw).await;
+    let kw = Keyward::start_for(&redis, "[server]\nmax_clients = 3\n", &[]);
+    wait_ready(&kw, DEADLINE).await;
 
     let a = connect_pinged(kw.port()).await;
     let _b = connect_pinged(kw.port()).await;
@@ -137,14 +108,8 @@ async fn max_clients_rejects_the_extra_client_and_frees_slots() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_larger_than_max_request_bytes_is_refused() {
     let redis = Redis::start();
-    let kw = Keyward::start_config(
-        &format!(
-            "{}[server]\nmax_request_bytes = 1024\n",
-            upstream_toml(&redis)
-        ),
-        &[],
-    );
-    wait_ready(&kw).await;
+    let kw = Keyward::start_for(&redis, "[server]\nmax_request_bytes = 1024\n", &[]);
+    wait_ready(&kw, DEADLINE).await;
 
     let mut other = Raw::connect(kw.port()).await;
     assert_eq!(other.call(&[b"SET", b"small", b"1"]).await, b"+OK\r\n");
@@ -187,11 +152,8 @@ async fn request_larger_than_max_request_bytes_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_longer_than_max_bulk_bytes_is_refused() {
     let redis = Redis::start();
-    let kw = Keyward::start_config(
-        &format!("{}[server]\nmax_bulk_bytes = 100\n", upstream_toml(&redis)),
-        &[],
-    );
-    wait_ready(&kw).await;
+    let kw = Keyward::start_for(&redis, "[server]\nmax_bulk_bytes = 100\n", &[]);
+    wait_ready(&kw, DEADLINE).await;
 
     let mut other = Raw::connect(kw.port()).await;
     let ok_value = vec![b'y'; 100];
@@ -224,14 +186,8 @@ async fn client_that_does_not_read_is_disconnected_at_max_reply_bytes() {
     const GETS: usize = 100;
 
     let redis = Redis::start();
-    let kw = Keyward::start_config(
-        &format!(
-            "{}[server]\nmax_reply_bytes = 1048576\n",
-            upstream_toml(&redis)
-        ),
-        &[],
-    );
-    wait_ready(&kw).await;
+    let kw = Keyward::start_for(&redis, "[server]\nmax_reply_bytes = 1048576\n", &[]);
+    wait_ready(&kw, DEADLINE).await;
 
     let value = vec![b'v'; VALUE];
     let mut frame = format!("${VALUE}\r\n").into_bytes();
@@ -301,8 +257,8 @@ async fn client_that_does_not_read_is_disconnected_at_max_reply_bytes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_pinned_limits_transactions() {
     let redis = Redis::start();
-    let kw = Keyward::start_config(&format!("{}max_pinned = 2\n", upstream_toml(&redis)), &[]);
-    wait_ready(&kw).await;
+    let kw = Keyward::start_for(&redis, "max_pinned = 2\n", &[]);
+    wait_ready(&kw, DEADLINE).await;
 
     let mut a = Raw::connect(kw.port()).await;
     let mut b = Raw::connect(kw.port()).await;
@@ -379,14 +335,12 @@ async fn graceful_shutdown_delivers_every_reply_owed() {
         }
     }
 
-    let mut kw = Keyward::start_config(
-        &format!(
-            "{}[server]\nshutdown_grace_ms = {GRACE_MS}\n",
-            upstream_toml(&redis)
-        ),
+    let mut kw = Keyward::start_for(
+        &redis,
+        &format!("[server]\nshutdown_grace_ms = {GRACE_MS}\n"),
         &[],
     );
-    wait_ready(&kw).await;
+    wait_ready(&kw, DEADLINE).await;
 
     // 1,000 requests: SET small:i i, GET big:i.
     let mut raw = Raw::connect(kw.port()).await;
@@ -492,19 +446,6 @@ fn nofile_soft_limit() -> Option<u64> {
     }
 }
 
-fn vm_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"));
-    line.split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("bad VmRSS line {line:?}"))
-}
-
 /// 10,000 idle clients, each having sent PING and read +PONG, cost keyward
 /// less than 200 MiB of resident memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -533,17 +474,14 @@ async fn ten_thousand_idle_clients_fit_in_200_mib() {
     let redis = Redis::start();
     // A little headroom over 10,000 so the kit's start-up probe connection,
     // released asynchronously, cannot take one of the test's slots.
-    let kw = Keyward::start_config(
-        &format!(
-            "{}[server]\nmax_clients = {}\n",
-            upstream_toml(&redis),
-            CLIENTS + 100
-        ),
+    let kw = Keyward::start_for(
+        &redis,
+        &format!("[server]\nmax_clients = {}\n", CLIENTS + 100),
         &[],
     );
-    wait_ready(&kw).await;
+    wait_ready(&kw, DEADLINE).await;
     let port = kw.port();
-    let rss_before = vm_rss_kib(kw.pid());
+    let rss_before = kw.rss_kib();
 
     let started = Instant::now();
     let mut conns: Vec<TcpStream> = Vec::with_capacity(CLIENTS);
@@ -593,7 +531,7 @@ async fn ten_thousand_idle_clients_fit_in_200_mib() {
         assert_eq!(&reply, b"$1\r\nv\r\n");
     }
 
-    let rss = vm_rss_kib(kw.pid());
+    let rss = kw.rss_kib();
     eprintln!(
         "keyward RSS: {} KiB before, {} KiB with {} idle clients ({:.1} MiB; connected in {took:?})",
         rss_before,

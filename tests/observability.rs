@@ -18,27 +18,6 @@ use std::time::Duration;
 use serde_json::Value;
 use support::*;
 
-/// How long the Sentinels may take to complete a failover.
-const SWITCH_LIMIT: Duration = Duration::from_secs(15);
-
-/// keyward in Sentinel mode must find and verify the master within this.
-const READY_LIMIT: Duration = Duration::from_secs(20);
-
-/// Run blocking kit code (HTTP getter, process control, Sentinel polling)
-/// from an async test without stalling the runtime.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
-}
-
-/// keyward started from a config file naming `redis` as the upstream, plus
-/// `toml` (more sections) and `extra` CLI arguments.
-fn keyward_for(redis: &Redis, toml: &str, extra: &[&str]) -> Keyward {
-    Keyward::start_config(
-        &format!("[upstream]\naddress = \"{}\"\n{toml}", redis.addr()),
-        extra,
-    )
-}
-
 /// A polling deadline: `tick` sleeps one poll interval, or panics naming
 /// what was awaited and the last state seen once the deadline has passed.
 /// For waits whose condition needs `&mut` state (a connection, the last
@@ -367,7 +346,7 @@ async fn wait_slowlog_len(raw: &mut Raw, at_least: i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowlog_keeps_every_request_with_threshold_zero() {
     let redis = Redis::start();
-    let kw = keyward_for(&redis, "[admin]\nslowlog_slower_than_us = 0\n", &[]);
+    let kw = Keyward::start_for(&redis, "[admin]\nslowlog_slower_than_us = 0\n", &[]);
     let mut raw = Raw::connect(kw.port()).await;
     let me = local_addr(&mut raw);
 
@@ -470,7 +449,7 @@ async fn slowlog_keeps_every_request_with_threshold_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowlog_skips_requests_on_a_pinned_connection() {
     let redis = Redis::start();
-    let kw = keyward_for(&redis, "[admin]\nslowlog_slower_than_us = 0\n", &[]);
+    let kw = Keyward::start_for(&redis, "[admin]\nslowlog_slower_than_us = 0\n", &[]);
     let mut raw = Raw::connect(kw.port()).await;
     assert_eq!(raw.call(&[b"GET", b"before"]).await, b"$-1\r\n");
     assert_eq!(raw.call(&[b"MULTI"]).await, b"+OK\r\n");
@@ -509,11 +488,7 @@ async fn slowlog_default_threshold_catches_a_slow_command_only() {
     // The first requests after start may wait for the upstream pool and
     // the command table (and rightly land in the slow log): start from a
     // ready proxy and an empty log.
-    let admin = kw.admin_port();
-    wait_until("/ready answers 200", DEADLINE, || async move {
-        blocking(|| http_get(admin, "/ready").0) == 200
-    })
-    .await;
+    wait_ready(&kw, DEADLINE).await;
     assert_eq!(raw.call(&[b"PING"]).await, b"+PONG\r\n");
     assert_eq!(
         raw.call(&[b"KEYWARD", b"SLOWLOG", b"RESET"]).await,
@@ -684,7 +659,7 @@ fn config_pairs(reply: &[u8]) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyward_config_get_shows_the_effective_config() {
     let redis = Redis::start();
-    let kw = keyward_for(&redis, "[admin]\nslowlog_slower_than_us = 12345\n", &[]);
+    let kw = Keyward::start_for(&redis, "[admin]\nslowlog_slower_than_us = 12345\n", &[]);
     let mut raw = Raw::connect(kw.port()).await;
     let listen = kw.addr();
 
@@ -773,13 +748,7 @@ async fn keyward_config_get_shows_the_effective_config() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyward_config_get_redacts_the_upstream_password() {
     let redis = Redis::start_with(&["--requirepass", "s3cret-pw"]);
-    let kw = Keyward::start_config(
-        &format!(
-            "[upstream]\naddress = \"{}\"\npassword = \"s3cret-pw\"\n",
-            redis.addr()
-        ),
-        &[],
-    );
+    let kw = Keyward::start_for(&redis, "password = \"s3cret-pw\"\n", &[]);
     let mut raw = Raw::connect(kw.port()).await;
     let reply = raw
         .call(&[b"KEYWARD", b"CONFIG", b"GET", b"upstream.password"])
@@ -837,10 +806,7 @@ async fn health_reports_each_component_and_goes_down_with_redis() {
     let kw = Keyward::start(&redis.addr());
     let admin = kw.admin_port();
     // The upstream pool connects just after the ports open.
-    wait_until("/ready answers 200", DEADLINE, || async move {
-        blocking(|| http_get(admin, "/ready").0) == 200
-    })
-    .await;
+    wait_ready(&kw, DEADLINE).await;
 
     let (status, h) = blocking(|| get_json(admin, "/health"));
     assert_eq!(status, 200, "{h}");
@@ -1096,32 +1062,14 @@ async fn log_level_can_be_read_and_changed() {
     );
 }
 
-/// The value of one sample in Prometheus text: `series` is the metric name
-/// with its labels exactly as rendered. `None` if absent.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
-fn metrics(admin: u16) -> String {
-    let (status, body) = http_get(admin, "/metrics");
-    assert_eq!(status, 200, "{body}");
-    body
-}
-
 /// Poll `/metrics` until `series` is at least `base + delta`; then it must
 /// be exactly that. A counter not yet rendered counts as 0.
 fn wait_metric_delta(admin: u16, series: &str, base: f64, delta: f64) {
     let last = blocking(|| {
         let deadline = std::time::Instant::now() + DEADLINE;
         loop {
-            let text = metrics(admin);
-            let got = sample(&text, series).unwrap_or(0.0);
+            let text = get_metrics(admin);
+            let got = metric(&text, series).unwrap_or(0.0);
             if got >= base + delta {
                 return text;
             }
@@ -1131,7 +1079,7 @@ fn wait_metric_delta(admin: u16, series: &str, base: f64, delta: f64) {
             std::thread::sleep(POLL);
         }
     });
-    let got = sample(&last, series).unwrap_or(0.0);
+    let got = metric(&last, series).unwrap_or(0.0);
     assert_eq!(got, base + delta, "{series} overshot:\n{last}");
 }
 
@@ -1150,8 +1098,8 @@ async fn metrics_count_requests_errors_pubsub_and_connections() {
     const RELAYED: &str = "keyward_requests_total{family=\"pubsub\",result=\"relayed\"}";
     const ACCEPTED: &str = "keyward_clients_accepted_total";
 
-    let m0 = blocking(|| metrics(admin));
-    let at0 = |s: &str| sample(&m0, s).unwrap_or(0.0);
+    let m0 = blocking(|| get_metrics(admin));
+    let at0 = |s: &str| metric(&m0, s).unwrap_or(0.0);
 
     // GETs.
     const N: usize = 20;
@@ -1178,8 +1126,8 @@ async fn metrics_count_requests_errors_pubsub_and_connections() {
     wait_metric_delta(admin, RELAYED, at0(RELAYED), 1.0);
 
     // Accepted connections: two so far, three more now.
-    let m1 = blocking(|| metrics(admin));
-    let accepted = sample(&m1, ACCEPTED).expect("keyward_clients_accepted_total");
+    let m1 = blocking(|| get_metrics(admin));
+    let accepted = metric(&m1, ACCEPTED).expect("keyward_clients_accepted_total");
     assert!(accepted >= 2.0, "{m1}");
     let mut more = Vec::new();
     for _ in 0..3 {
@@ -1189,23 +1137,23 @@ async fn metrics_count_requests_errors_pubsub_and_connections() {
     }
     wait_metric_delta(admin, ACCEPTED, accepted, 3.0);
 
-    let m = blocking(|| metrics(admin));
+    let m = blocking(|| get_metrics(admin));
     let conns = format!(
         "keyward_upstream_connections{{node=\"{}\",role=\"master\"}}",
         redis.addr()
     );
     assert!(
-        sample(&m, &conns).is_some_and(|v| v > 0.0),
+        metric(&m, &conns).is_some_and(|v| v > 0.0),
         "{conns} > 0:\n{m}"
     );
     assert_eq!(
-        sample(&m, "keyward_topology_state{state=\"healthy\"}"),
+        metric(&m, "keyward_topology_state{state=\"healthy\"}"),
         Some(1.0),
         "{m}"
     );
     for s in ["suspect", "fenced", "switching", "discovering"] {
         assert_eq!(
-            sample(&m, &format!("keyward_topology_state{{state=\"{s}\"}}")),
+            metric(&m, &format!("keyward_topology_state{{state=\"{s}\"}}")),
             Some(0.0),
             "{s}:\n{m}"
         );
@@ -1301,18 +1249,8 @@ async fn text_log_format_is_not_json() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_timeline_in_topology_metrics_and_info() {
-    let (master, replica, sentinels) = blocking(|| {
-        let master = Redis::start();
-        let replica = Redis::start_replica_of(&master);
-        let sentinels = Sentinels::start_down_after(&master, 1000);
-        (master, replica, sentinels)
-    });
-    let kw = blocking(|| start_keyward_sentinel(&sentinels, &[]));
+    let (master, replica, sentinels, kw) = sentinel_stack(1000).await;
     let admin = kw.admin_port();
-    wait_until("keyward /ready answers 200", READY_LIMIT, || async move {
-        blocking(|| http_get(admin, "/ready").0) == 200
-    })
-    .await;
 
     let (status, topo) = blocking(|| get_json(admin, "/topology"));
     assert_eq!(status, 200, "{topo}");
@@ -1320,8 +1258,8 @@ async fn failover_timeline_in_topology_metrics_and_info() {
         topo.get("last_failover").is_some_and(Value::is_null),
         "no failover yet: {topo}"
     );
-    let m = blocking(|| metrics(admin));
-    assert_eq!(sample(&m, "keyward_failovers_total"), Some(0.0), "{m}");
+    let m = blocking(|| get_metrics(admin));
+    assert_eq!(metric(&m, "keyward_failovers_total"), Some(0.0), "{m}");
 
     let old = master.addr();
     blocking(|| sentinels.failover());
@@ -1351,8 +1289,8 @@ async fn failover_timeline_in_topology_metrics_and_info() {
         assert!(e["event"].as_str().is_some_and(|s| !s.is_empty()), "{e}");
     }
 
-    let m = blocking(|| metrics(admin));
-    assert_eq!(sample(&m, "keyward_failovers_total"), Some(1.0), "{m}");
+    let m = blocking(|| get_metrics(admin));
+    assert_eq!(metric(&m, "keyward_failovers_total"), Some(1.0), "{m}");
     let mut raw = Raw::connect(kw.port()).await;
     let body = String::from_utf8(blob_body(&raw.call(&[b"INFO", b"keyward"]).await)).unwrap();
     let fields = keyward_fields(&body);

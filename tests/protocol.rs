@@ -30,27 +30,8 @@ const QUIET: Duration = Duration::from_millis(500);
 async fn setup() -> (Redis, Keyward) {
     let redis = Redis::start();
     let kw = Keyward::start(&redis.addr());
-    wait_ready(&kw).await;
+    wait_ready(&kw, DEADLINE).await;
     (redis, kw)
-}
-
-/// Poll keyward's `/ready` until it answers 200.
-async fn wait_ready(kw: &Keyward) {
-    let admin = kw.admin_port();
-    wait_until("keyward /ready answers 200", DEADLINE, move || async move {
-        tokio::task::spawn_blocking(move || http_get(admin, "/ready").0 == 200)
-            .await
-            .expect("http_get task")
-    })
-    .await;
-}
-
-/// A RESP bulk string.
-fn bulk(v: &[u8]) -> Vec<u8> {
-    let mut out = format!("${}\r\n", v.len()).into_bytes();
-    out.extend_from_slice(v);
-    out.extend_from_slice(b"\r\n");
-    out
 }
 
 /// A RESP integer.
@@ -603,14 +584,14 @@ async fn nul_in_an_inline_command_matches_redis() {
     let req: &[u8] = b"PI\0NG\r\n";
     let mut direct = Raw::connect(redis.port()).await;
     let mut proxied = Raw::connect(kw.port()).await;
-    let rss_before = rss_kib(kw.pid());
+    let rss_before = kw.rss_kib();
     direct.send(req).await;
     proxied.send(req).await;
     let direct_closed = direct.is_closed_within(QUIET).await;
     let proxied_closed = proxied.is_closed_within(QUIET).await;
     // Checked first and at once: a proxy that spins on this input can eat
     // gigabytes within seconds, and panicking here kills it (on drop).
-    let rss_after = rss_kib(kw.pid());
+    let rss_after = kw.rss_kib();
     assert!(
         rss_after < rss_before + 100 * 1024,
         "keyward's resident memory grew from {rss_before} KiB to {rss_after} KiB within {QUIET:?} of receiving {}",
@@ -634,17 +615,6 @@ async fn nul_in_an_inline_command_matches_redis() {
         survivor.call(&[b"GET", b"survivor"]).await,
         b"$5\r\nalive\r\n"
     );
-}
-
-/// Resident set size of process `pid` in KiB, from /proc (Linux).
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
 }
 
 // ---------------------------------------------------------------------------

@@ -22,13 +22,7 @@ use support::*;
 async fn setup() -> (Redis, Keyward) {
     let redis = Redis::start();
     let kw = Keyward::start(&redis.addr());
-    let admin = kw.admin_port();
-    wait_until("keyward /ready answers 200", DEADLINE, move || async move {
-        tokio::task::spawn_blocking(move || http_get(admin, "/ready").0 == 200)
-            .await
-            .expect("http_get task")
-    })
-    .await;
+    wait_ready(&kw, DEADLINE).await;
     (redis, kw)
 }
 

@@ -16,125 +16,25 @@
 
 mod support;
 
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-
-/// A request through keyward must be answered within this long; a hold
-/// (at most `sentinel.hold_ms`, 5 s by default) that outlasts it is a hang.
-const REPLY_LIMIT: Duration = Duration::from_secs(8);
-
-/// keyward has to ask the Sentinels and verify the master before it is
-/// ready; allow for a slow start on a loaded box.
-const READY_LIMIT: Duration = Duration::from_secs(20);
 
 /// After a switchover, Sentinel turns the old master into a replica only
 /// once it notices it still claims to be a master (about 8 s after the
 /// switch: `SENTINEL_PUBLISH_PERIOD * 4`), and the replica then has to sync.
 const DEMOTE_LIMIT: Duration = Duration::from_secs(25);
 
-/// The master name every test's sentinel group monitors (the kit default).
-const MASTER_NAME: &str = "mymaster";
-
-/// Run blocking kit code (process control, Sentinel polling, the HTTP
-/// client) from an async test without stalling the client tasks.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
-}
-
-/// Await `fut`, failing the test if it takes longer than `limit`.
-async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: not done within {limit:?}"),
-    }
-}
-
-/// Poll `/ready` until 200 (keyward found and verified a master).
-async fn wait_ready(kw: &Keyward) {
-    let admin = kw.admin_port();
-    wait_until("keyward /ready answers 200", READY_LIMIT, || async move {
-        blocking(|| http_get(admin, "/ready").0) == 200
-    })
-    .await;
-}
-
-/// `/topology`, panicking with the reason if it is not 200 JSON.
-fn topology(kw: &Keyward) -> TopologyView {
-    get_topology(kw.admin_port()).unwrap_or_else(|e| panic!("GET /topology: {e}"))
-}
-
 /// `/topology`'s epoch, which must be present.
 fn topology_epoch(kw: &Keyward) -> u64 {
     let t = topology(kw);
     t.epoch
         .unwrap_or_else(|| panic!("/topology has no epoch: {}", t.raw))
-}
-
-/// A master, one replica of it (synced before the sentinels start, so they
-/// know it at once), and three sentinels with the kit's defaults.
-fn replicated_group() -> (Redis, Redis, Sentinels) {
-    let master = Redis::start();
-    let replica = Redis::start_replica_of(&master);
-    let sentinels = Sentinels::start(&master);
-    (master, replica, sentinels)
-}
-
-/// keyward following `sentinels` with `toml` as its config file
-/// (`--config`), for settings that have no command-line flag.
-fn start_keyward_sentinel_config(sentinels: &Sentinels, toml: &str) -> Keyward {
-    let mut args: Vec<String> = Vec::new();
-    for a in sentinels.addrs() {
-        args.push("--sentinel".into());
-        args.push(a);
-    }
-    args.push("--master-name".into());
-    args.push(sentinels.master_name().into());
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    Keyward::launch(None, Some(toml), &refs, true)
-}
-
-/// What `POST /failover` answered, parsed.
-#[derive(Debug)]
-struct FailoverAnswer {
-    status: u16,
-    ok: Option<bool>,
-    old: Option<String>,
-    new: Option<String>,
-    held_ms: Option<f64>,
-    error: Option<String>,
-    body: String,
-}
-
-/// `POST /failover` on keyward's admin port (blocking; call through
-/// [`blocking`] or `spawn_blocking`).
-fn post_failover(admin_port: u16) -> FailoverAnswer {
-    let (status, body) = http_post(admin_port, "/failover", b"");
-    let json = Json::parse(&body)
-        .unwrap_or_else(|e| panic!("POST /failover answered {status} with non-JSON ({e}): {body}"));
-    let text = |k: &str| json.get(k).and_then(Json::as_str).map(str::to_string);
-    FailoverAnswer {
-        status,
-        ok: match json.get("ok") {
-            Some(Json::Bool(b)) => Some(*b),
-            _ => None,
-        },
-        old: text("old"),
-        new: text("new"),
-        held_ms: match json.get("held_ms") {
-            Some(Json::Num(n)) => Some(*n),
-            _ => None,
-        },
-        error: text("error"),
-        body,
-    }
 }
 
 /// Assert a successful switchover answer from `old` to `new`.
@@ -163,84 +63,6 @@ async fn wait_epoch_above(kw: &Keyward, before: u64) -> Duration {
     )
     .await;
     t.elapsed()
-}
-
-/// How one request through keyward ended, as the client saw it.
-#[derive(Debug, Clone)]
-enum Answer {
-    /// One complete RESP reply.
-    Reply(Vec<u8>),
-    /// keyward closed or reset the connection instead of replying.
-    Closed(String),
-    /// No reply within [`REPLY_LIMIT`].
-    Hang,
-}
-
-impl Answer {
-    fn bytes(&self) -> Option<&[u8]> {
-        match self {
-            Answer::Reply(r) => Some(r),
-            _ => None,
-        }
-    }
-}
-
-/// A plain client connection to keyward that records failures instead of
-/// panicking on them (unlike [`Raw`]), so a background task can report
-/// exactly what it saw.
-struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Conn {
-    async fn connect(port: u16) -> Conn {
-        let s = within(
-            REPLY_LIMIT,
-            "connect to keyward",
-            TcpStream::connect(("127.0.0.1", port)),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("connect to keyward 127.0.0.1:{port}: {e}"));
-        s.set_nodelay(true).expect("set_nodelay");
-        Conn {
-            stream: s,
-            buf: Vec::new(),
-        }
-    }
-
-    /// Send one command and wait (bounded) for its reply.
-    async fn call(&mut self, args: &[&[u8]]) -> Answer {
-        let request = cmd(args);
-        match tokio::time::timeout(REPLY_LIMIT, self.roundtrip(&request)).await {
-            Ok(Ok(reply)) => Answer::Reply(reply),
-            Ok(Err(e)) => Answer::Closed(e),
-            Err(_) => Answer::Hang,
-        }
-    }
-
-    async fn roundtrip(&mut self, request: &[u8]) -> Result<Vec<u8>, String> {
-        self.stream
-            .write_all(request)
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        let mut chunk = [0u8; 4096];
-        loop {
-            if let Some(n) = frame_len(&self.buf)? {
-                return Ok(self.buf.drain(..n).collect());
-            }
-            match self.stream.read(&mut chunk).await {
-                Ok(0) => {
-                    return Err(format!(
-                        "closed by keyward; partial reply: {}",
-                        esc(&self.buf)
-                    ))
-                }
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) => return Err(format!("read: {e}; partial reply: {}", esc(&self.buf))),
-            }
-        }
-    }
 }
 
 /// Which request a recorded operation was.
@@ -407,7 +229,6 @@ fn int_reply(r: &[u8]) -> Option<i64> {
 /// replica selection needs before it accepts `SENTINEL FAILOVER`).
 async fn wait_demoted_and_known(sentinels: &Sentinels, old_port: u16, new_port: u16) -> Duration {
     let t = Instant::now();
-    let name = MASTER_NAME.as_bytes();
     wait_until(
         &format!("127.0.0.1:{old_port} is a synced replica of 127.0.0.1:{new_port} known to every sentinel"),
         DEMOTE_LIMIT,
@@ -428,22 +249,7 @@ async fn wait_demoted_and_known(sentinels: &Sentinels, old_port: u16, new_port: 
                 if !online {
                     return false;
                 }
-                (0..sentinels.len()).all(|i| {
-                    let Some(r) = sentinels.ask(i, &[b"SENTINEL", b"REPLICAS", name]) else {
-                        return false;
-                    };
-                    let Some(list) = parse_reply(&r).ok().and_then(Reply::array) else {
-                        return false;
-                    };
-                    list.iter().any(|rep| {
-                        rep.field("port").as_deref() == Some(old_port.to_string().as_str())
-                            && rep.field("flags").is_some_and(|f| {
-                                !f.contains("s_down")
-                                    && !f.contains("o_down")
-                                    && !f.contains("disconnected")
-                            })
-                    })
-                })
+                sentinels.all_know_healthy_replica(old_port, None)
             })
         },
     )
@@ -461,9 +267,7 @@ async fn wait_demoted_and_known(sentinels: &Sentinels, old_port: u16, new_port: 
 /// counter go backwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planned_switchover_has_zero_client_errors() {
-    let (master, replica, sentinels) = blocking(replicated_group);
-    let kw = blocking(|| start_keyward_sentinel(&sentinels, &[]));
-    wait_ready(&kw).await;
+    let (master, replica, _sentinels, kw) = sentinel_stack(1000).await;
     let before = blocking(|| topology(&kw));
     assert_eq!(
         before.master.as_deref(),
@@ -661,9 +465,7 @@ async fn planned_switchover_has_zero_client_errors() {
 /// back where it started, with the data written in between.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planned_switchover_twice_goes_back() {
-    let (master, replica, sentinels) = blocking(replicated_group);
-    let kw = blocking(|| start_keyward_sentinel(&sentinels, &[]));
-    wait_ready(&kw).await;
+    let (master, replica, sentinels, kw) = sentinel_stack(1000).await;
     let admin = kw.admin_port();
     let epoch0 = blocking(|| topology_epoch(&kw));
 
@@ -775,7 +577,7 @@ async fn switchover_refused_without_a_replica() {
     let master = blocking(Redis::start);
     let sentinels = blocking(|| Sentinels::start(&master));
     let kw = blocking(|| start_keyward_sentinel(&sentinels, &[]));
-    wait_ready(&kw).await;
+    wait_ready(&kw, READY_LIMIT).await;
     let admin = kw.admin_port();
 
     let refused = blocking(|| post_failover(admin));
@@ -848,7 +650,7 @@ async fn requests_get_masterdown_after_hold_ms() {
     let mut master = blocking(Redis::start);
     let sentinels = blocking(|| Sentinels::start_down_after(&master, 500));
     let kw = blocking(|| start_keyward_sentinel_config(&sentinels, "[sentinel]\nhold_ms = 800\n"));
-    wait_ready(&kw).await;
+    wait_ready(&kw, READY_LIMIT).await;
     let admin = kw.admin_port();
     let mut c = Conn::connect(kw.port()).await;
     let set = c.call(&[b"SET", b"k", b"before"]).await;
@@ -1011,9 +813,7 @@ async fn pipelined_sets(port: u16, n: usize, limit: Duration) -> Vec<(Duration, 
 /// master.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transaction_on_old_master_fails_cleanly_on_switchover() {
-    let (master, replica, sentinels) = blocking(replicated_group);
-    let kw = blocking(|| start_keyward_sentinel(&sentinels, &[]));
-    wait_ready(&kw).await;
+    let (master, replica, _sentinels, kw) = sentinel_stack(1000).await;
 
     let mut tx = Conn::connect(kw.port()).await;
     let multi = tx.call(&[b"MULTI"]).await;

@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,15 +20,6 @@ use tokio::time::Instant;
 /// The error a request gets when it reached Redis but the connection died
 /// before its reply (src/error.rs, `Kind::OutcomeUnknown`).
 const OUTCOME_UNKNOWN: &[u8] = b"-ERR upstream connection lost before the reply; the outcome of this command is unknown and it was not retried (";
-
-/// Await `fut`, failing the test if it takes longer than `limit`: the way
-/// these tests tell "an error reply" apart from "a hang".
-async fn within<T>(limit: Duration, what: &str, fut: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what}: no answer within {limit:?}"),
-    }
-}
 
 /// HTTP status of `GET path` on the admin port, off the runtime threads
 /// (the kit's HTTP getter is blocking).
@@ -394,13 +384,7 @@ async fn in_flight_write_gets_outcome_unknown_and_read_is_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn command_timeout_cuts_off_a_stuck_upstream() {
     let redis = Redis::start_with(&["--enable-debug-command", "yes"]);
-    let kw = Keyward::start_config(
-        &format!(
-            "[upstream]\naddress = \"{}\"\ncommand_timeout_ms = 300\n",
-            redis.addr()
-        ),
-        &[],
-    );
+    let kw = Keyward::start_for(&redis, "command_timeout_ms = 300\n", &[]);
     wait_ready_status(&kw, 200, DEADLINE).await;
 
     let mut raw = Raw::connect(kw.port()).await;
@@ -456,13 +440,7 @@ async fn command_timeout_cuts_off_a_stuck_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_password_right_and_wrong() {
     let redis = Redis::start_with(&["--requirepass", "s3cret"]);
-    let kw = Keyward::start_config(
-        &format!(
-            "[upstream]\naddress = \"{}\"\npassword = \"s3cret\"\n",
-            redis.addr()
-        ),
-        &[],
-    );
+    let kw = Keyward::start_for(&redis, "password = \"s3cret\"\n", &[]);
     wait_ready_status(&kw, 200, DEADLINE).await;
 
     let c = client(kw.port()).await;
@@ -478,13 +456,7 @@ async fn upstream_password_right_and_wrong() {
         "the SET reached Redis"
     );
 
-    let bad = Keyward::start_config(
-        &format!(
-            "[upstream]\naddress = \"{}\"\npassword = \"wrong\"\n",
-            redis.addr()
-        ),
-        &[],
-    );
+    let bad = Keyward::start_for(&redis, "password = \"wrong\"\n", &[]);
     let mut raw = Raw::connect(bad.port()).await;
     for _ in 0..3 {
         let reply = within(

@@ -12,6 +12,7 @@ use super::ports::free_port;
 use super::proc::{
     self, kill_and_reap, log_stdio, mentions_addr_in_use, read_text, send_signal, tail,
 };
+use super::redis::Redis;
 use super::{DEADLINE, POLL};
 
 /// A running `keyward` process listening on 127.0.0.1:`port()` with its
@@ -48,6 +49,17 @@ impl Keyward {
     /// precedence over addresses in the file.
     pub fn start_config(toml: &str, extra: &[&str]) -> Keyward {
         Keyward::launch(None, Some(toml), extra, true)
+    }
+
+    /// [`Keyward::start_config`] with a config file whose first lines are
+    /// an `[upstream]` section naming `redis`, then `toml`: right after the
+    /// address line, so `toml` may add upstream settings (`password = ...`)
+    /// before sections of its own.
+    pub fn start_for(redis: &Redis, toml: &str, extra: &[&str]) -> Keyward {
+        Keyward::start_config(
+            &format!("[upstream]\naddress = \"{}\"\n{toml}", redis.addr()),
+            extra,
+        )
     }
 
     /// The general form behind the `start*` constructors. `upstream` adds
@@ -171,6 +183,19 @@ impl Keyward {
     /// The process's temp dir (holds `keyward.log`, `keyward.toml`).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Resident set size of the keyward process in KiB, from
+    /// `/proc/<pid>/status` (Linux).
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.child.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status:\n{status}"))
     }
 
     /// Everything keyward wrote to stdout and stderr so far.

@@ -15,7 +15,11 @@
 // below must not warn.
 #![allow(dead_code, unused_imports)]
 
+mod admin;
+mod client_loop;
 mod clients;
+mod conn;
+mod hot;
 mod http;
 mod keyward;
 mod ports;
@@ -23,19 +27,27 @@ mod proc;
 mod raw;
 mod redis;
 mod resp;
+mod runtime;
 pub mod sentinel;
 mod wait;
 
+pub use admin::{get_metrics, metric, metrics, wait_ready};
+pub use client_loop::{
+    error_summary, longest_ack_gap, missing_on, ClientLoop, Exchange, OUTAGE_ERRORS,
+};
 pub use clients::{client, client_auth, client_resp3, client_with, try_client};
+pub use conn::{Answer, Conn, REPLY_LIMIT};
 // Re-exported so tests choosing a protocol need no extra `use fred::...`.
 pub use fred::types::RespVersion;
+pub use hot::{HotLoad, FAST_HOTKEYS};
 pub use http::{http_get, http_post, http_request};
 pub use keyward::Keyward;
 pub use ports::free_port;
-pub use proc::send_signal;
+pub use proc::{send_signal, tail};
 pub use raw::Raw;
-pub use redis::{redis_cmd, redis_pipeline, Redis};
-pub use resp::{cmd, esc, frame_len, split_frames};
+pub use redis::{redis_calls, redis_cmd, redis_pipeline, Redis};
+pub use resp::{bulk, cmd, esc, frame_len, split_frames};
+pub use runtime::{blocking, within};
 pub use sentinel::*;
 pub use wait::{wait_until, wait_until_sync};
 

@@ -70,7 +70,7 @@ pub(crate) fn read_text(path: &Path) -> String {
 
 /// The last `max` bytes of `s` (on a char boundary), so a panic message with a
 /// runaway log stays readable.
-pub(crate) fn tail(s: &str, max: usize) -> &str {
+pub fn tail(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }

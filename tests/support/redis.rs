@@ -302,8 +302,29 @@ pub fn redis_pipeline(port: u16, cmds: &[&[&[u8]]]) -> Vec<Vec<u8>> {
     read_frames(&mut s, cmds.len(), DEADLINE).unwrap_or_else(|e| panic!("redis_cmd to {addr}: {e}"))
 }
 
+/// `calls` of `cmdstat_<name>` in `INFO commandstats` of the server on
+/// `port` (0 if absent): how many `name` commands actually reached it.
+pub fn redis_calls(port: u16, name: &str) -> u64 {
+    let info = redis_cmd(port, &[b"INFO", b"commandstats"]);
+    let text = String::from_utf8_lossy(&info);
+    let prefix = format!("cmdstat_{name}:calls=");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|rest| {
+            rest.split(',')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("bad commandstats line for {name}: {text}"))
+        })
+        .unwrap_or(0)
+}
+
 /// Read exactly `n` complete frames from a blocking stream within `timeout`.
-fn read_frames(s: &mut TcpStream, n: usize, timeout: Duration) -> Result<Vec<Vec<u8>>, String> {
+pub(crate) fn read_frames(
+    s: &mut TcpStream,
+    n: usize,
+    timeout: Duration,
+) -> Result<Vec<Vec<u8>>, String> {
     let deadline = Instant::now() + timeout;
     let mut buf = Vec::new();
     let mut frames = Vec::with_capacity(n);

@@ -1,5 +1,6 @@
-//! Minimal RESP helpers: encode a command, and find where one complete reply
-//! frame ends so raw readers can return exactly one reply, no more, no less.
+//! Minimal RESP helpers: encode a command or a bulk string, and find where
+//! one complete reply frame ends so raw readers can return exactly one
+//! reply, no more, no less.
 //!
 //! Deliberately independent of keyward's own codec: a test oracle that shares
 //! the code under test would share its bugs.
@@ -14,6 +15,14 @@ pub fn cmd(args: &[&[u8]]) -> Vec<u8> {
         out.extend_from_slice(a);
         out.extend_from_slice(b"\r\n");
     }
+    out
+}
+
+/// A RESP bulk string: `bulk(b"v1")` is `$2\r\nv1\r\n`.
+pub fn bulk(v: &[u8]) -> Vec<u8> {
+    let mut out = format!("${}\r\n", v.len()).into_bytes();
+    out.extend_from_slice(v);
+    out.extend_from_slice(b"\r\n");
     out
 }
 

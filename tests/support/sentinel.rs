@@ -1,8 +1,8 @@
 //! Replication and Sentinel for failover tests: replicas that follow a
 //! [`Redis`] master, a group of real `redis-server --sentinel` processes
-//! watching it ([`Sentinels`]), keyward started in Sentinel mode, and the
-//! small readers those tests need (a RESP2 reply parser, keyward's
-//! `/topology` JSON).
+//! watching it ([`Sentinels`]), keyward started in Sentinel mode, the time
+//! limits a failover is held to, and the small readers those tests need (a
+//! RESP2 reply parser, keyward's `/topology` and `POST /failover` JSON).
 //!
 //! Everything here waits by polling what Redis itself reports (`ROLE`,
 //! `INFO replication`, `SENTINEL ...`) against a deadline. Sentinel is slow
@@ -18,7 +18,7 @@
 //!   fenced proxy must never acknowledge.
 
 use std::ffi::OsString;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,16 +26,29 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use super::admin::wait_ready;
 use super::keyward::Keyward;
 use super::ports::free_port;
 use super::proc::{kill_and_reap, log_stdio, mentions_addr_in_use, read_text, tail};
-use super::redis::Redis;
-use super::resp::{cmd, esc, frame_len};
+use super::redis::{read_frames, Redis};
+use super::resp::{cmd, esc};
+use super::runtime::blocking;
 use super::{DEADLINE, POLL};
 
 /// How long a fresh sentinel group may take to discover its peers and the
 /// master's replicas (hello messages every 2 s, master INFO every 10 s).
 pub const SENTINEL_DISCOVERY: Duration = Duration::from_secs(15);
+
+/// keyward in Sentinel mode has to ask the Sentinels and verify the master
+/// before it is ready; allow for a slow start on a loaded box.
+pub const READY_LIMIT: Duration = Duration::from_secs(20);
+
+/// How long the Sentinels may take to complete a failover.
+pub const SWITCH_LIMIT: Duration = Duration::from_secs(15);
+
+/// After the Sentinels agree on a new master, keyward must take writes (and
+/// carry subscribers) there within this long.
+pub const RESUME_LIMIT: Duration = Duration::from_secs(10);
 
 /// Per-probe timeout for the kit's own polling connections: short, because
 /// the caller polls again, and a dead or frozen node must not eat the
@@ -374,6 +387,31 @@ impl Sentinels {
         }
     }
 
+    /// Whether every sentinel lists the node on `port` among the master's
+    /// replicas (as a replica of `master_port`, when given) with none of the
+    /// flags `s_down`, `o_down`, `disconnected`: what Sentinel's replica
+    /// selection needs before a failover can pick it.
+    pub fn all_know_healthy_replica(&self, port: u16, master_port: Option<u16>) -> bool {
+        let name = self.opts.master_name.as_bytes();
+        (0..self.nodes.len()).all(|i| {
+            let Some(r) = self.ask(i, &[b"SENTINEL", b"REPLICAS", name]) else {
+                return false;
+            };
+            let Some(list) = parse_reply(&r).ok().and_then(Reply::array) else {
+                return false;
+            };
+            list.iter().any(|rep| {
+                rep.field("port") == Some(port.to_string())
+                    && master_port.is_none_or(|m| rep.field("master-port") == Some(m.to_string()))
+                    && rep.field("flags").is_some_and(|f| {
+                        !f.contains("s_down")
+                            && !f.contains("o_down")
+                            && !f.contains("disconnected")
+                    })
+            })
+        })
+    }
+
     /// SIGKILL sentinel `i` and reap it (no-op if already dead). Its port
     /// then refuses connections; its log stays readable.
     pub fn kill(&mut self, i: usize) {
@@ -584,11 +622,47 @@ pub fn addr_port(addr: &str) -> Option<u16> {
     addr.rsplit_once(':')?.1.parse().ok()
 }
 
+/// A master, one replica of it (synced before the sentinels start, so they
+/// know it at once), and three sentinels watching the master with
+/// `down-after-milliseconds` = `down_after_ms`.
+pub fn replicated_group(down_after_ms: u64) -> (Redis, Redis, Sentinels) {
+    let master = Redis::start();
+    let replica = Redis::start_replica_of(&master);
+    let sentinels = Sentinels::start_down_after(&master, down_after_ms);
+    (master, replica, sentinels)
+}
+
+/// [`replicated_group`] and keyward following its sentinels
+/// ([`start_keyward_sentinel`] with no extra arguments), returned once
+/// keyward's `/ready` answers 200. Needs the multi-threaded runtime.
+pub async fn sentinel_stack(down_after_ms: u64) -> (Redis, Redis, Sentinels, Keyward) {
+    let (master, replica, sentinels) = blocking(|| replicated_group(down_after_ms));
+    let kw = blocking(|| start_keyward_sentinel(&sentinels, &[]));
+    wait_ready(&kw, READY_LIMIT).await;
+    (master, replica, sentinels, kw)
+}
+
 /// keyward following `sentinels` (`--sentinel` for each, `--master-name`,
 /// no `--upstream`), plus `extra` arguments. Returns once the proxy and
 /// admin ports accept; readiness (a verified master) is the test's to wait
 /// for, via `/ready`.
 pub fn start_keyward_sentinel(sentinels: &Sentinels, extra: &[&str]) -> Keyward {
+    let mut args = sentinel_args(sentinels);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Keyward::launch(None, None, &refs, true)
+}
+
+/// Like [`start_keyward_sentinel`] with `toml` as keyward's config file
+/// (`--config`), for settings that have no command-line flag.
+pub fn start_keyward_sentinel_config(sentinels: &Sentinels, toml: &str) -> Keyward {
+    let args = sentinel_args(sentinels);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Keyward::launch(None, Some(toml), &refs, true)
+}
+
+/// `--sentinel <addr>` for each sentinel, then `--master-name <name>`.
+fn sentinel_args(sentinels: &Sentinels) -> Vec<String> {
     let mut args: Vec<String> = Vec::new();
     for a in sentinels.addrs() {
         args.push("--sentinel".into());
@@ -596,15 +670,12 @@ pub fn start_keyward_sentinel(sentinels: &Sentinels, extra: &[&str]) -> Keyward 
     }
     args.push("--master-name".into());
     args.push(sentinels.master_name().into());
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    Keyward::launch(None, None, &refs, true)
+    args
 }
 
 /// Like `redis_cmd`, but returns connection errors and timeouts instead of
 /// panicking: for probing nodes that may be down, frozen or mid-failover.
 pub fn try_redis_cmd(port: u16, args: &[&[u8]], timeout: Duration) -> Result<Vec<u8>, String> {
-    let deadline = Instant::now() + timeout;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut s =
         TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
@@ -612,28 +683,8 @@ pub fn try_redis_cmd(port: u16, args: &[&[u8]], timeout: Duration) -> Result<Vec
         .map_err(|e| e.to_string())?;
     s.write_all(&cmd(args))
         .map_err(|e| format!("write {addr}: {e}"))?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        if let Some(n) = frame_len(&buf)? {
-            buf.truncate(n);
-            return Ok(buf);
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(format!(
-                "{addr}: timed out after {timeout:?}; partial reply: {}",
-                esc(&buf)
-            ));
-        }
-        s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
-        match s.read(&mut chunk) {
-            Ok(0) => return Err(format!("{addr}: closed; partial reply: {}", esc(&buf))),
-            Ok(k) => buf.extend_from_slice(&chunk[..k]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("{addr}: read failed: {e}")),
-        }
-    }
+    let mut frames = read_frames(&mut s, 1, timeout).map_err(|e| format!("{addr}: {e}"))?;
+    Ok(frames.remove(0))
 }
 
 /// A parsed RESP2 reply (what Redis and Sentinel send by default), for
@@ -808,6 +859,55 @@ pub fn get_topology(admin_port: u16) -> Result<TopologyView, String> {
         sentinels,
         raw: body,
     })
+}
+
+/// [`get_topology`] of `kw`, panicking with the reason if it is not 200
+/// JSON.
+pub fn topology(kw: &Keyward) -> TopologyView {
+    get_topology(kw.admin_port()).unwrap_or_else(|e| panic!("GET /topology: {e}"))
+}
+
+/// What keyward's `POST /failover` answered, parsed. Fields missing from
+/// the JSON are `None`.
+#[derive(Debug)]
+pub struct FailoverAnswer {
+    pub status: u16,
+    /// `"ok"`.
+    pub ok: Option<bool>,
+    /// `"old"`: the master before the switchover.
+    pub old: Option<String>,
+    /// `"new"`: the master after it.
+    pub new: Option<String>,
+    /// `"held_ms"`: how long keyward held requests.
+    pub held_ms: Option<f64>,
+    /// `"error"`: why the switchover was refused or failed.
+    pub error: Option<String>,
+    /// The body as served, for failure messages.
+    pub body: String,
+}
+
+/// `POST /failover` on keyward's admin port (blocking). Panics unless the
+/// body is JSON.
+pub fn post_failover(admin_port: u16) -> FailoverAnswer {
+    let (status, body) = super::http::http_post(admin_port, "/failover", b"");
+    let json = Json::parse(&body)
+        .unwrap_or_else(|e| panic!("POST /failover answered {status} with non-JSON ({e}): {body}"));
+    let text = |k: &str| json.get(k).and_then(Json::as_str).map(str::to_string);
+    FailoverAnswer {
+        status,
+        ok: match json.get("ok") {
+            Some(Json::Bool(b)) => Some(*b),
+            _ => None,
+        },
+        old: text("old"),
+        new: text("new"),
+        held_ms: match json.get("held_ms") {
+            Some(Json::Num(n)) => Some(*n),
+            _ => None,
+        },
+        error: text("error"),
+        body,
+    }
 }
 
 /// A minimal JSON value: enough to read admin endpoints without a JSON
