@@ -161,7 +161,9 @@ pub async fn run(
         tracing::warn!("near cache off: it caches hot keys only and hotkeys.enabled is false");
     }
     metrics::install();
-    let admin_task = admin.map(|l| tokio::spawn(admin::http::serve(ctx.clone(), l)));
+    let admin_stop = CancellationToken::new();
+    let admin_task =
+        admin.map(|l| tokio::spawn(admin::http::serve(ctx.clone(), l, admin_stop.clone())));
     server::listener::serve(ctx.clone(), listener).await;
     if let Some(t) = tracker {
         let _ = t.await;
@@ -170,6 +172,7 @@ pub async fn run(
     if let Some(up) = ctx.upstream.swap(None) {
         up.retire();
     }
+    admin_stop.cancel();
     if let Some(t) = admin_task {
         let _ = t.await;
     }

@@ -846,6 +846,60 @@ async fn health_reports_each_component_and_goes_down_with_redis() {
     assert!(body.starts_with("not ready:"), "{body}");
 }
 
+/// SIGTERM with a reply still owed: while keyward drains, `/ready` says
+/// "shutting down" (so a load balancer stops sending) and `/health` shows
+/// the listener down; once the reply is delivered keyward exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_says_shutting_down_while_draining() {
+    let redis = Redis::start();
+    let mut kw = Keyward::start_for(&redis, "[server]\nshutdown_grace_ms = 20000\n", &[]);
+    let admin = kw.admin_port();
+    wait_ready(&kw, DEADLINE).await;
+
+    // A blocked BLPOP owes its client a reply until something is pushed.
+    let mut client = Raw::connect(kw.port()).await;
+    client.send(&cmd(&[b"BLPOP", b"drain:list", b"0"])).await;
+    let port = redis.port();
+    blocking(move || {
+        wait_until_sync("the BLPOP is blocked in Redis", DEADLINE, || {
+            redis_info_field(port, "clients", "blocked_clients").as_deref() == Some("1")
+        })
+    });
+
+    kw.signal_term();
+    poll_json(
+        admin,
+        "/health",
+        "/health shows the listener down while draining",
+        DEADLINE,
+        |status, h| status == 503 && h["components"]["listener"]["status"] == "down",
+    );
+    let (status, body) = blocking(|| http_get(admin, "/ready"));
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body, "not ready: shutting down\n");
+
+    // The owed reply still arrives, then keyward exits cleanly.
+    redis_cmd(redis.port(), &[b"RPUSH", b"drain:list", b"v"]);
+    assert_eq!(
+        esc(&client.read_reply().await),
+        esc(b"*2\r\n$10\r\ndrain:list\r\n$1\r\nv\r\n")
+    );
+    let status = tokio::task::block_in_place(|| kw.wait_exit(DEADLINE));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "keyward exit after the drain: {status:?}"
+    );
+}
+
+/// One `INFO <section>` field of a Redis server, straight from Redis.
+fn redis_info_field(port: u16, section: &str, field: &str) -> Option<String> {
+    let reply = redis_cmd(port, &[b"INFO", section.as_bytes()]);
+    let text = String::from_utf8_lossy(&reply).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .map(|v| v.trim().to_string())
+}
+
 /// The `family` entry of `/stats`: (requests, errors).
 fn family(stats: &Value, name: &str) -> (u64, u64) {
     stats["families"]

@@ -23,6 +23,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::server::Ctx;
 
@@ -279,11 +280,14 @@ async fn failover(State(ctx): State<Arc<Ctx>>) -> (StatusCode, axum::Json<serde_
 }
 
 /// Serve until shutdown.
-pub async fn serve(ctx: Arc<Ctx>, listener: TcpListener) {
-    let shutdown = ctx.shutdown.clone();
+/// Serve until `stop` is cancelled. keyward cancels it once clients have
+/// drained, not at SIGTERM: during the drain `/ready` answers 503
+/// "shutting down" (load balancers stop sending) and `/metrics` still
+/// scrapes.
+pub async fn serve(ctx: Arc<Ctx>, listener: TcpListener, stop: CancellationToken) {
     let app = router(ctx);
     if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
     {
         tracing::error!(error = %e, "admin listener failed");

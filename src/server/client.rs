@@ -767,7 +767,7 @@ impl Reader {
         let fail = |e: Error| (ErrorKind::from(&e.kind), e.resp_text());
         let up = self.ctx.upstream(1, 0).await.map_err(fail)?;
         let (tx, rx) = mpsc::channel(64);
-        let p = Pinned::open(
+        let mut p = Pinned::open(
             &up,
             self.proto,
             permit,
@@ -776,6 +776,7 @@ impl Reader {
         )
         .await
         .map_err(fail)?;
+        p.drain_on(self.ctx.shutdown.clone());
         p.set_carry_any_loss(self.ctx.config.uses_sentinel());
         self.push(Entry::Relay(rx));
         self.pinned = Some(p);

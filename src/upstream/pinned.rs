@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio_util::sync::CancellationToken;
 
 use super::connector;
 use super::generation::Upstream;
@@ -66,10 +67,15 @@ pub struct PinShared {
 }
 
 pub struct Pinned {
-    wr: OwnedWriteHalf,
+    /// Always Some until dropped (taken by `Drop` to outlive the session
+    /// during a drain).
+    wr: Option<OwnedWriteHalf>,
     shared: Arc<PinShared>,
     pub proto: Proto,
     _permit: OwnedSemaphorePermit,
+    /// keyward's shutdown: dropped after it with replies owed, the
+    /// connection stays until they arrive (see `Drop`).
+    drain_on: Option<CancellationToken>,
 }
 
 impl Pinned {
@@ -116,7 +122,8 @@ impl Pinned {
             relay.await;
         });
         Ok(Pinned {
-            wr,
+            wr: Some(wr),
+            drain_on: None,
             shared,
             proto,
             _permit: permit,
@@ -126,7 +133,10 @@ impl Pinned {
     /// Write requests owing `expect` replies.
     pub async fn send(&mut self, bytes: &[u8], expect: u64) -> Result<(), Error> {
         self.shared.outstanding.fetch_add(expect, Ordering::AcqRel);
-        self.wr.write_all(bytes).await.map_err(|e| {
+        let Some(wr) = self.wr.as_mut() else {
+            return Err(Error::upstream(Kind::NotSent, "pinned connection closed"));
+        };
+        wr.write_all(bytes).await.map_err(|e| {
             Error::upstream(
                 Kind::OutcomeUnknown,
                 format!("pinned connection write failed: {e}"),
@@ -203,7 +213,53 @@ impl Pinned {
     /// closes, and the relay ends once the upstream has closed its side.
     pub async fn release(mut self) {
         self.shared.releasing.store(true, Ordering::Release);
-        let _ = self.wr.shutdown().await;
+        if let Some(wr) = self.wr.as_mut() {
+            let _ = wr.shutdown().await;
+        }
+    }
+
+    /// Keep the connection through keyward's shutdown while replies are
+    /// owed (see `Drop`).
+    pub fn drain_on(&mut self, shutdown: CancellationToken) {
+        self.drain_on = Some(shutdown);
+    }
+}
+
+impl Drop for Pinned {
+    /// Dropped because keyward is shutting down (its session was stopped)
+    /// with replies still owed, say a BLPOP blocked when SIGTERM came: the
+    /// connection stays open until they arrive, so the drain delivers
+    /// them; the shutdown grace period bounds the wait. Dropped otherwise
+    /// (the client left), the connection closes now and Redis forgets the
+    /// client's state.
+    fn drop(&mut self) {
+        let Some(wr) = self.wr.take() else { return };
+        let draining = self.drain_on.as_ref().is_some_and(|t| t.is_cancelled())
+            && !self.shared.releasing.load(Ordering::Acquire)
+            && self.shared.outstanding.load(Ordering::Acquire) > 0;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !draining {
+            return;
+        }
+        let shared = self.shared.clone();
+        runtime.spawn(async move {
+            loop {
+                let notified = shared.idle.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if shared.outstanding.load(Ordering::Acquire) == 0
+                    || shared.lost.load(Ordering::Acquire)
+                {
+                    break;
+                }
+                notified.await;
+            }
+            // Closing is expected now: the relay ends without a loss.
+            shared.releasing.store(true, Ordering::Release);
+            drop(wr);
+        });
     }
 }
 
