@@ -390,14 +390,25 @@ impl Reader {
                 };
                 let cache = self.ctx.cache.as_ref();
                 let cache_active = cache.is_some_and(|c| c.store.active());
+                // A sampled GET or SET names its key in the second argument:
+                // no table lookup needed for the commonest samples.
+                let get_or_set = sampled
+                    && args.len() >= 2
+                    && (args[0].eq_ignore_ascii_case(b"get")
+                        || args[0].eq_ignore_ascii_case(b"set"));
                 // One command-table lookup, only when something needs it.
-                let info = if sampled || cache_active || self.ctx.read_from_replica {
+                let info = if (sampled && !get_or_set) || cache_active || self.ctx.read_from_replica
+                {
                     table.as_deref().and_then(|t| t.get(args[0]))
                 } else {
                     None
                 };
-                if let (Some(d), Some(info), true) = (&self.ctx.hotkeys, info, sampled) {
-                    for_each_key(info, args.len(), |i| args[i], |k| d.record(k));
+                if let (Some(d), true) = (&self.ctx.hotkeys, sampled) {
+                    if get_or_set {
+                        d.record(args[1]);
+                    } else if let Some(info) = info {
+                        for_each_key(info, args.len(), |i| args[i], |k| d.record(k));
+                    }
                 }
                 let routed = route(table.as_deref(), &args);
                 let class = routed.class;
