@@ -23,7 +23,7 @@ struct Cli {
     /// Redis server to forward to (upstream.address).
     #[arg(long, value_name = "HOST:PORT")]
     upstream: Option<String>,
-    /// HTTP admin address for /live and /ready (admin.listen).
+    /// HTTP admin address: health, metrics, JSON views, the /ui dashboard (admin.listen).
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<String>,
     /// A Sentinel to follow (repeatable); replaces --upstream (sentinel.addresses).
