@@ -74,14 +74,30 @@ pub fn set_level(text: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Rate limit for error-reply lines: at most `per_sec` a second, the rest
-/// counted and reported with the next line.
+/// Error replies keyward made itself: logged at most `per_sec` a second
+/// (the rest counted and reported with the next line), and the last
+/// `RECENT` kept for `/health` and the dashboard whatever the log level.
 #[derive(Debug)]
 pub struct ErrorLines {
     per_sec: u64,
     /// (second, lines logged in it) packed as second << 20 | count.
     window: AtomicU64,
     suppressed: AtomicU64,
+    recent: Mutex<std::collections::VecDeque<RecentError>>,
+}
+
+/// Error replies kept for `/health`.
+const RECENT: usize = 20;
+
+/// One error reply keyward made, as `/health` lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecentError {
+    /// Unix time in milliseconds.
+    pub t_ms: u64,
+    pub conn: u64,
+    pub req: u64,
+    pub kind: &'static str,
+    pub error: String,
 }
 
 impl ErrorLines {
@@ -90,15 +106,36 @@ impl ErrorLines {
             per_sec: per_sec as u64,
             window: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
+            recent: Mutex::new(std::collections::VecDeque::new()),
         }
     }
 
+    /// The last error replies, newest first.
+    pub fn recent(&self) -> Vec<RecentError> {
+        let r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        r.iter().rev().cloned().collect()
+    }
+
     /// Log one error reply sent to connection `conn` for its request `req`.
-    pub fn log(&self, conn: u64, req: u64, kind: &str, text: &str) {
+    pub fn log(&self, conn: u64, req: u64, kind: &'static str, text: &str) {
+        let now_ms = crate::topology::now_ms();
+        {
+            let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            if r.len() >= RECENT {
+                r.pop_front();
+            }
+            r.push_back(RecentError {
+                t_ms: now_ms,
+                conn,
+                req,
+                kind,
+                error: text.to_string(),
+            });
+        }
         if !tracing::enabled!(tracing::Level::WARN) {
             return;
         }
-        let now = crate::topology::now_ms() / 1000;
+        let now = now_ms / 1000;
         let w = self.window.load(Ordering::Relaxed);
         let (sec, n) = (w >> 20, w & 0xF_FFFF);
         let n = if sec == now { n } else { 0 };
@@ -123,6 +160,13 @@ mod tests {
         // No subscriber in unit tests: nothing is enabled, nothing counted.
         l.log(1, 1, "limit", "x");
         assert_eq!(l.suppressed.load(Ordering::Relaxed), 0);
+        // Kept for /health all the same, newest first, bounded.
+        for i in 0..30 {
+            l.log(2, i, "unavailable", "ERR down");
+        }
+        let r = l.recent();
+        assert_eq!(r.len(), RECENT);
+        assert_eq!((r[0].conn, r[0].req, r[0].kind), (2, 29, "unavailable"));
     }
 
     #[test]

@@ -1266,6 +1266,14 @@ async fn error_replies_are_logged_as_json_with_conn_and_req() {
     assert_eq!(line["req"], 2, "HELLO is request 1, SYNC request 2: {line}");
     assert_eq!(line["kind"], "refused", "{line}");
     assert_eq!(line["error"], text.as_str(), "{line}");
+    // /health lists it among the recent error replies, with the same ids.
+    let (_, h) = blocking(|| get_json(kw.admin_port(), "/health"));
+    let recent = &h["recent_errors"][0];
+    assert_eq!(recent["conn"], id, "{h}");
+    assert_eq!(recent["req"], 2, "{h}");
+    assert_eq!(recent["kind"], "refused", "{h}");
+    assert_eq!(recent["error"], text.as_str(), "{h}");
+    assert!(recent["t_ms"].as_u64().is_some_and(|t| t > 0), "{h}");
     // Every line so far is JSON.
     let all = json_lines(&kw.log());
     assert!(

@@ -23,6 +23,9 @@ pub struct Health {
     /// The worst component status ("disabled" counts as ok).
     pub status: &'static str,
     pub components: std::collections::BTreeMap<&'static str, Component>,
+    /// The last error replies keyward made itself, newest first (the
+    /// totals by kind are in `keyward_errors_total`).
+    pub recent_errors: Vec<crate::logging::RecentError>,
 }
 
 fn c(status: &'static str, detail: impl Into<String>) -> Component {
@@ -140,6 +143,7 @@ pub fn report(ctx: &Ctx) -> Health {
     Health {
         status: ["ok", "degraded", "down"][worst],
         components: m,
+        recent_errors: ctx.error_lines.recent(),
     }
 }
 

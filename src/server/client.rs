@@ -1580,6 +1580,13 @@ impl Writer<'_> {
                 }
                 Some(PinMsg::Lost { error, outstanding }) => {
                     let kind = ErrorKind::from(&error.kind);
+                    if outstanding > 0 {
+                        // Which requests were owed is the relay's secret:
+                        // request id 0.
+                        self.ctx
+                            .error_lines
+                            .log(self.info.id, 0, kind.name(), &error.resp_text());
+                    }
                     for _ in 0..outstanding {
                         self.ctx.stats.error(kind);
                         if !self.put_local(&error.resp_text()).await {
