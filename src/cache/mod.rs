@@ -132,18 +132,21 @@ impl NearCache {
         let mut missing: smallvec::SmallVec<[usize; 4]> = smallvec::SmallVec::new();
         for (i, k) in keys.iter().enumerate() {
             // Cached by exact request bytes: clients send GET or get.
-            let cached = [b"GET".as_slice(), b"get"].iter().find_map(|name| {
+            let at = out.len();
+            let cached = [b"GET".as_slice(), b"get"].iter().any(|name| {
                 frame.clear();
                 reply::command(&mut frame, &[name, k]);
-                self.store.get(&frame, proto, now)
+                self.store.get_into(&frame, proto, now, out)
             });
-            match cached {
-                Some(r) if r.first() == Some(&b'-') => match proto {
+            if !cached {
+                missing.push(i);
+            } else if out.get(at) == Some(&b'-') {
+                // WRONGTYPE from GET is a null in MGET.
+                out.truncate(at);
+                match proto {
                     Proto::Resp2 => out.extend_from_slice(b"$-1\r\n"),
                     Proto::Resp3 => out.extend_from_slice(b"_\r\n"),
-                },
-                Some(r) => out.extend_from_slice(&r),
-                None => missing.push(i),
+                }
             }
         }
         if missing.is_empty() {

@@ -65,6 +65,9 @@ pub enum Class {
 pub struct Routed {
     pub class: Class,
     pub family: Family,
+    /// GET or SET: the one key is the second argument, no table needed to
+    /// find it (the hot-key sampler's commonest case).
+    pub key_is_second: bool,
 }
 
 /// Classify a request from its arguments (`args[0]` is the command name).
@@ -77,6 +80,7 @@ pub fn route(table: Option<&CommandTable>, args: &[&[u8]]) -> Routed {
     let other = |class| Routed {
         class,
         family: Family::Other,
+        key_is_second: false,
     };
     let Some(name) = args.first() else {
         return other(Class::Forward);
@@ -91,12 +95,14 @@ pub fn route(table: Option<&CommandTable>, args: &[&[u8]]) -> Routed {
             return Routed {
                 class: Class::Forward,
                 family: Family::String,
+                key_is_second: args.len() >= 2,
             }
         }
         b"keyward" => {
             return Routed {
                 class: Class::Keyward,
                 family: Family::Keyward,
+                key_is_second: false,
             }
         }
         b"hello" => Class::Hello,
@@ -138,6 +144,7 @@ pub fn route(table: Option<&CommandTable>, args: &[&[u8]]) -> Routed {
                         Class::Forward
                     },
                     family: info.sub(args.get(1).copied()).family,
+                    key_is_second: false,
                 },
                 None => other(Class::Forward),
             }
@@ -158,7 +165,11 @@ pub fn route(table: Option<&CommandTable>, args: &[&[u8]]) -> Routed {
             _ => Family::Other,
         },
     };
-    Routed { class, family }
+    Routed {
+        class,
+        family,
+        key_is_second: false,
+    }
 }
 
 fn classify_client(args: &[&[u8]]) -> Class {
@@ -210,5 +221,9 @@ mod tests {
         for (args, want) in cases {
             assert_eq!(classify(None, args), *want, "{args:?}");
         }
+        assert!(route(None, &[b"get", b"k"]).key_is_second);
+        assert!(route(None, &[b"SET", b"k", b"v"]).key_is_second);
+        assert!(!route(None, &[b"GET"]).key_is_second, "no key to sample");
+        assert!(!route(None, &[b"HGET", b"h", b"f"]).key_is_second);
     }
 }

@@ -396,29 +396,25 @@ impl Reader {
                 };
                 let cache = self.ctx.cache.as_ref();
                 let cache_active = cache.is_some_and(|c| c.store.active());
-                // A sampled GET or SET names its key in the second argument:
-                // no table lookup needed for the commonest samples.
-                let get_or_set = sampled
-                    && args.len() >= 2
-                    && (args[0].eq_ignore_ascii_case(b"get")
-                        || args[0].eq_ignore_ascii_case(b"set"));
+                let routed = route(table.as_deref(), &args);
+                let class = routed.class;
+                self.family = routed.family;
+                // A sampled GET or SET needs no table lookup to find its key.
+                let key_is_second = sampled && routed.key_is_second;
                 // One command-table lookup, only when something needs it.
-                let info = if (sampled && !get_or_set) || cache_active || self.ctx.read_from_replica
-                {
-                    table.as_deref().and_then(|t| t.get(args[0]))
-                } else {
-                    None
-                };
+                let info =
+                    if (sampled && !key_is_second) || cache_active || self.ctx.read_from_replica {
+                        table.as_deref().and_then(|t| t.get(args[0]))
+                    } else {
+                        None
+                    };
                 if let (Some(d), true) = (&self.ctx.hotkeys, sampled) {
-                    if get_or_set {
+                    if key_is_second {
                         d.record(args[1]);
                     } else if let Some(info) = info {
                         for_each_key(info, args.len(), |i| args[i], |k| d.record(k));
                     }
                 }
-                let routed = route(table.as_deref(), &args);
-                let class = routed.class;
-                self.family = routed.family;
                 // A write drops its keys from the cache before it is
                 // forwarded (and again when its reply arrives, see
                 // `pending_written`): a client reads its own writes.
@@ -1402,19 +1398,19 @@ impl Writer<'_> {
                 cache.store.invalidate(k);
             }
         }
-        let slow_req = (ctx.slowlog.slower_than_us >= 0).then(|| req.clone());
         let (ok, errors) = match res {
             Ok(Replies { bytes, errors }) => (self.put(bytes).await, errors),
             Err(e) => {
                 let first_seq = batch.first_seq;
-                let ok = self.failed(ctx, e, req, count, proto, id, first_seq).await;
+                let ok = self.failed(ctx, e, &req, count, proto, id, first_seq).await;
                 (ok, std::mem::take(&mut self.errors))
             }
         };
+        // The request bytes go along for the slow log (moved, not copied).
         self.observed.push(Observed {
             batch,
             errors,
-            req: slow_req,
+            req: (ctx.slowlog.slower_than_us >= 0).then_some(req),
         });
         ok
     }
@@ -1426,7 +1422,7 @@ impl Writer<'_> {
         &mut self,
         ctx: &Ctx,
         e: crate::upstream::BatchError,
-        req: Bytes,
+        req: &Bytes,
         count: u32,
         proto: Proto,
         id: u64,
