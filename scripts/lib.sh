@@ -190,21 +190,9 @@ port_open() {
 # exits first, fail at once instead of waiting out the deadline.
 wait_port() {
     local port="$1" timeout_s="${2:-30}" pid="${3:-}"
-    local deadline=$(($(date +%s) + timeout_s))
-    while :; do
-        if port_open "$port"; then
-            return 0
-        fi
-        if [[ -n "$pid" ]] && ! pid_alive "$pid"; then
-            log "process $pid exited before port $port opened"
-            return 1
-        fi
-        if (($(date +%s) >= deadline)); then
-            log "timed out after ${timeout_s}s waiting for 127.0.0.1:$port"
-            return 1
-        fi
-        sleep 0.05 # poll interval only; the deadline above decides
-    done
+    local by=()
+    [[ -z "$pid" ]] || by=(--pid "$pid")
+    wait_until "${by[@]}" "$timeout_s" "127.0.0.1:$port accepts connections" port_open "$port"
 }
 
 # wait_until [--pid PID] TIMEOUT_S WHAT CMD... -- run CMD (quietly) every

@@ -421,17 +421,9 @@ async fn resp2_and_resp3_replies_match_redis() {
     wait_cache_hits(&kw).await;
 
     let mut direct2 = Raw::connect(redis.port()).await;
-    let mut direct3 = Raw::connect(redis.port()).await;
-    let hello = direct3.call(&[b"HELLO", b"3"]).await;
-    assert!(hello.starts_with(b"%"), "HELLO 3 on Redis: {}", esc(&hello));
+    let mut direct3 = Raw::connect_resp3(redis.port()).await;
     let mut kw2 = Raw::connect(kw.port()).await;
-    let mut kw3 = Raw::connect(kw.port()).await;
-    let hello = kw3.call(&[b"HELLO", b"3"]).await;
-    assert!(
-        hello.starts_with(b"%"),
-        "HELLO 3 on keyward: {}",
-        esc(&hello)
-    );
+    let mut kw3 = Raw::connect_resp3(kw.port()).await;
 
     for req in reads {
         let name = req.iter().map(|a| esc(a)).collect::<Vec<_>>().join(" ");

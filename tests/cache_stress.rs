@@ -721,21 +721,14 @@ async fn mget_served_per_key(keys: &[&[u8]]) {
     assert_eq!(hits, 1, "{name} (RESP2): KEYWARD CACHE hits +{hits}");
 
     // RESP3: the same, with RESP3 nulls.
-    let mut direct3 = Raw::connect(redis.port()).await;
-    assert!(direct3.call(&[b"HELLO", b"3"]).await.starts_with(b"%"));
+    let mut direct3 = Raw::connect_resp3(redis.port()).await;
     let want3 = direct3.call(&mget).await;
     assert!(
         keys.len() < 3 || want3.ends_with(b"_\r\n"),
         "Redis's RESP3 {name}: {}",
         esc(&want3)
     );
-    let mut kw3 = Raw::connect(kw.port()).await;
-    let hello = kw3.call(&[b"HELLO", b"3"]).await;
-    assert!(
-        hello.starts_with(b"%"),
-        "HELLO 3 on keyward: {}",
-        esc(&hello)
-    );
+    let mut kw3 = Raw::connect_resp3(kw.port()).await;
     let (got, calls, hits) = mget_once(&kw, &redis, &load, &mut kw3, &mget).await;
     assert_eq!(esc(&got), esc(&want3), "{name} through keyward (RESP3)");
     assert_eq!(

@@ -254,9 +254,7 @@ async fn info_sections_include_keyward_only_when_asked() {
 async fn info_in_resp3_is_a_verbatim_string_with_the_section() {
     let redis = Redis::start();
     let kw = Keyward::start(&redis.addr());
-    let mut raw = Raw::connect(kw.port()).await;
-    let hello = raw.call(&[b"HELLO", b"3"]).await;
-    assert!(hello.starts_with(b"%"), "{}", esc(&hello));
+    let mut raw = Raw::connect_resp3(kw.port()).await;
 
     let mut batch = cmd(&[b"INFO"]);
     batch.extend(cmd(&[b"PING"]));
@@ -731,8 +729,7 @@ async fn keyward_config_get_shows_the_effective_config() {
     );
 
     // RESP3: a map.
-    let mut r3 = Raw::connect(kw.port()).await;
-    assert!(r3.call(&[b"HELLO", b"3"]).await.starts_with(b"%"));
+    let mut r3 = Raw::connect_resp3(kw.port()).await;
     let exact3 = format!(
         "%1\r\n$13\r\nserver.listen\r\n${}\r\n{listen}\r\n",
         listen.len()

@@ -922,9 +922,7 @@ async fn reset_restores_a_fresh_connection_and_quit_closes() {
         b":1\r\n",
     );
 
-    let mut a = Raw::connect(kw.port()).await;
-    let hello = a.call(&[b"HELLO", b"3"]).await;
-    assert!(hello.starts_with(b"%"), "HELLO 3: {}", esc(&hello));
+    let mut a = Raw::connect_resp3(kw.port()).await;
     same("SELECT 1", &a.call(&[b"SELECT", b"1"]).await, b"+OK\r\n");
     same(
         "SETNAME",

@@ -29,6 +29,18 @@ impl Raw {
         }
     }
 
+    /// Connect and switch to RESP3 with `HELLO 3` (asserting the map reply).
+    pub async fn connect_resp3(port: u16) -> Raw {
+        let mut raw = Raw::connect(port).await;
+        let hello = raw.call(&[b"HELLO", b"3"]).await;
+        assert!(
+            hello.starts_with(b"%"),
+            "HELLO 3 on 127.0.0.1:{port}: {}",
+            esc(&hello)
+        );
+        raw
+    }
+
     /// Like [`Raw::connect`] but returns the error, for tests that expect the
     /// connection to be refused.
     pub async fn try_connect(port: u16) -> std::io::Result<Raw> {
