@@ -58,7 +58,9 @@ pub struct UpstreamConfig {
     /// Password sent with HELLO/AUTH on every upstream connection; empty for none.
     #[serde(serialize_with = "redact")]
     pub password: String,
-    /// Shared pipelined connections per RESP version.
+    /// Shared pipelined connections per RESP version. One by default: Redis
+    /// runs commands one at a time, and one connection carries the biggest
+    /// batches (fewest syscalls and wake-ups on both sides).
     pub pool_size: usize,
     /// Requests in flight on one shared connection at most.
     pub max_inflight: usize,
@@ -222,7 +224,7 @@ impl Default for Config {
                 address: "127.0.0.1:6379".into(),
                 username: String::new(),
                 password: String::new(),
-                pool_size: 2,
+                pool_size: 1,
                 max_inflight: 100_000,
                 max_pinned: 1_000,
                 connect_timeout_ms: 1_000,
