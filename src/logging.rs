@@ -141,6 +141,7 @@ impl ErrorLines {
         let n = if sec == now { n } else { 0 };
         if n >= self.per_sec {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::Limit::LogMaxErrorLinesPerSec.reached();
             return;
         }
         // A lost race only lets a line or two more through.

@@ -1,6 +1,6 @@
 //! keyward's bounds as a client meets them: too many clients, requests and
 //! arguments that are too large, a client that stops reading its replies,
-//! too many pinned upstream connections, a graceful shutdown that still
+//! too many pinned upstream connections, idle clients, a graceful shutdown that still
 //! delivers every reply owed, and the memory 10,000 idle clients cost.
 //! Each limit answers with a clear error (or a clean disconnect) and never
 //! affects the other clients.
@@ -16,6 +16,13 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 const MAX_CLIENTS_ERR: &[u8] = b"-ERR max number of clients reached\r\n";
+
+/// `keyward_limit_reached_total` for the bound with config key `key`.
+async fn limit_reached(kw: &Keyward, key: &str) -> f64 {
+    let text = metrics(kw).await;
+    let series = format!("keyward_limit_reached_total{{limit=\"{key}\"}}");
+    metric(&text, &series).unwrap_or_else(|| panic!("/metrics has no {series}"))
+}
 
 /// Connect, send PING and read one reply frame, or whatever arrived before
 /// the peer closed. Returns the stream (for keeping the connection open) and
@@ -101,6 +108,20 @@ async fn max_clients_rejects_the_extra_client_and_frees_slots() {
         MAX_CLIENTS_ERR,
         "still full again"
     );
+    // The fourth and fifth, and any PING of `d` that came before a's slot
+    // was given back: every refused connection is counted.
+    let text = metrics(&kw).await;
+    let rejected = metric(
+        &text,
+        "keyward_clients_rejected_total{reason=\"max_clients\"}",
+    )
+    .expect("keyward_clients_rejected_total");
+    assert!(rejected >= 2.0, "{rejected} connections refused, want >= 2");
+    assert_eq!(
+        limit_reached(&kw, "server.max_clients").await,
+        rejected,
+        "the limit counts each refused connection"
+    );
 }
 
 /// `server.max_request_bytes = 1024`: a 2 KiB SET is a protocol error that
@@ -145,6 +166,8 @@ async fn request_larger_than_max_request_bytes_is_refused() {
         b":0\r\n",
         "the refused SET must not reach Redis"
     );
+    assert_eq!(limit_reached(&kw, "server.max_request_bytes").await, 1.0);
+    assert_eq!(limit_reached(&kw, "server.max_bulk_bytes").await, 0.0);
 }
 
 /// `server.max_bulk_bytes = 100`: a `$200` argument gets exactly Redis's
@@ -175,6 +198,16 @@ async fn bulk_longer_than_max_bulk_bytes_is_refused() {
     want.extend_from_slice(&ok_value);
     want.extend_from_slice(b"\r\n");
     assert_eq!(other.call(&[b"GET", b"k"]).await, want);
+    assert_eq!(limit_reached(&kw, "server.max_bulk_bytes").await, 1.0);
+
+    // A malformed length is a protocol error too, but no bound was reached.
+    let mut bad = Raw::connect(kw.port()).await;
+    bad.send(b"*1\r\n$x\r\n").await;
+    assert_eq!(
+        bad.read_to_close().await,
+        b"-ERR Protocol error: invalid bulk length\r\n"
+    );
+    assert_eq!(limit_reached(&kw, "server.max_bulk_bytes").await, 1.0);
 }
 
 /// `server.max_reply_bytes = 1 MiB`: a client that pipelines 100 GETs of a
@@ -249,6 +282,52 @@ async fn client_that_does_not_read_is_disconnected_at_max_reply_bytes() {
     assert_eq!(other.call(&[b"GET", b"big"]).await, frame);
     assert_eq!(other.call(&[b"SET", b"k", b"v"]).await, b"+OK\r\n");
     assert_eq!(other.call(&[b"GET", b"k"]).await, b"$1\r\nv\r\n");
+    assert_eq!(
+        limit_reached(&kw, "server.max_reply_bytes").await,
+        1.0,
+        "one client cut off"
+    );
+}
+
+/// `server.idle_timeout_secs = 1` (Redis's `timeout`): a client that goes
+/// quiet is closed, without a reply, about a second after its last request;
+/// a client that keeps sending is not; each close is counted under the
+/// setting's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_client_is_closed_after_idle_timeout_secs() {
+    let redis = Redis::start();
+    let kw = Keyward::start_for(&redis, "[server]\nidle_timeout_secs = 1\n", &[]);
+    wait_ready(&kw, DEADLINE).await;
+
+    let mut quiet = Raw::connect(kw.port()).await;
+    let mut busy = Raw::connect(kw.port()).await;
+    assert_eq!(quiet.call(&[b"PING"]).await, b"+PONG\r\n");
+    let last = Instant::now();
+
+    let keep_busy = async {
+        // Three times the timeout, a request every 200 ms.
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            assert_eq!(busy.call(&[b"PING"]).await, b"+PONG\r\n");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let closed = async {
+        let got = quiet.read_to_close().await;
+        (got, last.elapsed())
+    };
+    let ((got, after), ()) = tokio::join!(closed, keep_busy);
+    assert!(
+        got.is_empty(),
+        "the idle client got {} before the close",
+        esc(&got)
+    );
+    assert!(
+        after >= Duration::from_millis(900),
+        "closed {after:?} after its last request, before idle_timeout_secs = 1"
+    );
+    assert_eq!(busy.call(&[b"GET", b"nothing"]).await, b"$-1\r\n");
+    assert_eq!(limit_reached(&kw, "server.idle_timeout_secs").await, 1.0);
 }
 
 /// `upstream.max_pinned = 2`: two clients in MULTI hold the two pinned
@@ -279,11 +358,13 @@ async fn max_pinned_limits_transactions() {
     // A's transaction is over (and A sends nothing more): its pinned
     // connection must become available to C.
     let deadline = Instant::now() + DEADLINE;
+    let mut refused = 1.0;
     loop {
         let reply = c.call(&[b"MULTI"]).await;
         if reply == b"+OK\r\n" {
             break;
         }
+        refused += 1.0;
         assert_eq!(
             reply,
             b"-ERR max number of pinned upstream connections reached (upstream.max_pinned = 2)\r\n"
@@ -299,6 +380,11 @@ async fn max_pinned_limits_transactions() {
     assert_eq!(c.call(&[b"EXEC"]).await, b"*1\r\n:2\r\n");
     assert_eq!(b.call(&[b"DISCARD"]).await, b"+OK\r\n");
     assert_eq!(a.call(&[b"GET", b"a"]).await, b"$1\r\n1\r\n");
+    assert_eq!(
+        limit_reached(&kw, "upstream.max_pinned").await,
+        refused,
+        "every refused MULTI is counted"
+    );
 }
 
 /// SIGTERM with 1,000 pipelined requests in flight: the client gets every

@@ -699,6 +699,15 @@ async fn requests_get_masterdown_after_hold_ms() {
     );
     let (status, body) = blocking(|| http_get(admin, "/ready"));
     assert_eq!(status, 503, "/ready with no master: {body}");
+    let text = blocking(|| get_metrics(admin));
+    let held_out = metric(
+        &text,
+        "keyward_limit_reached_total{limit=\"sentinel.hold_ms\"}",
+    );
+    assert!(
+        held_out.is_some_and(|n| n >= 1.0),
+        "the SET answered MASTERDOWN after sentinel.hold_ms is counted: {held_out:?}"
+    );
 
     // A pipeline is held as a whole, not request after request: all of it
     // is answered within the same bound. Measured now, asserted at the end

@@ -174,6 +174,7 @@ impl NearCache {
             };
             if self.fills.try_send(fill).is_err() {
                 // Queue full (cache.max_fills_in_flight): no fill this time.
+                crate::metrics::Limit::CacheMaxFillsInFlight.reached();
                 self.store.abandon_fill(&request);
                 return false;
             }

@@ -227,6 +227,7 @@ impl Store {
             };
             if let Some(k) = inner.entries.get(&old).map(|e| e.key.clone()) {
                 remove(&mut inner, &old, &k);
+                crate::metrics::Limit::CacheMaxMb.reached();
             }
         }
         inner.bytes += size;

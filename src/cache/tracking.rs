@@ -286,6 +286,9 @@ fn land(cache: &NearCache, fill: Fill, exec: &Bytes) {
     // invalidation) can change, and MGET needs it to answer per key.
     let error = matches!(reply.first(), Some(b'-' | b'!')) && !wrongtype(reply);
     if error || reply.len() > cache.config.max_reply_bytes {
+        if !error {
+            crate::metrics::Limit::CacheMaxReplyBytes.reached();
+        }
         cache.store.abandon_fill(&fill.request);
         return;
     }

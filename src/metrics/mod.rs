@@ -11,6 +11,7 @@
 //! labels name upstream Redis servers (a handful, from the topology).
 
 pub mod histogram;
+pub mod limits;
 pub mod requests;
 
 use std::fmt::Write as _;
@@ -19,6 +20,7 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+pub use limits::Limit;
 pub use requests::{ErrorKind, RequestStats, Tally};
 
 use crate::command::Family;
@@ -41,6 +43,7 @@ pub const UPSTREAM_ERRORS: &str = "keyward_upstream_errors_total";
 pub const TOPOLOGY_STATE: &str = "keyward_topology_state";
 pub const FAILOVERS: &str = "keyward_failovers_total";
 pub const SLOWLOG_ENTRIES: &str = "keyward_slowlog_entries";
+pub const LIMIT_REACHED: &str = "keyward_limit_reached_total";
 
 pub const CLIENTS: &str = "keyward_clients";
 pub const HELD_REQUESTS: &str = "keyward_held_requests";
@@ -115,6 +118,10 @@ pub fn install() -> Option<&'static PrometheusHandle> {
                 "Failovers followed (episodes that ended on another master)."
             );
             metrics::describe_gauge!(SLOWLOG_ENTRIES, "Entries in KEYWARD SLOWLOG.");
+            metrics::describe_counter!(
+                LIMIT_REACHED,
+                "Times a configured bound was reached, by its config key."
+            );
             metrics::describe_gauge!(
                 HELD_REQUESTS,
                 "Requests held while no verified master takes writes."
@@ -184,6 +191,9 @@ pub fn render(ctx: &Ctx) -> Option<String> {
     }
     for k in ErrorKind::ALL {
         metrics::counter!(ERRORS, "kind" => k.name()).absolute(st.errors_of(k));
+    }
+    for l in Limit::ALL {
+        metrics::counter!(LIMIT_REACHED, "limit" => l.key()).absolute(l.count());
     }
     metrics::counter!(BYTES_RECEIVED).absolute(st.bytes_in.load(Ordering::Relaxed));
     metrics::counter!(BYTES_SENT).absolute(st.bytes_out.load(Ordering::Relaxed));

@@ -13,6 +13,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use smallvec::SmallVec;
 
 use super::scan::{line_end, parse_int, ProtocolError};
+use crate::metrics::Limit;
 
 /// Longest inline request or length line, as Redis's PROTO_INLINE_MAX_SIZE.
 pub const INLINE_MAX: usize = 64 * 1024;
@@ -158,17 +159,28 @@ impl RequestParser {
                 self.need = buf.len() + 1;
                 return Ok(None);
             };
-            let len = parse_int(trim_cr(&buf[pos + 1..nl]))
-                .filter(|l| *l >= 0 && *l as usize <= limits.max_bulk)
-                .ok_or_else(|| ProtocolError::new("invalid bulk length"))?
-                as usize;
+            // Redis words a length over proto-max-bulk-len like a malformed
+            // one; only the metric tells them apart.
+            let len = match parse_int(trim_cr(&buf[pos + 1..nl])) {
+                Some(l) if l >= 0 && l as usize <= limits.max_bulk => l as usize,
+                Some(l) if l >= 0 => {
+                    return Err(ProtocolError::over(
+                        Limit::MaxBulkBytes,
+                        "invalid bulk length",
+                    ))
+                }
+                _ => return Err(ProtocolError::new("invalid bulk length")),
+            };
             let start = nl + 1;
             let end = start + len;
             if end + 2 > limits.max_request {
-                return Err(ProtocolError::new(format!(
-                    "request larger than the limit of {} bytes (max_request_bytes)",
-                    limits.max_request
-                )));
+                return Err(ProtocolError::over(
+                    Limit::MaxRequestBytes,
+                    format!(
+                        "request larger than the limit of {} bytes (max_request_bytes)",
+                        limits.max_request
+                    ),
+                ));
             }
             if buf.len() < end + 2 {
                 self.need = end + 2;

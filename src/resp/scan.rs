@@ -17,12 +17,32 @@ pub const MAX_DEPTH: usize = 128;
 
 /// A malformed frame. The text follows Redis's `Protocol error: ...` wording.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("Protocol error: {0}")]
-pub struct ProtocolError(pub String);
+#[error("Protocol error: {text}")]
+pub struct ProtocolError {
+    text: String,
+    /// The configured bound the frame went over, when that is the problem.
+    limit: Option<crate::metrics::Limit>,
+}
 
 impl ProtocolError {
     pub fn new(text: impl Into<String>) -> Self {
-        ProtocolError(text.into())
+        ProtocolError {
+            text: text.into(),
+            limit: None,
+        }
+    }
+
+    /// A frame refused for going over the bound `limit`.
+    pub fn over(limit: crate::metrics::Limit, text: impl Into<String>) -> Self {
+        ProtocolError {
+            text: text.into(),
+            limit: Some(limit),
+        }
+    }
+
+    /// The bound the frame went over, if that is why it was refused.
+    pub fn limit(&self) -> Option<crate::metrics::Limit> {
+        self.limit
     }
 }
 

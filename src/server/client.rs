@@ -42,7 +42,7 @@ use crate::command::table::flags;
 use crate::command::{Class, Family};
 use crate::error::{Error, Kind};
 use crate::hotkey::sampler::Sampler;
-use crate::metrics::{ErrorKind, Tally};
+use crate::metrics::{ErrorKind, Limit, Tally};
 use crate::resp::reply;
 use crate::resp::request::Args;
 use crate::resp::{Parsed, Proto, Request, RequestParser};
@@ -308,6 +308,10 @@ impl Reader {
                 r = read => r,
             };
             match n {
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    Limit::IdleTimeout.reached();
+                    return;
+                }
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
                     self.read_at = Instant::now();
@@ -351,6 +355,9 @@ impl Reader {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(e) => {
+                    if let Some(limit) = e.limit() {
+                        limit.reached();
+                    }
                     self.emit_run(&mut off).await;
                     self.seq += 1;
                     self.family = Family::Other;
@@ -506,6 +513,7 @@ impl Reader {
             p.forget();
             return true;
         }
+        Limit::MaxPendingRequests.reached();
         self.emit_run(off).await;
         self.flush_local();
         match self.shared.permits.acquire().await {
@@ -773,6 +781,7 @@ impl Reader {
     async fn open_pinned(&mut self) -> Result<(), (ErrorKind, String)> {
         let max = self.ctx.config.upstream.max_pinned;
         let Ok(permit) = self.ctx.pinned.clone().try_acquire_owned() else {
+            Limit::MaxPinned.reached();
             return Err((ErrorKind::Limit, format!(
                 "ERR max number of pinned upstream connections reached (upstream.max_pinned = {max})"
             )));

@@ -43,6 +43,7 @@ pub async fn serve(ctx: Arc<Ctx>, listener: TcpListener) {
         if ctx.clients.fetch_add(1, Ordering::AcqRel) >= max {
             ctx.clients.fetch_sub(1, Ordering::AcqRel);
             ctx.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::Limit::MaxClients.reached();
             tracing::warn!(%peer, max, "rejecting client: server.max_clients reached");
             writers.spawn(async move {
                 let _ = stream

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::{Error, Kind};
+use crate::metrics::Limit;
 use crate::resp::{Limits, Proto};
 use crate::topology::{self, State};
 use crate::upstream::{BatchResult, Learned, Meter, Upstream};
@@ -133,6 +134,12 @@ impl Ctx {
         let held_bytes = self.held_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
         let _release = Held(self, requests, bytes);
         if held_requests > c.hold_max_requests || held_bytes > c.hold_max_bytes {
+            if held_requests > c.hold_max_requests {
+                Limit::HoldMaxRequests.reached();
+            }
+            if held_bytes > c.hold_max_bytes {
+                Limit::HoldMaxBytes.reached();
+            }
             return Err(self.master_down(&format!(
                 "and the hold queue is full (sentinel.hold_max_requests = {}, sentinel.hold_max_bytes = {})",
                 c.hold_max_requests, c.hold_max_bytes
@@ -149,6 +156,7 @@ impl Ctx {
                 .await
                 .is_err()
             {
+                Limit::HoldMs.reached();
                 return Err(
                     self.master_down(&format!("after {} ms (sentinel.hold_ms)", hold.as_millis()))
                 );
@@ -205,7 +213,11 @@ impl Ctx {
                         tokio::task::yield_now().await;
                         continue;
                     }
-                    if !self.config.uses_sentinel() || tokio::time::Instant::now() >= deadline {
+                    if !self.config.uses_sentinel() {
+                        return Err(e);
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        Limit::HoldMs.reached();
                         return Err(e);
                     }
                     self.check_master.notify_one();

@@ -145,6 +145,7 @@ impl Conn {
                 return Err(Error::upstream(Kind::NotSent, e.detail.clone()));
             }
             if q.waiters.len() >= self.max_inflight {
+                crate::metrics::Limit::MaxInflight.reached();
                 return Err(Error::upstream(
                     Kind::Limit,
                     format!(

@@ -49,6 +49,7 @@ impl Meter {
     pub fn add(&self, n: usize) {
         let now = self.bytes.fetch_add(n, Ordering::Relaxed) + n;
         if now > self.limit && !self.over.swap(true, Ordering::AcqRel) {
+            crate::metrics::Limit::MaxReplyBytes.reached();
             tracing::warn!(
                 client = self.client,
                 limit = self.limit,
