@@ -328,6 +328,15 @@ async fn idle_client_is_closed_after_idle_timeout_secs() {
     );
     assert_eq!(busy.call(&[b"GET", b"nothing"]).await, b"$-1\r\n");
     assert_eq!(limit_reached(&kw, "server.idle_timeout_secs").await, 1.0);
+    // /health (and the dashboard's health card) lists the limits reached.
+    let admin = kw.admin_port();
+    let (_, body) = blocking(|| http_get(admin, "/health"));
+    let health: serde_json::Value = serde_json::from_str(&body).expect("/health is JSON");
+    assert_eq!(
+        health["limits_reached"],
+        serde_json::json!({"server.idle_timeout_secs": 1}),
+        "/health: {body}"
+    );
 }
 
 /// `upstream.max_pinned = 2`: two clients in MULTI hold the two pinned

@@ -26,6 +26,9 @@ pub struct Health {
     /// The last error replies keyward made itself, newest first (the
     /// totals by kind are in `keyward_errors_total`).
     pub recent_errors: Vec<crate::logging::RecentError>,
+    /// Configured bounds reached since start, by config key (those never
+    /// reached are left out); `keyward_limit_reached_total` in /metrics.
+    pub limits_reached: std::collections::BTreeMap<&'static str, u64>,
 }
 
 fn c(status: &'static str, detail: impl Into<String>) -> Component {
@@ -144,6 +147,11 @@ pub fn report(ctx: &Ctx) -> Health {
         status: ["ok", "degraded", "down"][worst],
         components: m,
         recent_errors: ctx.error_lines.recent(),
+        limits_reached: crate::metrics::Limit::ALL
+            .iter()
+            .map(|l| (l.key(), l.count()))
+            .filter(|(_, n)| *n > 0)
+            .collect(),
     }
 }
 
