@@ -907,6 +907,40 @@ async fn client_reply_off_on_skip_matches_redis() {
 // RESET and QUIT
 // ---------------------------------------------------------------------------
 
+/// RESET pipelined behind commands on a pinned connection, then commands
+/// that pin a new one: every reply arrives, in order, exactly as from Redis
+/// (the RESET reply once went missing behind the new connection's relay),
+/// and nothing sent on the new connection overtakes the old one's writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_between_pinned_connections_keeps_every_reply_in_order() {
+    let (redis, kw) = setup().await;
+    let requests = pipeline(&[
+        &[b"CLIENT", b"SETNAME", b"n"],
+        &[b"CLIENT", b"GETNAME"],
+        &[b"PING"],
+        &[b"RESET"],
+        &[b"CLIENT", b"GETNAME"],
+        &[b"SELECT", b"1"],
+        &[b"SET", b"r", b"1"],
+        &[b"RESET"],
+        &[b"SELECT", b"1"],
+        &[b"GET", b"r"],
+        &[b"RESET"],
+        &[b"GET", b"r"],
+    ]);
+    let want: &[u8] = b"+OK\r\n$1\r\nn\r\n+PONG\r\n+RESET\r\n$-1\r\n+OK\r\n+OK\r\n\
++RESET\r\n+OK\r\n$1\r\n1\r\n+RESET\r\n$-1\r\n";
+    let mut direct = Raw::connect(redis.port()).await;
+    direct.send(&requests).await;
+    same("Redis itself", &direct.read_exact_n(want.len()).await, want);
+    redis.call(&[b"FLUSHALL"]);
+
+    let mut a = Raw::connect(kw.port()).await;
+    a.send(&requests).await;
+    same("through keyward", &a.read_exact_n(want.len()).await, want);
+    same("nothing more", &a.call(&[b"PING"]).await, b"+PONG\r\n");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_restores_a_fresh_connection_and_quit_closes() {
     let (_redis, kw) = setup().await;

@@ -735,6 +735,13 @@ impl Reader {
         if self.target == target {
             return;
         }
+        self.barrier().await;
+        self.target = target;
+    }
+
+    /// Queue the local replies made so far and wait until every earlier
+    /// reply is back.
+    async fn barrier(&mut self) {
         self.flush_local();
         loop {
             let notified = self.shared.drained.notified();
@@ -745,7 +752,6 @@ impl Reader {
             }
             notified.await;
         }
-        self.target = target;
     }
 
     /// Give the pinned connection back when nothing ties the client to it.
@@ -766,7 +772,11 @@ impl Reader {
         if self.pinned.is_some() {
             return true;
         }
-        self.switch_to(Target::Pinned).await;
+        // A new connection, even when the last batch went to a pinned one
+        // (RESET, or a release, gave that one back with replies perhaps
+        // still owed): nothing may overtake what was sent before, and the
+        // local replies made since must be queued ahead of its relay.
+        self.barrier().await;
         match self.open_pinned().await {
             Ok(()) => true,
             Err((kind, text)) => {
