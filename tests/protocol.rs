@@ -526,6 +526,57 @@ async fn malformed_requests_get_an_error_and_close_only_that_connection() {
             b"-ERR Protocol error: too big inline request\r\n",
             true,
         ),
+        // Lengths and line ends Redis's parser (string2ll, lines ended by
+        // the first \r) rejects: were any of these forwarded, Redis would
+        // drop the shared connection and every client's requests on it.
+        (
+            "multibulk length with a leading zero",
+            b"*01\r\n$4\r\nPING\r\n".to_vec(),
+            b"-ERR Protocol error: invalid multibulk length\r\n",
+            true,
+        ),
+        (
+            "negative zero multibulk length",
+            b"*-0\r\n*1\r\n$4\r\nPING\r\n".to_vec(),
+            b"-ERR Protocol error: invalid multibulk length\r\n",
+            true,
+        ),
+        (
+            "multibulk length with a plus sign",
+            b"*+1\r\n$4\r\nPING\r\n".to_vec(),
+            b"-ERR Protocol error: invalid multibulk length\r\n",
+            true,
+        ),
+        (
+            "bulk length with a leading zero",
+            b"*1\r\n$04\r\nPING\r\n".to_vec(),
+            b"-ERR Protocol error: invalid bulk length\r\n",
+            true,
+        ),
+        (
+            "negative zero bulk length",
+            b"*1\r\n$-0\r\n\r\n".to_vec(),
+            b"-ERR Protocol error: invalid bulk length\r\n",
+            true,
+        ),
+        (
+            "bulk length -00",
+            b"*1\r\n$-00\r\n\r\n".to_vec(),
+            b"-ERR Protocol error: invalid bulk length\r\n",
+            true,
+        ),
+        (
+            "multibulk length ended by a bare newline",
+            b"*1\n$4\r\nPING\r\n".to_vec(),
+            b"-ERR Protocol error: invalid multibulk length\r\n",
+            true,
+        ),
+        (
+            "bulk length ended by a bare newline",
+            b"*1\r\n$4\nPING\r\n".to_vec(),
+            b"-ERR Protocol error: invalid bulk length\r\n",
+            true,
+        ),
     ];
 
     for (case, req, want, redis_agrees) in &table {

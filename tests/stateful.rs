@@ -1127,3 +1127,169 @@ async fn mixed_stateful_pipeline_keeps_order() {
         same(&format!("doubled pipeline reply #{i}"), g, w);
     }
 }
+
+// ---------------------------------------------------------------------------
+// Commands keyward answers itself, where Redis's own rules decide
+// ---------------------------------------------------------------------------
+
+/// Each sequence, pipelined in one write on a fresh connection, gets the
+/// same reply bytes through keyward as from Redis directly: UNSUBSCRIBE
+/// without subscriptions, RESET behind a blocked BLPOP, CLIENT REPLY OFF
+/// silencing keyward's own replies, RESP2 subscriber mode and MULTI
+/// refusing what Redis refuses, and the strict integer parsing of SELECT,
+/// HELLO, RESET and AUTH. `n` is the number of replies the sequence gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_rules_match_redis_for_commands_keyward_answers() {
+    let (redis, kw) = setup().await;
+    let cases: Vec<(&str, bool, Vec<u8>, usize)> = vec![
+        (
+            "UNSUBSCRIBE with names, not subscribed",
+            false,
+            pipeline(&[&[b"UNSUBSCRIBE", b"x", b"y", b"z"], &[b"PING"]]),
+            4,
+        ),
+        (
+            "(P|S)UNSUBSCRIBE, not subscribed, RESP3",
+            true,
+            pipeline(&[
+                &[b"UNSUBSCRIBE", b"x", b"y"],
+                &[b"PUNSUBSCRIBE"],
+                &[b"SUNSUBSCRIBE", b"s"],
+                &[b"PING"],
+            ]),
+            5,
+        ),
+        (
+            "RESET behind a blocked BLPOP",
+            false,
+            pipeline(&[&[b"BLPOP", b"empty", b"0.3"], &[b"RESET"], &[b"PING"]]),
+            3,
+        ),
+        (
+            "CLIENT REPLY OFF silences HELLO and AUTH too",
+            false,
+            pipeline(&[
+                &[b"CLIENT", b"REPLY", b"OFF"],
+                &[b"HELLO"],
+                &[b"AUTH", b"x"],
+                &[b"PING"],
+                &[b"CLIENT", b"REPLY", b"ON"],
+                &[b"PING"],
+            ]),
+            2,
+        ),
+        (
+            "CLIENT REPLY SKIP skips AUTH's reply only",
+            false,
+            pipeline(&[
+                &[b"CLIENT", b"REPLY", b"SKIP"],
+                &[b"AUTH", b"x"],
+                &[b"PING"],
+            ]),
+            1,
+        ),
+        (
+            "RESP2 subscriber mode refuses AUTH, HELLO, KEYWARD",
+            false,
+            pipeline(&[
+                &[b"SUBSCRIBE", b"ch"],
+                &[b"AUTH", b"x"],
+                &[b"HELLO"],
+                &[b"KEYWARD", b"HELP"],
+                &[b"RESET"],
+            ]),
+            5,
+        ),
+        (
+            "KEYWARD and SYNC inside MULTI abort the transaction",
+            false,
+            pipeline(&[
+                &[b"MULTI"],
+                &[b"KEYWARD", b"HELP"],
+                &[b"SYNC"],
+                &[b"SET", b"never", b"1"],
+                &[b"EXEC"],
+                &[b"GET", b"never"],
+            ]),
+            6,
+        ),
+        (
+            "integers as string2ll reads them",
+            false,
+            pipeline(&[
+                &[b"SELECT", b"00"],
+                &[b"SELECT", b"-0"],
+                &[b"HELLO", b"03"],
+                &[b"HELLO", b"+3"],
+                &[b"RESET", b"x"],
+                &[b"AUTH", b"a", b"b", b"c"],
+                &[b"PING"],
+            ]),
+            7,
+        ),
+        (
+            "RESET after CLIENT SETNAME, then MULTI",
+            false,
+            pipeline(&[
+                &[b"CLIENT", b"SETNAME", b"foo"],
+                &[b"RESET"],
+                &[b"MULTI"],
+                &[b"EXEC"],
+            ]),
+            4,
+        ),
+    ];
+    for (case, resp3, bytes, n) in &cases {
+        let connect = |port| async move {
+            if *resp3 {
+                Raw::connect_resp3(port).await
+            } else {
+                Raw::connect(port).await
+            }
+        };
+        let mut direct = connect(redis.port()).await;
+        direct.send(bytes).await;
+        let want = direct.read_replies(*n).await.concat();
+        let mut through = connect(kw.port()).await;
+        through.send(bytes).await;
+        let got = through.read_replies(*n).await.concat();
+        same(case, &got, &want);
+        // Nothing more is owed: the next reply is the next request's.
+        same(
+            &format!("{case}: then ECHO"),
+            &through.call(&[b"ECHO", b"next"]).await,
+            &direct.call(&[b"ECHO", b"next"]).await,
+        );
+    }
+}
+
+/// UNSUBSCRIBE of several channels by a client subscribed to nothing,
+/// while another client pipelines GETs: that client gets its own replies
+/// only (Redis's extra confirmations on a shared connection would be taken
+/// for them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsubscribe_without_subscriptions_does_not_disturb_others() {
+    let (_redis, kw) = setup().await;
+    let mut other = Raw::connect(kw.port()).await;
+    same("SET", &other.call(&[b"SET", b"k", b"v"]).await, b"+OK\r\n");
+    let mut a = Raw::connect(kw.port()).await;
+    for _ in 0..20 {
+        a.send(&cmd(&[b"UNSUBSCRIBE", b"x", b"y", b"z"])).await;
+        other
+            .send(&pipeline(&[
+                &[b"GET", b"k"],
+                &[b"GET", b"k"],
+                &[b"GET", b"k"],
+            ]))
+            .await;
+        for r in other.read_replies(3).await {
+            same("another client's GET", &r, b"$1\r\nv\r\n");
+        }
+        let confirmations = a.read_replies(3).await.concat();
+        same(
+            "the three confirmations",
+            &confirmations,
+            b"*3\r\n$11\r\nunsubscribe\r\n$1\r\nx\r\n:0\r\n*3\r\n$11\r\nunsubscribe\r\n$1\r\ny\r\n:0\r\n*3\r\n$11\r\nunsubscribe\r\n$1\r\nz\r\n:0\r\n",
+        );
+    }
+}

@@ -119,49 +119,43 @@ impl RequestParser {
         limits: &Limits,
     ) -> Result<Option<Parsed>, ProtocolError> {
         if self.remaining.is_none() {
-            let Some(nl) = line_end(buf, 1) else {
-                if buf.len() > INLINE_MAX {
-                    return Err(ProtocolError::new("too big mbulk count string"));
+            let cr = match header_line(buf, 0) {
+                Line::At(cr) => cr,
+                Line::TooLong => return Err(ProtocolError::new("too big mbulk count string")),
+                Line::Need(n) => {
+                    self.need = n;
+                    return Ok(None);
                 }
-                self.need = buf.len() + 1;
-                return Ok(None);
             };
-            if nl > INLINE_MAX {
-                return Err(ProtocolError::new("too big mbulk count string"));
-            }
-            let line = trim_cr(&buf[1..nl]);
-            let n = parse_int(line)
+            let n = parse_int(&buf[1..cr])
                 .filter(|n| *n <= i32::MAX as i64)
                 .ok_or_else(|| ProtocolError::new("invalid multibulk length"))?;
             if n <= 0 {
-                return Ok(Some(Parsed::Skip(nl + 1)));
+                return Ok(Some(Parsed::Skip(cr + 2)));
             }
             self.remaining = Some(n as u64);
             self.args = SmallVec::with_capacity((n as usize).min(1024));
-            self.pos = nl + 1;
+            self.pos = cr + 2;
         }
         while let Some(left) = self.remaining.filter(|n| *n > 0) {
             let pos = self.pos;
-            if pos >= buf.len() {
-                self.need = pos + 1;
-                return Ok(None);
-            }
+            let cr = match header_line(buf, pos) {
+                Line::At(cr) => cr,
+                Line::TooLong => return Err(ProtocolError::new("too big bulk count string")),
+                Line::Need(n) => {
+                    self.need = n;
+                    return Ok(None);
+                }
+            };
             if buf[pos] != b'$' {
                 return Err(ProtocolError::new(format!(
                     "expected '$', got '{}'",
                     char::from(buf[pos]).escape_default()
                 )));
             }
-            let Some(nl) = line_end(buf, pos + 1) else {
-                if buf.len() - pos > INLINE_MAX {
-                    return Err(ProtocolError::new("too big bulk count string"));
-                }
-                self.need = buf.len() + 1;
-                return Ok(None);
-            };
             // Redis words a length over proto-max-bulk-len like a malformed
             // one; only the metric tells them apart.
-            let len = match parse_int(trim_cr(&buf[pos + 1..nl])) {
+            let len = match parse_int(&buf[pos + 1..cr]) {
                 Some(l) if l >= 0 && l as usize <= limits.max_bulk => l as usize,
                 Some(l) if l >= 0 => {
                     return Err(ProtocolError::over(
@@ -171,7 +165,7 @@ impl RequestParser {
                 }
                 _ => return Err(ProtocolError::new("invalid bulk length")),
             };
-            let start = nl + 1;
+            let start = cr + 2;
             let end = start + len;
             if end + 2 > limits.max_request {
                 return Err(ProtocolError::over(
@@ -204,6 +198,36 @@ impl RequestParser {
     }
 }
 
+/// Where a `*` or `$` header line that starts at `from` ends.
+enum Line {
+    /// Its `\r` is at this offset, and the byte after it has arrived.
+    At(usize),
+    /// Not complete: wait until the buffer holds this many bytes.
+    Need(usize),
+    /// No end within Redis's PROTO_INLINE_MAX_SIZE.
+    TooLong,
+}
+
+/// Find a header line's end exactly as Redis does, since the bytes are
+/// forwarded and Redis must frame them the same way: the first `\r` (found
+/// with strchr, so a NUL before it hides it), with one more byte after it
+/// that Redis skips without looking (a `\n` in a well-formed request).
+/// A lone `\n` does not end a line.
+fn header_line(buf: &[u8], from: usize) -> Line {
+    match memchr::memchr2(b'\r', 0, &buf[from..]) {
+        Some(i) if buf[from + i] == b'\r' => {
+            let cr = from + i;
+            if cr + 2 > buf.len() {
+                Line::Need(cr + 2)
+            } else {
+                Line::At(cr)
+            }
+        }
+        _ if buf.len() - from > INLINE_MAX => Line::TooLong,
+        _ => Line::Need(buf.len() + 1),
+    }
+}
+
 fn trim_cr(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
@@ -214,15 +238,15 @@ fn parse_inline(buf: &[u8]) -> Result<Option<Parsed>, ProtocolError> {
     // NUL byte: a line with a NUL before its newline never ends, and only the
     // 64 KiB limit answers it. Do exactly the same.
     let nl = line_end(buf, 0).filter(|&nl| !buf[..nl].contains(&0));
-    let Some(nl) = nl else {
+    // Redis applies the limit while no newline has arrived, reading 16 KiB
+    // (PROTO_IOBUF_LEN) at a time, so a line that arrives whole is taken up
+    // to about 80 KiB: the same here, whatever size the reads happen to be.
+    let Some(nl) = nl.filter(|&nl| nl <= INLINE_MAX + 16 * 1024) else {
         if buf.len() > INLINE_MAX {
             return Err(ProtocolError::new("too big inline request"));
         }
         return Ok(None);
     };
-    if nl > INLINE_MAX {
-        return Err(ProtocolError::new("too big inline request"));
-    }
     let words = split_args(trim_cr(&buf[..nl]))
         .ok_or_else(|| ProtocolError::new("unbalanced quotes in request"))?;
     if words.is_empty() {

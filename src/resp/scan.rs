@@ -226,24 +226,36 @@ pub(crate) fn line_end(buf: &[u8], from: usize) -> Option<usize> {
     memchr::memchr(b'\n', &buf[from..]).map(|i| from + i)
 }
 
-/// Parse a decimal integer the way Redis's `string2ll` does for lengths.
+/// Parse a decimal integer exactly as Redis's `string2ll` does (lengths,
+/// SELECT's database, HELLO's version): "0", or an optional `-` and a
+/// digit 1-9 followed by digits, within i64. No `+`, no leading zeros, no
+/// "-0", no spaces. Anything Redis would reject must be rejected here too:
+/// a request length keyward read one way and Redis another would desync
+/// the shared connection for every client on it.
 #[inline]
-pub(crate) fn parse_int(digits: &[u8]) -> Option<i64> {
-    let (neg, digits) = match digits.first() {
-        Some(b'-') => (true, &digits[1..]),
-        _ => (false, digits),
+pub(crate) fn parse_int(s: &[u8]) -> Option<i64> {
+    if s == b"0" {
+        return Some(0);
+    }
+    let (neg, digits) = match s.first() {
+        Some(b'-') => (true, &s[1..]),
+        _ => (false, s),
     };
-    if digits.is_empty() || digits.len() > 19 {
+    if !matches!(digits.first(), Some(b'1'..=b'9')) || digits.len() > 19 {
         return None;
     }
-    let mut v: i64 = 0;
+    let mut v: u64 = 0;
     for &d in digits {
         if !d.is_ascii_digit() {
             return None;
         }
-        v = v.checked_mul(10)?.checked_add((d - b'0') as i64)?;
+        v = v.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
     }
-    Some(if neg { -v } else { v })
+    if neg {
+        0i64.checked_sub_unsigned(v)
+    } else {
+        i64::try_from(v).ok()
+    }
 }
 
 #[inline]
@@ -301,6 +313,35 @@ fn element(buf: &[u8], pos: usize) -> Result<Element, ProtocolError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn parse_int_is_string2ll() {
+        use super::parse_int;
+        for (s, want) in [
+            ("0", Some(0)),
+            ("1", Some(1)),
+            ("-1", Some(-1)),
+            ("4096", Some(4096)),
+            ("9223372036854775807", Some(i64::MAX)),
+            ("-9223372036854775808", Some(i64::MIN)),
+            ("9223372036854775808", None),
+            ("-9223372036854775809", None),
+            ("00", None),
+            ("01", None),
+            ("-0", None),
+            ("-00", None),
+            ("-01", None),
+            ("+3", None),
+            ("", None),
+            ("-", None),
+            (" 1", None),
+            ("1 ", None),
+            ("1\n", None),
+            ("12a", None),
+        ] {
+            assert_eq!(parse_int(s.as_bytes()), want, "{s:?}");
+        }
+    }
+
     use super::*;
 
     #[test]

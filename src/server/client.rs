@@ -45,6 +45,7 @@ use crate::hotkey::sampler::Sampler;
 use crate::metrics::{ErrorKind, Limit, Tally};
 use crate::resp::reply;
 use crate::resp::request::Args;
+use crate::resp::scan::parse_int;
 use crate::resp::{Parsed, Proto, Request, RequestParser};
 use crate::upstream::{BatchResult, Meter, PinMsg, Pinned, Replies};
 
@@ -677,10 +678,13 @@ impl Reader {
         let error = bytes.first() == Some(&b'-');
         if let (Some(p), Some(tx)) = (&self.pinned, &self.pinned_tx) {
             // Behind the pinned connection's replies: wait until they are
-            // all queued, then queue this one on the same relay.
+            // all queued, then queue this one on the same relay, unless
+            // CLIENT REPLY OFF or SKIP silences it, as it does Redis's.
             p.wait_idle().await;
-            self.shared.meter.add(bytes.len());
-            let _ = tx.send(PinMsg::Data(bytes)).await;
+            if self.state.replies_for_next() > 0 {
+                self.shared.meter.add(bytes.len());
+                let _ = tx.send(PinMsg::Data(bytes)).await;
+            }
             self.shared.permits.add_permits(requests as usize);
             let errors: &[u32] = if error { &[0] } else { &[] };
             let us = self.read_at.elapsed().as_micros() as u64;
@@ -910,6 +914,21 @@ impl Reader {
         // KEYWARD CLIENTS (and anything slow here) shows this command now.
         self.publish_info(0);
         let args: Vec<&[u8]> = ArgView::new(&frame, &req.args).collect();
+        // Where Redis refuses a command without running it, let Redis say
+        // so on the client's own connection: in RESP2 subscriber mode
+        // ("Can't execute ...: only (P|S)SUBSCRIBE / ... are allowed"), and
+        // for KEYWARD (unknown to Redis) and SYNC/PSYNC (not allowed) inside
+        // MULTI, where the refusal also makes EXEC abort, as it would.
+        let subscriber = self.proto == Proto::Resp2 && self.state.subscribed();
+        let refused_in_multi =
+            self.state.in_multi && matches!(class, Class::Keyward | Class::Replication);
+        let local = matches!(
+            class,
+            Class::Hello | Class::Auth | Class::Keyward | Class::Replication | Class::Info
+        );
+        if self.pinned.is_some() && local && (subscriber || refused_in_multi) {
+            return self.forward(req, frame).await;
+        }
         match class {
             Class::Hello => self.hello(&args, &frame).await,
             Class::Auth => {
@@ -923,8 +942,17 @@ impl Reader {
                 self.local_reply(out.freeze(), 1).await;
                 self.close().await;
             }
+            // Redis's arity error, from wherever we are.
+            Class::Reset if args.len() != 1 => self.forward(req, frame).await,
             Class::Reset => {
                 if let Some(p) = self.pinned.take() {
+                    // As in Redis, RESET behind a blocked call (BLPOP, XREAD
+                    // BLOCK, WAIT) runs once that call has answered; closing
+                    // the connection first would lose the answer.
+                    tokio::select! {
+                        _ = p.wait_idle() => {}
+                        _ = p.wait_lost() => {}
+                    }
                     self.pinned_tx = None;
                     p.release().await;
                 }
@@ -935,10 +963,7 @@ impl Reader {
                 self.local_reply(out.freeze(), 1).await;
             }
             Class::Select => {
-                let db = args
-                    .get(1)
-                    .and_then(|a| std::str::from_utf8(a).ok())
-                    .and_then(|s| s.parse::<i64>().ok());
+                let db = args.get(1).and_then(|a| parse_int(a));
                 match db {
                     Some(0) if self.pinned.is_none() && args.len() == 2 => {
                         let mut out = BytesMut::new();
@@ -1000,7 +1025,12 @@ impl Reader {
             }
             Class::Unsubscribe(kind) => {
                 if self.pinned.is_none() {
-                    return self.forward(req, frame).await;
+                    // Not subscribed: answered here, one confirmation per
+                    // name as Redis sends. On the shared pool Redis's extra
+                    // confirmations would be taken as other clients' replies.
+                    let mut out = BytesMut::new();
+                    local::unsubscribed(&mut out, self.proto, kind, &args[1..]);
+                    return self.local_reply(out.freeze(), 1).await;
                 }
                 let names: Vec<Bytes> =
                     (1..args.len()).map(|i| arg_bytes(&frame, req, i)).collect();

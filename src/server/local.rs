@@ -3,7 +3,9 @@
 
 use bytes::BytesMut;
 
+use crate::command::class::SubKind;
 use crate::resp::reply::{self, Proto};
+use crate::resp::scan::parse_int;
 
 /// A parsed HELLO request.
 #[derive(Debug, PartialEq, Eq)]
@@ -23,10 +25,7 @@ pub fn parse_hello(args: &[&[u8]]) -> Result<Hello, String> {
     };
     let mut j = 0;
     if let Some(v) = args.first() {
-        let ver = std::str::from_utf8(v)
-            .ok()
-            .and_then(|s| s.parse::<i64>().ok())
-            .ok_or("ERR Protocol version is not an integer or out of range")?;
+        let ver = parse_int(v).ok_or("ERR Protocol version is not an integer or out of range")?;
         hello.proto = match ver {
             2 => Some(Proto::Resp2),
             3 => Some(Proto::Resp3),
@@ -75,7 +74,8 @@ pub fn auth(out: &mut BytesMut, args: &[&[u8]]) {
     let res = match args {
         [pass] => check_auth(None, pass),
         [user, pass] => check_auth(Some(user), pass),
-        _ => Err("ERR wrong number of arguments for 'auth' command".into()),
+        [] => Err("ERR wrong number of arguments for 'auth' command".into()),
+        _ => Err("ERR syntax error".into()),
     };
     match res {
         Ok(()) => reply::simple(out, "OK"),
@@ -100,6 +100,34 @@ pub fn hello_reply(out: &mut BytesMut, proto: Proto, id: u64, version: &str) {
     reply::bulk(out, b"master");
     reply::bulk(out, b"modules");
     reply::array(out, 0);
+}
+
+/// Redis's confirmations of (P|S)UNSUBSCRIBE from a client subscribed to
+/// nothing: one per name (a null name when none is given), each with a
+/// count of 0; pushes in RESP3.
+pub fn unsubscribed(out: &mut BytesMut, proto: Proto, kind: SubKind, names: &[&[u8]]) {
+    let command: &[u8] = match kind {
+        SubKind::Channel => b"unsubscribe",
+        SubKind::Pattern => b"punsubscribe",
+        SubKind::Shard => b"sunsubscribe",
+    };
+    let kind = if proto == Proto::Resp3 { b'>' } else { b'*' };
+    let mut one = |name: Option<&[u8]>| {
+        reply::header(out, kind, 3);
+        reply::bulk(out, command);
+        match (name, proto) {
+            (Some(n), _) => reply::bulk(out, n),
+            (None, Proto::Resp3) => out.extend_from_slice(b"_\r\n"),
+            (None, Proto::Resp2) => out.extend_from_slice(b"$-1\r\n"),
+        }
+        reply::int(out, 0);
+    };
+    if names.is_empty() {
+        one(None);
+    }
+    for n in names {
+        one(Some(n));
+    }
 }
 
 #[cfg(test)]
