@@ -448,10 +448,18 @@ async fn inline_commands() {
 async fn replication_commands_are_refused_without_harm() {
     let (_redis, kw) = setup().await;
     let mut raw = Raw::connect(kw.port()).await;
-    for req in [cmd(&[b"SYNC"]), cmd(&[b"PSYNC", b"?", b"-1"])] {
+    // REPLCONF ACK and GETACK get no reply from Redis at all: forwarded,
+    // the next client's reply would be taken as theirs.
+    for req in [
+        cmd(&[b"SYNC"]),
+        cmd(&[b"PSYNC", b"?", b"-1"]),
+        cmd(&[b"REPLCONF", b"ACK", b"1"]),
+        cmd(&[b"REPLCONF", b"GETACK", b"*"]),
+        cmd(&[b"replconf", b"listening-port", b"7000"]),
+    ] {
         raw.send(&req).await;
         raw.expect(
-            b"-ERR keyward does not forward SYNC/PSYNC; connect replicas to Redis directly\r\n",
+            b"-ERR keyward does not forward SYNC/PSYNC/REPLCONF; connect replicas to Redis directly\r\n",
         )
         .await;
     }

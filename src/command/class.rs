@@ -55,7 +55,7 @@ pub enum Class {
     Keyward,
     /// INFO: the upstream's answer plus a `# Keyward` section.
     Info,
-    /// SYNC/PSYNC: a replication stream is not RESP and would wreck a
+    /// SYNC/PSYNC/REPLCONF: a replication stream is not RESP and would wreck a
     /// shared connection, so keyward refuses it.
     Replication,
 }
@@ -122,7 +122,9 @@ pub fn route(table: Option<&CommandTable>, args: &[&[u8]]) -> Routed {
         b"punsubscribe" => Class::Unsubscribe(SubKind::Pattern),
         b"sunsubscribe" => Class::Unsubscribe(SubKind::Shard),
         b"monitor" => Class::Monitor,
-        b"sync" | b"psync" => Class::Replication,
+        // REPLCONF too: ACK and GETACK get no reply at all, which would
+        // shift every later reply on a shared connection.
+        b"sync" | b"psync" | b"replconf" => Class::Replication,
         b"info" => Class::Info,
         b"wait" | b"waitaof" => Class::Blocking,
         b"client" => classify_client(args),

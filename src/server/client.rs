@@ -920,8 +920,9 @@ impl Reader {
         // for KEYWARD (unknown to Redis) and SYNC/PSYNC (not allowed) inside
         // MULTI, where the refusal also makes EXEC abort, as it would.
         let subscriber = self.proto == Proto::Resp2 && self.state.subscribed();
-        let refused_in_multi =
-            self.state.in_multi && matches!(class, Class::Keyward | Class::Replication);
+        let refused_in_multi = self.state.in_multi
+            && (class == Class::Keyward
+                || (class == Class::Replication && !args[0].eq_ignore_ascii_case(b"replconf")));
         let local = matches!(
             class,
             Class::Hello | Class::Auth | Class::Keyward | Class::Replication | Class::Info
@@ -1071,7 +1072,7 @@ impl Reader {
             Class::Replication => {
                 self.local_error(
                     ErrorKind::Refused,
-                    "ERR keyward does not forward SYNC/PSYNC; connect replicas to Redis directly",
+                    "ERR keyward does not forward SYNC/PSYNC/REPLCONF; connect replicas to Redis directly",
                 )
                 .await
             }
