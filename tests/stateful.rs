@@ -1293,3 +1293,65 @@ async fn unsubscribe_without_subscriptions_does_not_disturb_others() {
         );
     }
 }
+
+/// A RESP3 push on a shared connection answers no request: here a client
+/// points its CLIENT TRACKING invalidations at the shared RESP3 connection
+/// (its id is in CLIENT LIST), then a write makes Redis push an
+/// invalidation there. The RESP3 clients on that connection still get
+/// exactly their own replies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_on_a_shared_connection_is_not_taken_for_a_reply() {
+    let (redis, kw) = setup().await;
+    let mut victim = Raw::connect_resp3(kw.port()).await;
+    let list = victim.call(&[b"CLIENT", b"LIST"]).await;
+    let list = String::from_utf8_lossy(&list).into_owned();
+    let shared_id = list
+        .lines()
+        .find(|l| l.contains("cmd=client|list"))
+        .and_then(|l| l.split_whitespace().find_map(|f| f.strip_prefix("id=")))
+        .unwrap_or_else(|| panic!("no CLIENT LIST line for the shared connection: {list}"))
+        .trim_start_matches("txt:")
+        .to_string();
+
+    let mut tracker = Raw::connect(kw.port()).await;
+    same(
+        "CLIENT TRACKING ON REDIRECT <shared connection>",
+        &tracker
+            .call(&[
+                b"CLIENT",
+                b"TRACKING",
+                b"ON",
+                b"REDIRECT",
+                shared_id.as_bytes(),
+            ])
+            .await,
+        b"+OK\r\n",
+    );
+    for round in 0..20 {
+        let value = format!("v{round}");
+        same("tracked GET", &tracker.call(&[b"GET", b"k"]).await, &{
+            if round == 0 {
+                b"$-1\r\n".to_vec()
+            } else {
+                let v = format!("v{}", round - 1);
+                format!("${}\r\n{v}\r\n", v.len()).into_bytes()
+            }
+        });
+        // Redis pushes an invalidation of k to the shared connection.
+        same(
+            "SET on Redis",
+            &redis.call(&[b"SET", b"k", value.as_bytes()]),
+            b"+OK\r\n",
+        );
+        for word in [&b"a"[..], b"bb", b"ccc"] {
+            let mut want = format!("${}\r\n", word.len()).into_bytes();
+            want.extend_from_slice(word);
+            want.extend_from_slice(b"\r\n");
+            same(
+                "the RESP3 client's own ECHO",
+                &victim.call(&[b"ECHO", word]).await,
+                &want,
+            );
+        }
+    }
+}

@@ -344,6 +344,17 @@ impl ReadState {
         loop {
             let start = self.scanner.frame_start();
             match self.scanner.next(&self.buf) {
+                Ok(Some(_)) if self.buf[start] == b'>' => {
+                    // A RESP3 push answers no request (DEBUG PROTOCOL push,
+                    // tracking redirected here by some client): counted as
+                    // a reply, it would shift every later one. Cut it out.
+                    let end = self.scanner.frame_start();
+                    let len = self.buf.len();
+                    self.buf.copy_within(end..len, start);
+                    self.buf.truncate(len - (end - start));
+                    self.scanner.consumed(end - start);
+                    continue;
+                }
                 Ok(Some(_)) => {
                     if matches!(self.buf[start], b'-' | b'!') {
                         self.errors.push(self.frames);
