@@ -1355,3 +1355,35 @@ async fn a_push_on_a_shared_connection_is_not_taken_for_a_reply() {
         }
     }
 }
+
+/// A script can return tables nested thousands deep (up to Lua's own
+/// stack limit): the reply passes through the shared connection as from
+/// Redis, and the other clients on it are not disturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deeply_nested_script_reply_passes_through() {
+    let (redis, kw) = setup().await;
+    let script: &[u8] =
+        b"local t = {} local c = t for i = 1, tonumber(ARGV[1]) do local n = {} c[1] = n c = n end return t";
+    let mut other = Raw::connect(kw.port()).await;
+    for depth in [&b"200"[..], b"5000", b"20000"] {
+        let req = pipeline(&[&[b"EVAL", script, b"0", depth], &[b"PING"]]);
+        let mut direct = Raw::connect(redis.port()).await;
+        direct.send(&req).await;
+        let want = direct.read_through(b"+PONG\r\n").await;
+        let mut a = Raw::connect(kw.port()).await;
+        a.send(&req).await;
+        let got = a.read_through(b"+PONG\r\n").await;
+        assert!(
+            got == want,
+            "EVAL nesting {} levels: {} bytes through keyward, {} from Redis",
+            String::from_utf8_lossy(depth),
+            got.len(),
+            want.len()
+        );
+        same(
+            "another client's PING after it",
+            &other.call(&[b"PING"]).await,
+            b"+PONG\r\n",
+        );
+    }
+}

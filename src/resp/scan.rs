@@ -10,10 +10,13 @@
 
 use smallvec::SmallVec;
 
-/// The deepest aggregate nesting accepted in a reply. Redis replies nest a
-/// handful of levels (EXEC of a nested reply, XREAD); anything deeper is a
-/// broken peer, and the bound keeps the scanner's stack small.
-pub const MAX_DEPTH: usize = 128;
+/// The deepest aggregate nesting accepted in a reply. Commands nest a
+/// handful of levels, but a Lua script can return tables nested until Lua's
+/// stack runs out (about 8,000 levels in Redis 7, then "reached lua stack
+/// limit"), and such a reply must pass like any other: refusing it would
+/// fail the shared connection under every client. Anything deeper is a
+/// broken peer; the bound keeps the scanner's stack under 80 KB.
+pub const MAX_DEPTH: usize = 10_000;
 
 /// A malformed frame. The text follows Redis's `Protocol error: ...` wording.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

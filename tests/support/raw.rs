@@ -125,6 +125,27 @@ impl Raw {
         self.buf.drain(..n).collect()
     }
 
+    /// Everything up to and including the first occurrence of `end`,
+    /// without parsing frames (for replies too deep for the test kit's
+    /// recursive frame reader): send a PING after the request and read to
+    /// its `+PONG\r\n`.
+    pub async fn read_through(&mut self, end: &[u8]) -> Vec<u8> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(i) = self.buf.windows(end.len()).position(|w| w == end) {
+                return self.buf.drain(..i + end.len()).collect();
+            }
+            if !self.fill(deadline, &format!("\"{}\"", esc(end))).await {
+                panic!(
+                    "Raw(127.0.0.1:{}): connection closed before \"{}\": {} bytes",
+                    self.port,
+                    esc(end),
+                    self.buf.len()
+                );
+            }
+        }
+    }
+
     /// Assert the next bytes on the wire are exactly `expected`. On mismatch
     /// the message shows both sides escaped and where they first differ.
     pub async fn expect(&mut self, expected: &[u8]) {
