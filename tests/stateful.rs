@@ -1387,3 +1387,62 @@ async fn a_deeply_nested_script_reply_passes_through() {
         );
     }
 }
+
+/// Redis compares command names, subcommands and keywords only up to a NUL
+/// (strcasecmp), so "multi\0x" could run as MULTI on a shared connection:
+/// keyward answers such names itself, reads keywords up to the NUL as
+/// Redis does, and refuses SCRIPT DEBUG YES|SYNC (the Lua debugger would
+/// take over the shared connection). Another client is never disturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_in_names_and_script_debug_cannot_take_over_a_shared_connection() {
+    let (redis, kw) = setup().await;
+    let mut other = Raw::connect(kw.port()).await;
+    async fn check_other(other: &mut Raw) {
+        same(
+            "other SET",
+            &other.call(&[b"SET", b"o", b"1"]).await,
+            b"+OK\r\n",
+        );
+        same(
+            "other GET",
+            &other.call(&[b"GET", b"o"]).await,
+            b"$1\r\n1\r\n",
+        );
+    }
+    let mut a = Raw::connect(kw.port()).await;
+    same(
+        "a name with a NUL",
+        &a.call(&[b"multi\0x", b"arg\0y"]).await,
+        b"-ERR unknown command 'multi', with args beginning with: 'arg' \r\n",
+    );
+    check_other(&mut other).await;
+    same(
+        "a CLIENT subcommand with a NUL",
+        &a.call(&[b"CLIENT", b"reply\0x", b"off"]).await,
+        b"-ERR unknown subcommand 'reply'. Try CLIENT HELP.\r\n",
+    );
+    check_other(&mut other).await;
+    same(
+        "SCRIPT DEBUG YES",
+        &a.call(&[b"SCRIPT", b"DEBUG", b"YES"]).await,
+        b"-ERR keyward does not support SCRIPT DEBUG YES|SYNC (the Lua debugger needs a connection of its own); connect to Redis directly to debug scripts\r\n",
+    );
+    same(
+        "EVAL afterwards",
+        &other.call(&[b"EVAL", b"return 1", b"0"]).await,
+        b":1\r\n",
+    );
+    // A keyword with a NUL means what Redis reads: SKIP.
+    let seq = pipeline(&[
+        &[b"CLIENT", b"REPLY", b"SKIP\0"],
+        &[b"PING", b"skipped"],
+        &[b"PING", b"seen"],
+    ]);
+    let mut direct = Raw::connect(redis.port()).await;
+    direct.send(&seq).await;
+    let want = direct.read_reply().await;
+    a.send(&seq).await;
+    same("CLIENT REPLY SKIP\\0", &a.read_reply().await, &want);
+    same("(Redis itself)", &want, b"$4\r\nseen\r\n");
+    check_other(&mut other).await;
+}

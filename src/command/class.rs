@@ -55,6 +55,12 @@ pub enum Class {
     Keyward,
     /// INFO: the upstream's answer plus a `# Keyward` section.
     Info,
+    /// Answered with an error by keyward, never forwarded: a name or
+    /// CLIENT/SCRIPT subcommand with a NUL in it (Redis compares names only
+    /// up to a NUL, so "multi\0x" can run as MULTI on a shared connection),
+    /// and SCRIPT DEBUG YES|SYNC (the Lua debugger takes over the
+    /// connection it is enabled on). See `server::local::refusal`.
+    Refused,
     /// SYNC/PSYNC/REPLCONF: a replication stream is not RESP and would wreck a
     /// shared connection, so keyward refuses it.
     Replication,
@@ -85,6 +91,9 @@ pub fn route(table: Option<&CommandTable>, args: &[&[u8]]) -> Routed {
     let Some(name) = args.first() else {
         return other(Class::Forward);
     };
+    if name.contains(&0) {
+        return other(Class::Refused);
+    }
     let mut buf = [0u8; 64];
     let Some(lower) = lowercase(name, &mut buf) else {
         return other(Class::Forward);
@@ -128,9 +137,24 @@ pub fn route(table: Option<&CommandTable>, args: &[&[u8]]) -> Routed {
         b"info" => Class::Info,
         b"wait" | b"waitaof" => Class::Blocking,
         b"client" => classify_client(args),
+        b"script" => match args.get(1) {
+            Some(sub) if sub.contains(&0) => Class::Refused,
+            Some(sub) if sub.eq_ignore_ascii_case(b"debug") => match args.get(2) {
+                Some(mode)
+                    if upto_nul(mode).eq_ignore_ascii_case(b"yes")
+                        || upto_nul(mode).eq_ignore_ascii_case(b"sync") =>
+                {
+                    Class::Refused
+                }
+                _ => Class::Forward,
+            },
+            _ => Class::Forward,
+        },
         b"xread" | b"xreadgroup" => {
             // XREAD is flagged `blocking` but only blocks with BLOCK.
-            let blocks = args[1..].iter().any(|a| a.eq_ignore_ascii_case(b"block"));
+            let blocks = args[1..]
+                .iter()
+                .any(|a| upto_nul(a).eq_ignore_ascii_case(b"block"));
             if blocks {
                 Class::Blocking
             } else {
@@ -174,13 +198,21 @@ pub fn route(table: Option<&CommandTable>, args: &[&[u8]]) -> Routed {
     }
 }
 
+/// An argument as Redis's strcasecmp sees it: up to its first NUL.
+pub fn upto_nul(a: &[u8]) -> &[u8] {
+    a.split(|&b| b == 0).next().unwrap_or(a)
+}
+
 fn classify_client(args: &[&[u8]]) -> Class {
     let Some(sub) = args.get(1) else {
         return Class::Forward;
     };
+    if sub.contains(&0) {
+        return Class::Refused;
+    }
     let mut buf = [0u8; 64];
     match lowercase(sub, &mut buf) {
-        Some(b"reply") => match args.get(2).map(|m| m.to_ascii_lowercase()) {
+        Some(b"reply") => match args.get(2).map(|m| upto_nul(m).to_ascii_lowercase()) {
             Some(m) if m == b"on" => Class::ClientReply(ReplyMode::On),
             Some(m) if m == b"off" => Class::ClientReply(ReplyMode::Off),
             Some(m) if m == b"skip" => Class::ClientReply(ReplyMode::Skip),
@@ -220,7 +252,25 @@ mod tests {
                 Class::ClientReply(ReplyMode::Off),
             ),
         ];
-        for (args, want) in cases {
+        let nul_cases: &[(&[&[u8]], Class)] = &[
+            // Redis compares names and keywords only up to a NUL.
+            (&[b"multi\0x"], Class::Refused),
+            (&[b"CLIENT", b"reply\0x", b"off"], Class::Refused),
+            (
+                &[b"CLIENT", b"REPLY", b"SKIP\0"],
+                Class::ClientReply(ReplyMode::Skip),
+            ),
+            (
+                &[b"XREAD", b"BLOCK\0", b"0", b"STREAMS", b"s", b"$"],
+                Class::Blocking,
+            ),
+            (&[b"SCRIPT", b"DEBUG", b"YES"], Class::Refused),
+            (&[b"script", b"debug", b"sync"], Class::Refused),
+            (&[b"SCRIPT", b"DEBUG", b"NO"], Class::Forward),
+            (&[b"SCRIPT", b"FLUSH"], Class::Forward),
+            (&[b"GET", b"a\0b"], Class::Forward),
+        ];
+        for (args, want) in cases.iter().chain(nul_cases) {
             assert_eq!(classify(None, args), *want, "{args:?}");
         }
         assert!(route(None, &[b"get", b"k"]).key_is_second);

@@ -1069,6 +1069,10 @@ impl Reader {
                 }
                 self.local_reply(out.freeze(), 1).await;
             }
+            Class::Refused => {
+                let text = local::refusal(&args);
+                self.local_error(ErrorKind::Refused, &text).await
+            }
             Class::Replication => {
                 self.local_error(
                     ErrorKind::Refused,

@@ -3,7 +3,7 @@
 
 use bytes::BytesMut;
 
-use crate::command::class::SubKind;
+use crate::command::class::{upto_nul, SubKind};
 use crate::resp::reply::{self, Proto};
 use crate::resp::scan::parse_int;
 
@@ -128,6 +128,43 @@ pub fn unsubscribed(out: &mut BytesMut, proto: Proto, kind: SubKind, names: &[&[
     for n in names {
         one(Some(n));
     }
+}
+
+/// The error for a request `command::class` marks `Refused`, in Redis's
+/// words where Redis has them: a name with a NUL is an unknown command, a
+/// CLIENT or SCRIPT subcommand with a NUL an unknown subcommand (texts cut
+/// at the NUL, as Redis's `%s` does); SCRIPT DEBUG YES|SYNC is refused.
+pub fn refusal(args: &[&[u8]]) -> String {
+    let text = |a: &[u8], max: usize| {
+        let a = upto_nul(a);
+        String::from_utf8_lossy(&a[..a.len().min(max)]).into_owned()
+    };
+    let name = args.first().copied().unwrap_or_default();
+    let msg = if name.contains(&0) {
+        let mut rest = String::new();
+        for a in &args[1..] {
+            if rest.len() >= 128 {
+                break;
+            }
+            rest.push_str(&format!("'{}' ", text(a, 128 - rest.len())));
+        }
+        format!(
+            "ERR unknown command '{}', with args beginning with: {rest}",
+            text(name, 128)
+        )
+    } else if args.get(1).is_some_and(|s| s.contains(&0)) {
+        format!(
+            "ERR unknown subcommand '{}'. Try {} HELP.",
+            text(args[1], 128),
+            String::from_utf8_lossy(name).to_ascii_uppercase()
+        )
+    } else {
+        "ERR keyward does not support SCRIPT DEBUG YES|SYNC (the Lua debugger needs a \
+         connection of its own); connect to Redis directly to debug scripts"
+            .to_string()
+    };
+    // Redis turns line breaks in an error into spaces.
+    msg.replace(['\r', '\n'], " ")
 }
 
 #[cfg(test)]
