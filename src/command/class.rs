@@ -91,12 +91,20 @@ pub fn route(table: Option<&CommandTable>, args: &[&[u8]]) -> Routed {
     let Some(name) = args.first() else {
         return other(Class::Forward);
     };
-    if name.contains(&0) {
-        return other(Class::Refused);
-    }
+    // Redis compares names only up to a NUL, so a name with one could run
+    // as another command: refused. No name below contains a NUL, so only
+    // names matched by nothing (unknown or too long) need the check, which
+    // keeps it off the GET/SET path.
+    let unknown = || {
+        other(if name.contains(&0) {
+            Class::Refused
+        } else {
+            Class::Forward
+        })
+    };
     let mut buf = [0u8; 64];
     let Some(lower) = lowercase(name, &mut buf) else {
-        return other(Class::Forward);
+        return unknown();
     };
     let class = match lower {
         // The two commands that make most of any workload skip the table.
@@ -172,7 +180,7 @@ pub fn route(table: Option<&CommandTable>, args: &[&[u8]]) -> Routed {
                     family: info.sub(args.get(1).copied()).family,
                     key_is_second: false,
                 },
-                None => other(Class::Forward),
+                None => unknown(),
             }
         }
     };

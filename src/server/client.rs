@@ -283,7 +283,10 @@ impl Reader {
                 match idle {
                     Some(t) if pinned.is_none() => tokio::time::timeout(t, rd.read_buf(buf))
                         .await
-                        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+                        .unwrap_or_else(|_| {
+                            Limit::IdleTimeout.reached();
+                            Err(std::io::ErrorKind::TimedOut.into())
+                        }),
                     _ => rd.read_buf(buf).await,
                 }
             };
@@ -309,10 +312,6 @@ impl Reader {
                 r = read => r,
             };
             match n {
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                    Limit::IdleTimeout.reached();
-                    return;
-                }
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
                     self.read_at = Instant::now();
@@ -925,7 +924,7 @@ impl Reader {
                 || (class == Class::Replication && !args[0].eq_ignore_ascii_case(b"replconf")));
         let local = matches!(
             class,
-            Class::Hello | Class::Auth | Class::Keyward | Class::Replication | Class::Info
+            Class::Hello | Class::Auth | Class::Keyward | Class::Replication
         );
         if self.pinned.is_some() && local && (subscriber || refused_in_multi) {
             return self.forward(req, frame).await;
@@ -948,12 +947,9 @@ impl Reader {
             Class::Reset => {
                 if let Some(p) = self.pinned.take() {
                     // As in Redis, RESET behind a blocked call (BLPOP, XREAD
-                    // BLOCK, WAIT) runs once that call has answered; closing
-                    // the connection first would lose the answer.
-                    tokio::select! {
-                        _ = p.wait_idle() => {}
-                        _ = p.wait_lost() => {}
-                    }
+                    // BLOCK, WAIT) runs once that call has answered (or its
+                    // connection is gone); closing first would lose the answer.
+                    p.wait_idle().await;
                     self.pinned_tx = None;
                     p.release().await;
                 }

@@ -111,9 +111,9 @@ pub fn unsubscribed(out: &mut BytesMut, proto: Proto, kind: SubKind, names: &[&[
         SubKind::Pattern => b"punsubscribe",
         SubKind::Shard => b"sunsubscribe",
     };
-    let kind = if proto == Proto::Resp3 { b'>' } else { b'*' };
+    let head = if proto == Proto::Resp3 { b'>' } else { b'*' };
     let mut one = |name: Option<&[u8]>| {
-        reply::header(out, kind, 3);
+        reply::header(out, head, 3);
         reply::bulk(out, command);
         match (name, proto) {
             (Some(n), _) => reply::bulk(out, n),

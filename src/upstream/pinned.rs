@@ -66,6 +66,22 @@ pub struct PinShared {
     carry_any_loss: AtomicBool,
 }
 
+impl PinShared {
+    /// See `Pinned::wait_idle`; the relay zeroes `outstanding` and notifies
+    /// `idle` when the connection ends.
+    async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.outstanding.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 pub struct Pinned {
     /// Always Some until dropped (taken by `Drop` to outlive the session
     /// during a drain).
@@ -196,17 +212,10 @@ impl Pinned {
         self.shared.outstanding.load(Ordering::Acquire) == 0
     }
 
-    /// Wait until no reply is owed.
+    /// Wait until no reply is owed (also once the connection has ended:
+    /// nothing can be owed then).
     pub async fn wait_idle(&self) {
-        loop {
-            let notified = self.shared.idle.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.idle() {
-                return;
-            }
-            notified.await;
-        }
+        self.shared.wait_idle().await
     }
 
     /// Give the connection up: the upstream drops all of its state when it
@@ -245,17 +254,7 @@ impl Drop for Pinned {
         }
         let shared = self.shared.clone();
         runtime.spawn(async move {
-            loop {
-                let notified = shared.idle.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                if shared.outstanding.load(Ordering::Acquire) == 0
-                    || shared.lost.load(Ordering::Acquire)
-                {
-                    break;
-                }
-                notified.await;
-            }
+            shared.wait_idle().await;
             // Closing is expected now: the relay ends without a loss.
             shared.releasing.store(true, Ordering::Release);
             drop(wr);
