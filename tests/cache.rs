@@ -207,6 +207,105 @@ async fn read_your_writes_through_the_proxy() {
     load.stop().await;
 }
 
+/// Writes queued in MULTI run at EXEC: once EXEC is acknowledged another
+/// connection reads their value, never the one a fill read between the
+/// queued SET and EXEC (the hot load keeps fills going all along).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_writes_are_read_once_exec_is_acknowledged() {
+    let redis = Redis::start();
+    assert_eq!(esc(&redis.call(&[b"SET", b"hk", b"v"])), esc(b"+OK\r\n"));
+    let kw = Keyward::start_for(&redis, &config(MAX_TTL_LONG), &[]);
+    let load = HotLoad::start(kw.port(), &[&[b"GET", b"hk"]]).await;
+    wait_cache_hits(&kw).await;
+    let mut a = Raw::connect(kw.port()).await;
+    let mut b = Raw::connect(kw.port()).await;
+    assert_eq!(
+        esc(&cached_reply(&kw, &load, &mut b, &[b"GET", b"hk"]).await),
+        esc(&bulk(b"v"))
+    );
+    let hits_before = cache_hits(&kw).await;
+    for i in 0..300 {
+        let v = format!("t{i}");
+        assert_eq!(esc(&a.call(&[b"MULTI"]).await), esc(b"+OK\r\n"));
+        assert_eq!(
+            esc(&a.call(&[b"SET", b"hk", v.as_bytes()]).await),
+            esc(b"+QUEUED\r\n")
+        );
+        // Give a fill the chance to read the old value before EXEC runs.
+        let previous = if i == 0 {
+            "v".to_string()
+        } else {
+            format!("t{}", i - 1)
+        };
+        assert_eq!(
+            esc(&b.call(&[b"GET", b"hk"]).await),
+            esc(&bulk(previous.as_bytes())),
+            "GET between the queued SET and EXEC (iteration {i})"
+        );
+        let exec = a.call(&[b"EXEC"]).await;
+        assert_eq!(esc(&exec), esc(b"*1\r\n+OK\r\n"), "EXEC #{i}");
+        assert_eq!(
+            esc(&b.call(&[b"GET", b"hk"]).await),
+            esc(&bulk(v.as_bytes())),
+            "GET on another connection after EXEC of SET hk {v} was acknowledged (iteration {i})"
+        );
+    }
+    let hits = cache_hits(&kw).await - hits_before;
+    eprintln!("transaction read-your-writes: {hits} cache hits during the loop");
+    assert!(hits > 0.0, "the cache was never used during the loop");
+    load.stop().await;
+}
+
+/// SWAPDB and FLUSHDB through keyward change keys without naming them (and
+/// Redis sends no invalidation for SWAPDB): keyward drops the whole cache
+/// before forwarding them and again when they are answered, so the next
+/// read sees the swapped or flushed database at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swapdb_and_flushdb_through_keyward_are_read_at_once() {
+    let redis = Redis::start();
+    assert_eq!(esc(&redis.call(&[b"SET", b"hk", b"db0"])), esc(b"+OK\r\n"));
+    let mut direct = Raw::connect(redis.port()).await;
+    assert_eq!(esc(&direct.call(&[b"SELECT", b"1"]).await), esc(b"+OK\r\n"));
+    assert_eq!(
+        esc(&direct.call(&[b"SET", b"hk", b"db1"]).await),
+        esc(b"+OK\r\n")
+    );
+    let kw = Keyward::start_for(&redis, &config(MAX_TTL_LONG), &[]);
+    let load = HotLoad::start(kw.port(), &[&[b"GET", b"hk"]]).await;
+    wait_cache_hits(&kw).await;
+    let mut a = Raw::connect(kw.port()).await;
+    assert_eq!(
+        esc(&cached_reply(&kw, &load, &mut a, &[b"GET", b"hk"]).await),
+        esc(&bulk(b"db0"))
+    );
+    assert_eq!(
+        esc(&a.call(&[b"SWAPDB", b"0", b"1"]).await),
+        esc(b"+OK\r\n")
+    );
+    assert_eq!(
+        esc(&a.call(&[b"GET", b"hk"]).await),
+        esc(&bulk(b"db1")),
+        "GET right after SWAPDB 0 1 through keyward"
+    );
+    assert_eq!(
+        esc(&cached_reply(&kw, &load, &mut a, &[b"GET", b"hk"]).await),
+        esc(&bulk(b"db1"))
+    );
+    assert_eq!(esc(&a.call(&[b"FLUSHDB"]).await), esc(b"+OK\r\n"));
+    assert_eq!(
+        esc(&a.call(&[b"GET", b"hk"]).await),
+        esc(b"$-1\r\n"),
+        "GET right after FLUSHDB through keyward"
+    );
+    let m = metrics(&kw).await;
+    let flushes = metric(&m, "keyward_cache_flushes_total{reason=\"command\"}");
+    assert!(
+        flushes.is_some_and(|n| n >= 4.0),
+        "SWAPDB and FLUSHDB each flush twice (sent, answered): {flushes:?}"
+    );
+    load.stop().await;
+}
+
 /// A write straight to Redis (not through keyward) reaches the cache as a
 /// tracking invalidation: keyward serves the new value within milliseconds,
 /// far sooner than the entry's lifetime.

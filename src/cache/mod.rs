@@ -13,6 +13,7 @@ pub mod resp3;
 pub mod store;
 pub mod tracking;
 pub mod warmup;
+pub mod written;
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -76,15 +76,18 @@ pub enum FlushReason {
     Topology,
     /// A new tracking link (invalidations may have been missed before it).
     Start,
+    /// FLUSHALL, FLUSHDB or SWAPDB sent through keyward (see `written`).
+    Command,
 }
 
 impl FlushReason {
-    pub const COUNT: usize = 4;
-    pub const ALL: [FlushReason; 4] = [
+    pub const COUNT: usize = 5;
+    pub const ALL: [FlushReason; 5] = [
         FlushReason::Link,
         FlushReason::Flushall,
         FlushReason::Topology,
         FlushReason::Start,
+        FlushReason::Command,
     ];
 
     pub fn name(self) -> &'static str {
@@ -93,6 +96,7 @@ impl FlushReason {
             FlushReason::Flushall => "flushall",
             FlushReason::Topology => "topology",
             FlushReason::Start => "start",
+            FlushReason::Command => "command",
         }
     }
 }

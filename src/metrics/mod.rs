@@ -159,7 +159,7 @@ pub fn install() -> Option<&'static PrometheusHandle> {
             );
             metrics::describe_counter!(
                 CACHE_FLUSHES,
-                "Whole-cache flushes by reason (link, flushall, topology, start)."
+                "Whole-cache flushes by reason (link, flushall, topology, start, command)."
             );
             Some(handle)
         })

@@ -36,6 +36,7 @@ use super::local;
 use super::registry::ClientInfo;
 use super::state::SessionState;
 use super::{Ctx, Sent};
+use crate::cache::written::{changes_databases, Written};
 use crate::command::class::route;
 use crate::command::keys::for_each_key;
 use crate::command::table::flags;
@@ -81,9 +82,9 @@ enum Entry {
         req: Bytes,
         count: u32,
         proto: Proto,
-        /// Keys the batch writes, dropped from the near cache again when
-        /// its reply arrives (see `Reader::pending_written`).
-        written: Vec<Bytes>,
+        /// What the batch writes, dropped from the near cache again when
+        /// its reply arrives (see `cache::written`).
+        written: Written,
         batch: Batch,
     },
     /// Everything a pinned connection sends, until it is released.
@@ -174,7 +175,8 @@ pub fn start(
         closing: false,
         sampler: Sampler::new(id),
         run_replica: false,
-        pending_written: Vec::new(),
+        pending_written: Written::default(),
+        multi_written: Written::default(),
         info,
         seq: 0,
         read_at: Instant::now(),
@@ -232,11 +234,12 @@ struct Reader {
     sampler: Sampler,
     /// The run at the front of `buf` goes to a replica.
     run_replica: bool,
-    /// Keys written by requests not yet handed to the writer. Each is
-    /// dropped from the near cache when the write is sent and again when
-    /// its reply arrives: a fill racing the write on the tracking
-    /// connection cannot then outlive the acknowledgement.
-    pending_written: Vec<Bytes>,
+    /// What requests not yet handed on write: dropped from the near cache
+    /// when sent and again when their replies arrive (see `cache::written`).
+    pending_written: Written,
+    /// What the commands queued in this client's MULTI write: they run,
+    /// so they are dropped again, when EXEC's reply arrives.
+    multi_written: Written,
     /// This client in the registry (KEYWARD CLIENTS).
     info: Arc<ClientInfo>,
     /// Requests read so far; the current one's number is its request id.
@@ -424,18 +427,18 @@ impl Reader {
                 }
                 // A write drops its keys from the cache before it is
                 // forwarded (and again when its reply arrives, see
-                // `pending_written`): a client reads its own writes.
+                // `cache::written`): a client reads its own writes.
                 if let (Some(cache), Some(info), true) = (cache, info, cache_active) {
                     if info.has(flags::WRITE) || info.has(flags::MAY_REPLICATE) {
                         let written = &mut self.pending_written;
+                        if changes_databases(args[0]) {
+                            written.everything(&cache.store);
+                        }
                         for_each_key(
                             info,
                             args.len(),
                             |i| args[i],
-                            |k| {
-                                cache.store.invalidate(k);
-                                written.push(Bytes::copy_from_slice(k));
-                            },
+                            |k| written.key(&cache.store, k),
                         );
                     }
                 }
@@ -894,10 +897,19 @@ impl Reader {
 
     /// Send on the pinned connection, owing `expect` replies.
     async fn send_pinned(&mut self, frame: &[u8], expect: u64) {
-        // Writes on a pinned connection were dropped from the cache when
-        // sent; their replies come back through the relay.
-        self.pending_written.clear();
+        // Writes queued in MULTI run at EXEC (or never, at DISCARD).
+        let mut written = std::mem::take(&mut self.pending_written);
+        if self.state.in_multi {
+            self.multi_written.append(written);
+            written = Written::default();
+        } else {
+            written.append(std::mem::take(&mut self.multi_written));
+        }
         let Some(p) = &mut self.pinned else { return };
+        if let (false, Some(cache)) = (written.is_empty(), &self.ctx.cache) {
+            let cache = cache.clone();
+            p.on_reply(expect, Box::new(move || written.replied(&cache.store)));
+        }
         // The request's permit covers nothing once it is on the relay.
         self.shared.permits.add_permits(1);
         self.ctx.stats.relayed(self.family);
@@ -954,6 +966,7 @@ impl Reader {
                     p.release().await;
                 }
                 self.state = SessionState::default();
+                self.multi_written = Written::default();
                 self.proto = Proto::Resp2;
                 let mut out = BytesMut::new();
                 reply::simple(&mut out, "RESET");
@@ -1321,7 +1334,7 @@ const SLOWLOG_PER_BATCH: usize = 8;
 struct Writer<'a> {
     /// Keys of the batch being awaited to drop from the near cache when its
     /// reply arrives.
-    invalidate_after: Option<(Arc<crate::cache::NearCache>, Vec<Bytes>)>,
+    invalidate_after: Option<(Arc<crate::cache::NearCache>, Written)>,
     out: BytesMut,
     wr: &'a mut OwnedWriteHalf,
     shared: &'a Shared,
@@ -1444,9 +1457,7 @@ impl Writer<'_> {
             }
         };
         if let Some((cache, written)) = self.invalidate_after.take() {
-            for k in &written {
-                cache.store.invalidate(k);
-            }
+            written.replied(&cache.store);
         }
         let (ok, errors) = match res {
             Ok(Replies { bytes, errors }) => (self.put(bytes).await, errors),

@@ -8,8 +8,9 @@
 //! frames that answer requests, so the session knows when nothing is in
 //! flight and the connection can be given back.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use smallvec::SmallVec;
@@ -64,9 +65,41 @@ pub struct PinShared {
     /// Carry subscriptions over any loss, not only a retired generation
     /// (following Sentinel, a lost connection usually means a failing master).
     carry_any_loss: AtomicBool,
+    /// Replies owed so far, counted from the start (never decremented).
+    sent: AtomicU64,
+    /// Actions to run once the reply numbered `.0` (counted from the start)
+    /// has arrived, before it is relayed (see `Pinned::on_reply`).
+    after: Mutex<VecDeque<AfterReply>>,
+}
+
+/// An action waiting for a reply.
+struct AfterReply(u64, Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for AfterReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AfterReply({})", self.0)
+    }
 }
 
 impl PinShared {
+    /// Run the actions waiting for replies up to number `answered` (all of
+    /// them when the connection has ended: `u64::MAX`).
+    fn replied(&self, answered: u64) {
+        loop {
+            let action = {
+                let mut after = self.after.lock().unwrap_or_else(|e| e.into_inner());
+                match after.front() {
+                    Some(a) if a.0 <= answered => after.pop_front(),
+                    _ => None,
+                }
+            };
+            match action {
+                Some(AfterReply(_, f)) => f(),
+                None => return,
+            }
+        }
+    }
+
     /// See `Pinned::wait_idle`; the relay zeroes `outstanding` and notifies
     /// `idle` when the connection ends.
     async fn wait_idle(&self) {
@@ -146,8 +179,19 @@ impl Pinned {
         })
     }
 
+    /// Run `f` once the last of the next `expect` replies (those of the
+    /// next `send`) has arrived, before the client's writer gets it (with
+    /// the next reply if `expect` is 0), or when the connection ends if it
+    /// never arrives. Call before that `send`.
+    pub fn on_reply(&self, expect: u64, f: Box<dyn FnOnce() + Send>) {
+        let at = self.shared.sent.load(Ordering::Acquire) + expect;
+        let mut after = self.shared.after.lock().unwrap_or_else(|e| e.into_inner());
+        after.push_back(AfterReply(at, f));
+    }
+
     /// Write requests owing `expect` replies.
     pub async fn send(&mut self, bytes: &[u8], expect: u64) -> Result<(), Error> {
+        self.shared.sent.fetch_add(expect, Ordering::AcqRel);
         self.shared.outstanding.fetch_add(expect, Ordering::AcqRel);
         let Some(wr) = self.wr.as_mut() else {
             return Err(Error::upstream(Kind::NotSent, "pinned connection closed"));
@@ -272,6 +316,8 @@ async fn relay(
 ) {
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut scanner = Scanner::new();
+    // Replies received, counted from the start (see `PinShared::sent`).
+    let mut received = 0u64;
     let error = loop {
         let want = scanner.need().saturating_sub(buf.len()).max(8 * 1024);
         if buf.capacity() - buf.len() < want {
@@ -319,6 +365,10 @@ async fn relay(
                     break;
                 }
             }
+        }
+        if answered > 0 {
+            received += answered;
+            shared.replied(received);
         }
         if start > 0 {
             let data = buf.split_to(start).freeze();
@@ -373,6 +423,8 @@ async fn relay(
         && shared.resubscribe.load(Ordering::Acquire)
         && owed == 0;
     shared.carried.store(carried, Ordering::Release);
+    // Writes whose replies will never come may have run all the same.
+    shared.replied(u64::MAX);
     if !shared.releasing.load(Ordering::Acquire) && !carried {
         shared.outstanding.store(0, Ordering::Release);
         let _ = tx
@@ -425,6 +477,33 @@ fn first_element(frame: &[u8]) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn actions_run_once_their_reply_arrived() {
+        use std::sync::atomic::AtomicUsize;
+        let shared = PinShared::default();
+        let ran = Arc::new(AtomicUsize::new(0));
+        // Actions waiting for replies 2, 3 and 5 (as `on_reply` queues them).
+        for (at, bit) in [(2u64, 1usize), (3, 2), (5, 4)] {
+            let ran = ran.clone();
+            shared.after.lock().unwrap().push_back(AfterReply(
+                at,
+                Box::new(move || {
+                    ran.fetch_or(bit, Ordering::Relaxed);
+                }),
+            ));
+        }
+        shared.replied(1);
+        assert_eq!(ran.load(Ordering::Relaxed), 0, "no reply it waits for yet");
+        shared.replied(3);
+        assert_eq!(ran.load(Ordering::Relaxed), 1 | 2);
+        shared.replied(4);
+        assert_eq!(ran.load(Ordering::Relaxed), 1 | 2);
+        // The connection ended: what still waits runs (the write may have run).
+        shared.replied(u64::MAX);
+        assert_eq!(ran.load(Ordering::Relaxed), 1 | 2 | 4);
+        assert!(shared.after.lock().unwrap().is_empty());
+    }
 
     #[test]
     fn pushes_and_replies() {
