@@ -34,48 +34,6 @@ fn config(max_ttl_ms: u64) -> String {
     format!("{FAST_HOTKEYS}[cache]\nmax_mb = 16\nmax_ttl_ms = {max_ttl_ms}\nping_ms = 250\n")
 }
 
-async fn cache_hits(kw: &Keyward) -> f64 {
-    let m = metrics(kw).await;
-    metric(&m, "keyward_cache_hits_total")
-        .unwrap_or_else(|| panic!("keyward_cache_hits_total missing from /metrics:\n{m}"))
-}
-
-/// Wait until keyward has answered at least one request from the cache.
-async fn wait_cache_hits(kw: &Keyward) {
-    wait_until("keyward_cache_hits_total > 0", DEADLINE, || async {
-        cache_hits(kw).await > 0.0
-    })
-    .await;
-}
-
-/// Send `req` on `conn` while the load is paused, until keyward answers it
-/// from the cache (its hit counter moves by exactly one across the request);
-/// returns that reply. Between tries the load runs, so a miss gets filled.
-async fn cached_reply(kw: &Keyward, load: &HotLoad, conn: &mut Raw, req: &[&[u8]]) -> Vec<u8> {
-    let deadline = Instant::now() + DEADLINE;
-    let mut last: Vec<u8>;
-    loop {
-        {
-            let _paused = load.pause().await;
-            let before = cache_hits(kw).await;
-            last = conn.call(req).await;
-            let after = cache_hits(kw).await;
-            if after == before + 1.0 {
-                return last;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} was never answered from the near cache within {DEADLINE:?}; last reply {}\n\
-             --- keyward log ---\n{}",
-            req.iter().map(|a| esc(a)).collect::<Vec<_>>().join(" "),
-            esc(&last),
-            kw.log()
-        );
-        tokio::time::sleep(POLL).await;
-    }
-}
-
 /// Poll `GET key` through `conn` back to back (1 ms apart) until it returns
 /// `want`; the time from `since` it took, or `None` if not within `limit`.
 async fn time_until_get(
@@ -263,13 +221,7 @@ async fn transaction_writes_are_read_once_exec_is_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swapdb_and_flushdb_through_keyward_are_read_at_once() {
     let redis = Redis::start();
-    assert_eq!(esc(&redis.call(&[b"SET", b"hk", b"db0"])), esc(b"+OK\r\n"));
-    let mut direct = Raw::connect(redis.port()).await;
-    assert_eq!(esc(&direct.call(&[b"SELECT", b"1"]).await), esc(b"+OK\r\n"));
-    assert_eq!(
-        esc(&direct.call(&[b"SET", b"hk", b"db1"]).await),
-        esc(b"+OK\r\n")
-    );
+    let _direct = hk_in_two_databases(&redis).await;
     let kw = Keyward::start_for(&redis, &config(MAX_TTL_LONG), &[]);
     let load = HotLoad::start(kw.port(), &[&[b"GET", b"hk"]]).await;
     wait_cache_hits(&kw).await;

@@ -63,6 +63,12 @@ pub struct CommandInfo {
     pub first_key: i64,
     pub last_key: i64,
     pub key_step: i64,
+    /// Redis 7 key specifications, in the order reported (empty before 7).
+    pub key_specs: Vec<KeySpec>,
+    /// Changes the keys it names: a key specification says RW, OW or RM
+    /// (EVAL's keys, PFCOUNT's), or, without specifications, the command
+    /// is flagged `write` or `may_replicate`.
+    pub writes: bool,
     /// The metrics family, from the command's ACL categories.
     pub family: Family,
     /// Subcommands by lowercase name (`CLIENT` -> `id`, `setname`, ...).
@@ -92,6 +98,47 @@ impl CommandInfo {
         let a = self.arity;
         (a >= 0 && argc as i64 == a) || (a < 0 && argc as i64 >= -a)
     }
+}
+
+/// Where a key specification's keys begin (Redis 7 `begin_search`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begin {
+    /// At this argument.
+    Index(i64),
+    /// Right after this keyword (lowercase), searched from `startfrom`
+    /// (from the end, backwards, when negative).
+    Keyword { keyword: Vec<u8>, startfrom: i64 },
+    /// Somewhere only the command knows (SORT's STORE).
+    Unknown,
+}
+
+/// Which arguments from the beginning are keys (Redis 7 `find_keys`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Find {
+    /// Up to `lastkey` after the beginning (counted from the end when
+    /// negative; with `limit`, that fraction of what remains) every `step`.
+    Range {
+        lastkey: i64,
+        step: i64,
+        limit: i64,
+    },
+    /// The argument `keynumidx` after the beginning counts the keys, which
+    /// start `firstkey` after the beginning, every `step`.
+    Keynum {
+        keynumidx: i64,
+        firstkey: i64,
+        step: i64,
+    },
+    Unknown,
+}
+
+/// One of a command's key specifications.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySpec {
+    /// Its keys are changed (RW, OW or RM), not only read.
+    pub write: bool,
+    pub begin: Begin,
+    pub find: Find,
 }
 
 /// All commands of one upstream.
@@ -171,6 +218,60 @@ fn int(f: &OwnedFrame) -> Option<i64> {
     }
 }
 
+/// The value under `name` in a RESP2-flattened map (`[k1, v1, k2, v2]`).
+fn field<'a>(map: &'a OwnedFrame, name: &str) -> Option<&'a OwnedFrame> {
+    let OwnedFrame::Array(items) = map else {
+        return None;
+    };
+    items
+        .chunks_exact(2)
+        .find(|kv| text(&kv[0]).is_some_and(|k| k.eq_ignore_ascii_case(name.as_bytes())))
+        .map(|kv| &kv[1])
+}
+
+fn int_field(map: &OwnedFrame, name: &str) -> Option<i64> {
+    field(map, name).and_then(int)
+}
+
+/// One key specification of a `COMMAND` entry; `None` if it is malformed
+/// (the command then falls back to its legacy key positions).
+fn parse_key_spec(spec: &OwnedFrame) -> Option<KeySpec> {
+    let write = match field(spec, "flags")? {
+        OwnedFrame::Array(fl) => fl.iter().filter_map(text).any(|f| {
+            f.eq_ignore_ascii_case(b"RW")
+                || f.eq_ignore_ascii_case(b"OW")
+                || f.eq_ignore_ascii_case(b"RM")
+        }),
+        _ => return None,
+    };
+    let bs = field(spec, "begin_search")?;
+    let bs_spec = field(bs, "spec");
+    let begin = match text(field(bs, "type")?)? {
+        b"index" => Begin::Index(int_field(bs_spec?, "index")?),
+        b"keyword" => Begin::Keyword {
+            keyword: text(field(bs_spec?, "keyword")?)?.to_ascii_lowercase(),
+            startfrom: int_field(bs_spec?, "startfrom")?,
+        },
+        _ => Begin::Unknown,
+    };
+    let fk = field(spec, "find_keys")?;
+    let fk_spec = field(fk, "spec");
+    let find = match text(field(fk, "type")?)? {
+        b"range" => Find::Range {
+            lastkey: int_field(fk_spec?, "lastkey")?,
+            step: int_field(fk_spec?, "keystep")?,
+            limit: int_field(fk_spec?, "limit")?,
+        },
+        b"keynum" => Find::Keynum {
+            keynumidx: int_field(fk_spec?, "keynumidx")?,
+            firstkey: int_field(fk_spec?, "firstkey")?,
+            step: int_field(fk_spec?, "keystep")?,
+        },
+        _ => Find::Unknown,
+    };
+    Some(KeySpec { write, begin, find })
+}
+
 fn parse_entry(entry: &OwnedFrame) -> Result<CommandInfo, String> {
     let OwnedFrame::Array(parts) = entry else {
         return Err("COMMAND entry is not an array".into());
@@ -200,6 +301,20 @@ fn parse_entry(entry: &OwnedFrame) -> Result<CommandInfo, String> {
     if let Some(OwnedFrame::Array(cats)) = parts.get(6) {
         info.family = Family::from_categories(cats.iter().filter_map(text));
     }
+    if let Some(OwnedFrame::Array(specs)) = parts.get(8) {
+        match specs.iter().map(parse_key_spec).collect::<Option<Vec<_>>>() {
+            Some(specs) => info.key_specs = specs,
+            None => tracing::warn!(
+                command = %info.name,
+                "COMMAND key specifications not understood; using the legacy key positions"
+            ),
+        }
+    }
+    info.writes = if info.key_specs.is_empty() {
+        info.has(flags::WRITE) || info.has(flags::MAY_REPLICATE)
+    } else {
+        info.key_specs.iter().any(|s| s.write)
+    };
     if let Some(OwnedFrame::Array(subs)) = parts.get(9) {
         for sub in subs {
             let s = parse_entry(sub)?;
@@ -242,6 +357,35 @@ mod tests {
         assert!(id.has(flags::NOSCRIPT));
         assert!(t.get(b"nope").is_none());
         assert!(t.get(&[b'a'; 100]).is_none());
+    }
+
+    /// LMPOP's entry as Redis 7.0 sends it (`COMMAND INFO lmpop`).
+    const LMPOP: &[u8] = b"*1\r\n*10\r\n$5\r\nlmpop\r\n:-4\r\n*2\r\n+write\r\n+movablekeys\r\n\
+:0\r\n:0\r\n:0\r\n*3\r\n+@write\r\n+@list\r\n+@slow\r\n*0\r\n*1\r\n*6\r\n$5\r\nflags\r\n\
+*3\r\n+RW\r\n+access\r\n+delete\r\n$12\r\nbegin_search\r\n*4\r\n$4\r\ntype\r\n$5\r\nindex\r\n\
+$4\r\nspec\r\n*2\r\n$5\r\nindex\r\n:1\r\n$9\r\nfind_keys\r\n*4\r\n$4\r\ntype\r\n$6\r\nkeynum\r\n\
+$4\r\nspec\r\n*6\r\n$9\r\nkeynumidx\r\n:0\r\n$8\r\nfirstkey\r\n:1\r\n$7\r\nkeystep\r\n:1\r\n*0\r\n";
+
+    #[test]
+    fn key_specifications_are_read() {
+        let t = CommandTable::from_reply(LMPOP).unwrap();
+        let lmpop = t.get(b"lmpop").unwrap();
+        assert!(lmpop.writes);
+        assert_eq!(
+            lmpop.key_specs,
+            vec![KeySpec {
+                write: true,
+                begin: Begin::Index(1),
+                find: Find::Keynum {
+                    keynumidx: 0,
+                    firstkey: 1,
+                    step: 1
+                },
+            }]
+        );
+        // Without key specifications (Redis 6), `write` decides.
+        let t = CommandTable::from_reply(REPLY).unwrap();
+        assert!(!t.get(b"get").unwrap().writes && t.get(b"get").unwrap().key_specs.is_empty());
     }
 
     #[test]

@@ -38,7 +38,7 @@ use super::state::SessionState;
 use super::{Ctx, Sent};
 use crate::cache::written::{changes_databases, Written};
 use crate::command::class::route;
-use crate::command::keys::for_each_key;
+use crate::command::keys::{for_each_key, for_each_written_key};
 use crate::command::table::flags;
 use crate::command::{Class, Family};
 use crate::error::{Error, Kind};
@@ -102,6 +102,12 @@ struct Shared {
     drained: Notify,
     /// Requests waiting for replies (server.max_pending_requests).
     permits: Semaphore,
+    /// Batches (or pinned requests) sent with writes whose replies have not
+    /// arrived. While there are any, this client's reads skip the near
+    /// cache: a read sent behind its own write would otherwise start a fill
+    /// that may run on the tracking connection before the write does, and
+    /// a later read could be answered with what that fill read.
+    writes_in_flight: AtomicUsize,
 }
 
 impl Shared {
@@ -147,6 +153,7 @@ pub fn start(
         entries: AtomicUsize::new(0),
         drained: Notify::new(),
         permits: Semaphore::new(ctx.config.server.max_pending_requests),
+        writes_in_flight: AtomicUsize::new(0),
     });
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = writers.spawn(write_loop(
@@ -429,22 +436,28 @@ impl Reader {
                 // forwarded (and again when its reply arrives, see
                 // `cache::written`): a client reads its own writes.
                 if let (Some(cache), Some(info), true) = (cache, info, cache_active) {
-                    if info.has(flags::WRITE) || info.has(flags::MAY_REPLICATE) {
-                        let written = &mut self.pending_written;
-                        if changes_databases(args[0]) {
-                            written.everything(&cache.store);
-                        }
-                        for_each_key(
+                    let info = info.sub(args.get(1).copied());
+                    let written = &mut self.pending_written;
+                    if info.writes {
+                        for_each_written_key(
                             info,
                             args.len(),
                             |i| args[i],
                             |k| written.key(&cache.store, k),
                         );
                     }
+                    if changes_databases(&args) {
+                        written.everything(&cache.store);
+                    }
                 }
                 // A hit on a hot key is answered here, in order.
                 if let (Some(cache), Some(d)) = (cache, &self.ctx.hotkeys) {
-                    if class == Class::Forward && self.pinned.is_none() && self.state.db == 0 {
+                    if class == Class::Forward
+                        && self.pinned.is_none()
+                        && self.state.db == 0
+                        && self.pending_written.is_empty()
+                        && self.shared.writes_in_flight.load(Ordering::Acquire) == 0
+                    {
                         let out = if self.run_count == 0 {
                             &mut self.local
                         } else {
@@ -630,6 +643,9 @@ impl Reader {
         batch: Batch,
     ) {
         let written = std::mem::take(&mut self.pending_written);
+        if !written.is_empty() {
+            self.shared.writes_in_flight.fetch_add(1, Ordering::AcqRel);
+        }
         self.push(Entry::Pooled {
             rx,
             req,
@@ -908,7 +924,15 @@ impl Reader {
         let Some(p) = &mut self.pinned else { return };
         if let (false, Some(cache)) = (written.is_empty(), &self.ctx.cache) {
             let cache = cache.clone();
-            p.on_reply(expect, Box::new(move || written.replied(&cache.store)));
+            let shared = self.shared.clone();
+            shared.writes_in_flight.fetch_add(1, Ordering::AcqRel);
+            p.on_reply(
+                expect,
+                Box::new(move || {
+                    written.replied(&cache.store);
+                    shared.writes_in_flight.fetch_sub(1, Ordering::AcqRel);
+                }),
+            );
         }
         // The request's permit covers nothing once it is on the relay.
         self.shared.permits.add_permits(1);
@@ -982,7 +1006,14 @@ impl Reader {
                     }
                     Some(n) if n >= 0 && args.len() == 2 => {
                         if self.ensure_pinned().await {
-                            self.state.db = n;
+                            // Queued in MULTI it may never run (DISCARD,
+                            // EXECABORT, a failed WATCH): keyward may think
+                            // the connection left db 0, never that it is
+                            // back in it, which would release it to the
+                            // shared pool and the near cache in the wrong db.
+                            if n != 0 || !self.state.in_multi {
+                                self.state.db = n;
+                            }
                             let expect = self.state.replies_for_next();
                             self.send_pinned(&frame, expect).await;
                         }
@@ -1458,6 +1489,7 @@ impl Writer<'_> {
         };
         if let Some((cache, written)) = self.invalidate_after.take() {
             written.replied(&cache.store);
+            self.shared.writes_in_flight.fetch_sub(1, Ordering::AcqRel);
         }
         let (ok, errors) = match res {
             Ok(Replies { bytes, errors }) => (self.put(bytes).await, errors),

@@ -16,6 +16,7 @@
 #![allow(dead_code, unused_imports)]
 
 mod admin;
+mod cache;
 mod client_loop;
 mod clients;
 mod conn;
@@ -32,6 +33,7 @@ pub mod sentinel;
 mod wait;
 
 pub use admin::{get_metrics, metric, metrics, wait_ready};
+pub use cache::{cache_hits, cached_reply, hk_in_two_databases, wait_cache_hits};
 pub use client_loop::{
     error_summary, longest_ack_gap, missing_on, ClientLoop, Exchange, OUTAGE_ERRORS,
 };
