@@ -477,3 +477,110 @@ async fn upstream_password_right_and_wrong() {
         "/ready with a wrong upstream password"
     );
 }
+
+/// A man in the middle between keyward and Redis that forwards everything,
+/// except that a chunk from keyward naming `evil:huge` is answered with a
+/// bulk string declaring a terabyte (three bytes of which follow).
+async fn lying_upstream(redis_port: u16) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the lying upstream");
+    let port = listener.local_addr().expect("local_addr").port();
+    tokio::spawn(async move {
+        while let Ok((from_keyward, _)) = listener.accept().await {
+            let Ok(to_redis) = TcpStream::connect(("127.0.0.1", redis_port)).await else {
+                continue;
+            };
+            let (mut kr, kw) = from_keyward.into_split();
+            let (mut rr, mut rw) = to_redis.into_split();
+            let kw = Arc::new(tokio::sync::Mutex::new(kw));
+            let replies = kw.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = rr.read(&mut buf).await {
+                    if n == 0 || replies.lock().await.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n) = kr.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let ok = if buf[..n].windows(9).any(|w| w == b"evil:huge") {
+                        kw.lock()
+                            .await
+                            .write_all(b"$1000000000000\r\nabc")
+                            .await
+                            .is_ok()
+                    } else {
+                        rw.write_all(&buf[..n]).await.is_ok()
+                    };
+                    if !ok {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A reply declaring a terabyte-long bulk string (a broken or hostile
+/// upstream) costs keyward no terabyte: the request gets an error once the
+/// connection is given up on, and keyward stays up and serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_declaring_a_terabyte_is_not_allocated() {
+    let redis = Redis::start();
+    let upstream = lying_upstream(redis.port()).await;
+    let mut kw = Keyward::start_config(
+        &format!(
+            "[upstream]\naddress = \"127.0.0.1:{upstream}\"\ncommand_timeout_ms = 1000\n\
+             [hotkeys]\nfleet = false\n[cache]\nmax_mb = 0\n"
+        ),
+        &[],
+    );
+    let mut raw = Raw::connect(kw.port()).await;
+    assert_eq!(raw.call(&[b"SET", b"k", b"v"]).await, b"+OK\r\n");
+    let reply = within(
+        Duration::from_secs(5),
+        "GET evil:huge",
+        raw.call(&[b"GET", b"evil:huge"]),
+    )
+    .await;
+    assert!(
+        is_upstream_error(&reply),
+        "expected an -ERR upstream ... error, got {}",
+        esc(&reply)
+    );
+    assert!(kw.is_running(), "keyward exited:\n{}", kw.log());
+    let mut fresh = Raw::connect(kw.port()).await;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let reply = fresh.call(&[b"GET", b"k"]).await;
+        if reply == b"$1\r\nv\r\n" {
+            break;
+        }
+        assert!(is_upstream_error(&reply), "GET k: got {}", esc(&reply));
+        assert!(
+            Instant::now() < deadline,
+            "GET k did not work again: {}",
+            esc(&reply)
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    let rss_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", kw.pid()))
+        .expect("keyward's /proc status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS");
+    eprintln!("keyward RSS after the lie: {rss_kib} KiB");
+    assert!(
+        rss_kib < 100 * 1024,
+        "keyward holds {rss_kib} KiB after a reply that declared a terabyte"
+    );
+    assert!(kw.is_running(), "keyward exited:\n{}", kw.log());
+}

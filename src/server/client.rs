@@ -282,10 +282,8 @@ impl Reader {
             // quiet gives its pinned connection back without waiting for its
             // next request.
             self.maybe_release().await;
-            let want = self.parser.need().saturating_sub(self.buf.len()).max(4096);
-            if self.buf.capacity() - self.buf.len() < want {
-                self.buf.reserve(want);
-            }
+            crate::resp::release_if_large(&mut self.buf, 4096);
+            crate::resp::make_room(&mut self.buf, self.parser.need(), 4096);
             let buf = &mut self.buf;
             let pinned = &self.pinned;
             let releasable = pinned.is_some() && self.state.clean();

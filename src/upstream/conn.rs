@@ -321,10 +321,7 @@ async fn read_loop(conn: Arc<Conn>, mut rd: OwnedReadHalf) {
         errors: Vec::new(),
     };
     let error = loop {
-        let want = st.scanner.need().saturating_sub(st.buf.len()).max(8 * 1024);
-        if st.buf.capacity() - st.buf.len() < want {
-            st.buf.reserve(want);
-        }
+        crate::resp::make_room(&mut st.buf, st.scanner.need(), 8 * 1024);
         match rd.read_buf(&mut st.buf).await {
             Ok(0) => break format!("{}: connection closed by upstream", st.conn.address),
             Err(e) => break format!("{}: read failed: {e}", st.conn.address),
@@ -333,6 +330,8 @@ async fn read_loop(conn: Arc<Conn>, mut rd: OwnedReadHalf) {
         if let Err(e) = st.deliver() {
             break e;
         }
+        // One large reply (LRANGE of a big list) must not pin its size.
+        crate::resp::release_if_large(&mut st.buf, 16 * 1024);
     };
     st.conn.fail(Error::upstream(Kind::OutcomeUnknown, error));
 }

@@ -112,7 +112,7 @@ pub async fn read_frame(
             scanner.consumed(end);
             return Ok(frame);
         }
-        buf.reserve(scanner.need().saturating_sub(buf.len()).max(4096));
+        crate::resp::make_room(buf, scanner.need(), 4096);
         let n = stream
             .read_buf(buf)
             .await

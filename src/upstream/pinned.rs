@@ -319,10 +319,8 @@ async fn relay(
     // Replies received, counted from the start (see `PinShared::sent`).
     let mut received = 0u64;
     let error = loop {
-        let want = scanner.need().saturating_sub(buf.len()).max(8 * 1024);
-        if buf.capacity() - buf.len() < want {
-            buf.reserve(want);
-        }
+        crate::resp::release_if_large(&mut buf, 8 * 1024);
+        crate::resp::make_room(&mut buf, scanner.need(), 8 * 1024);
         match rd.read_buf(&mut buf).await {
             Ok(0) => {
                 break Error::upstream(
