@@ -339,6 +339,64 @@ async fn idle_client_is_closed_after_idle_timeout_secs() {
     );
 }
 
+/// `server.idle_timeout_secs` closes quiet clients holding a pinned
+/// connection too (in MULTI, in another database), so idle clients cannot
+/// keep every `upstream.max_pinned` slot; as with Redis's `timeout`, a
+/// subscriber and a client blocked in BLPOP are not idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_closes_pinned_clients_but_not_subscribers_or_blocked_calls() {
+    let redis = Redis::start();
+    let kw = Keyward::start_for(
+        &redis,
+        "max_pinned = 4\n[server]\nidle_timeout_secs = 1\n",
+        &[],
+    );
+    wait_ready(&kw, DEADLINE).await;
+    let mut sub = Raw::connect(kw.port()).await;
+    sub.send(&cmd(&[b"SUBSCRIBE", b"ch"])).await;
+    assert_eq!(
+        esc(&sub.read_reply().await),
+        esc(b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n")
+    );
+    let mut blocked = Raw::connect(kw.port()).await;
+    blocked.send(&cmd(&[b"BLPOP", b"list", b"0"])).await;
+    let mut multi = Raw::connect(kw.port()).await;
+    assert_eq!(multi.call(&[b"MULTI"]).await, b"+OK\r\n");
+    let mut select = Raw::connect(kw.port()).await;
+    assert_eq!(select.call(&[b"SELECT", b"1"]).await, b"+OK\r\n");
+    let since = Instant::now();
+
+    for (name, conn) in [("MULTI", &mut multi), ("SELECT 1", &mut select)] {
+        let got = within(DEADLINE, name, conn.read_to_close()).await;
+        assert!(got.is_empty(), "{name}: got {} before the close", esc(&got));
+    }
+    assert!(
+        since.elapsed() >= Duration::from_millis(900),
+        "closed {:?} after their last request, before idle_timeout_secs = 1",
+        since.elapsed()
+    );
+    assert_eq!(limit_reached(&kw, "server.idle_timeout_secs").await, 2.0);
+
+    // Idle longer than those two, the subscriber and the blocked client
+    // are still served.
+    let mut other = Raw::connect(kw.port()).await;
+    assert_eq!(other.call(&[b"PUBLISH", b"ch", b"m"]).await, b":1\r\n");
+    assert_eq!(
+        esc(&sub.read_reply().await),
+        esc(b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$1\r\nm\r\n")
+    );
+    assert_eq!(other.call(&[b"LPUSH", b"list", b"x"]).await, b":1\r\n");
+    assert_eq!(
+        esc(&blocked.read_reply().await),
+        esc(b"*2\r\n$4\r\nlist\r\n$1\r\nx\r\n")
+    );
+    // The closed clients' pinned connections are free again.
+    let mut a = Raw::connect(kw.port()).await;
+    let mut b = Raw::connect(kw.port()).await;
+    assert_eq!(a.call(&[b"MULTI"]).await, b"+OK\r\n");
+    assert_eq!(b.call(&[b"MULTI"]).await, b"+OK\r\n");
+}
+
 /// `upstream.max_pinned = 2`: two clients in MULTI hold the two pinned
 /// connections; a third MULTI gets the limit error; once a transaction ends
 /// with EXEC its connection is free for a new MULTI.

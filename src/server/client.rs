@@ -287,15 +287,13 @@ impl Reader {
             let buf = &mut self.buf;
             let pinned = &self.pinned;
             let releasable = pinned.is_some() && self.state.clean();
+            // As Redis's `timeout`: subscribers and MONITOR are never idle.
+            let timed = idle.filter(|_| !self.state.subscribed() && !self.state.monitor);
+            // None: quiet for the idle timeout.
             let read = async {
-                match idle {
-                    Some(t) if pinned.is_none() => tokio::time::timeout(t, rd.read_buf(buf))
-                        .await
-                        .unwrap_or_else(|_| {
-                            Limit::IdleTimeout.reached();
-                            Err(std::io::ErrorKind::TimedOut.into())
-                        }),
-                    _ => rd.read_buf(buf).await,
+                match timed {
+                    Some(t) => tokio::time::timeout(t, rd.read_buf(buf)).await.ok(),
+                    None => Some(rd.read_buf(buf).await),
                 }
             };
             let became_idle = async {
@@ -320,8 +318,14 @@ impl Reader {
                 r = read => r,
             };
             match n {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
+                // A blocked call (BLPOP) waiting for its answer is not idle.
+                None if self.pinned.as_ref().is_some_and(|p| !p.idle()) => continue,
+                None => {
+                    Limit::IdleTimeout.reached();
+                    return;
+                }
+                Some(Ok(0) | Err(_)) => return,
+                Some(Ok(n)) => {
                     self.read_at = Instant::now();
                     self.ctx
                         .stats
