@@ -188,6 +188,10 @@ pub struct AdminConfig {
     pub slowlog_slower_than_us: i64,
     /// Entries KEYWARD SLOWLOG keeps (newest first).
     pub slowlog_max_len: usize,
+    /// Admin (HTTP) connections open at once; one more is closed at once.
+    pub max_connections: usize,
+    /// An admin connection quiet this long (no byte either way) is closed.
+    pub idle_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -253,6 +257,8 @@ impl Default for Config {
                 listen: "127.0.0.1:9380".into(),
                 slowlog_slower_than_us: 10_000,
                 slowlog_max_len: 128,
+                max_connections: 64,
+                idle_timeout_secs: 30,
             },
             log: LogConfig {
                 level: "info".into(),
@@ -318,7 +324,7 @@ impl Config {
         if self.server.threads == 0 || self.server.threads > 256 {
             p.push("server.threads: must be between 1 and 256".into());
         }
-        let positive: [(&str, u64); 9] = [
+        let positive: [(&str, u64); 11] = [
             ("server.max_clients", self.server.max_clients as u64),
             ("server.max_bulk_bytes", self.server.max_bulk_bytes as u64),
             (
@@ -340,6 +346,8 @@ impl Config {
                 "upstream.command_timeout_ms",
                 self.upstream.command_timeout_ms,
             ),
+            ("admin.max_connections", self.admin.max_connections as u64),
+            ("admin.idle_timeout_secs", self.admin.idle_timeout_secs),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -567,6 +575,12 @@ impl Config {
                     }
                     ("admin", "slowlog_max_len") => {
                         set_num(&mut s.admin.slowlog_max_len, &name, v, problems)
+                    }
+                    ("admin", "max_connections") => {
+                        set_num(&mut s.admin.max_connections, &name, v, problems)
+                    }
+                    ("admin", "idle_timeout_secs") => {
+                        set_num(&mut s.admin.idle_timeout_secs, &name, v, problems)
                     }
                     _ => false,
                 };

@@ -697,3 +697,43 @@ async fn ten_thousand_idle_clients_fit_in_200_mib() {
         "keyward RSS with {CLIENTS} idle clients is {rss} KiB, over {MAX_RSS_KIB} KiB"
     );
 }
+
+/// `admin.max_connections = 4` and `admin.idle_timeout_secs = 1`: four
+/// admin connections that send half a request and go quiet hold every slot,
+/// so a fifth is closed at once (Redis clients are unaffected); the quiet
+/// ones are closed after a second, and the admin port answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_connections_are_bounded_and_quiet_ones_closed() {
+    let redis = Redis::start();
+    let kw = Keyward::start_for(
+        &redis,
+        "[admin]\nmax_connections = 4\nidle_timeout_secs = 1\n",
+        &[],
+    );
+    wait_ready(&kw, DEADLINE).await;
+    let mut quiet = Vec::new();
+    for _ in 0..4 {
+        let mut c = Raw::connect(kw.admin_port()).await;
+        c.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await;
+        quiet.push(c);
+    }
+    let last_byte = Instant::now();
+    let mut fifth = Raw::connect(kw.admin_port()).await;
+    assert!(
+        fifth.is_closed().await,
+        "a fifth admin connection stayed open"
+    );
+    let mut redis_client = Raw::connect(kw.port()).await;
+    assert_eq!(redis_client.call(&[b"PING"]).await, b"+PONG\r\n");
+
+    for c in &mut quiet {
+        assert!(c.is_closed().await, "a quiet admin connection stayed open");
+    }
+    assert!(
+        last_byte.elapsed() >= Duration::from_millis(900),
+        "quiet admin connections closed {:?} after their last byte, before idle_timeout_secs = 1",
+        last_byte.elapsed()
+    );
+    assert!(limit_reached(&kw, "admin.max_connections").await >= 1.0);
+    assert_eq!(limit_reached(&kw, "admin.idle_timeout_secs").await, 4.0);
+}

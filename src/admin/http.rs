@@ -17,6 +17,7 @@
 //!   binary that polls the JSON endpoints above every second.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -285,6 +286,12 @@ async fn failover(State(ctx): State<Arc<Ctx>>) -> (StatusCode, axum::Json<serde_
 /// "shutting down" (load balancers stop sending) and `/metrics` still
 /// scrapes.
 pub async fn serve(ctx: Arc<Ctx>, listener: TcpListener, stop: CancellationToken) {
+    let admin = &ctx.config.admin;
+    let listener = super::listener::Bounded::new(
+        listener,
+        admin.max_connections,
+        Duration::from_secs(admin.idle_timeout_secs),
+    );
     let app = router(ctx);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })

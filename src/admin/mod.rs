@@ -6,3 +6,4 @@ pub mod health;
 pub mod http;
 pub mod info;
 pub mod introspect;
+pub mod listener;

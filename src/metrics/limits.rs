@@ -48,9 +48,13 @@ pub enum Limit {
     CacheMaxMb,
     /// An error-reply log line dropped: the per-second budget was spent.
     LogMaxErrorLinesPerSec,
+    /// An admin (HTTP) connection closed at once: too many open.
+    AdminMaxConnections,
+    /// An admin connection closed after being quiet too long.
+    AdminIdleTimeout,
 }
 
-const LIMITS: usize = 15;
+const LIMITS: usize = 17;
 
 static REACHED: [AtomicU64; LIMITS] = [const { AtomicU64::new(0) }; LIMITS];
 
@@ -71,6 +75,8 @@ impl Limit {
         Limit::CacheMaxReplyBytes,
         Limit::CacheMaxMb,
         Limit::LogMaxErrorLinesPerSec,
+        Limit::AdminMaxConnections,
+        Limit::AdminIdleTimeout,
     ];
 
     /// The config key of the bound: the metric's label.
@@ -91,6 +97,8 @@ impl Limit {
             Limit::CacheMaxReplyBytes => "cache.max_reply_bytes",
             Limit::CacheMaxMb => "cache.max_mb",
             Limit::LogMaxErrorLinesPerSec => "log.max_error_lines_per_sec",
+            Limit::AdminMaxConnections => "admin.max_connections",
+            Limit::AdminIdleTimeout => "admin.idle_timeout_secs",
         }
     }
 
