@@ -737,3 +737,52 @@ async fn admin_connections_are_bounded_and_quiet_ones_closed() {
     assert!(limit_reached(&kw, "admin.max_connections").await >= 1.0);
     assert_eq!(limit_reached(&kw, "admin.idle_timeout_secs").await, 4.0);
 }
+
+/// `upstream.max_inflight = 3`, counted in requests: with Redis paused, one
+/// client's three pipelined GETs fill the shared connection, and another
+/// client's request fails fast with the setting's name instead of queueing;
+/// the three are answered once Redis resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_inflight_counts_requests_and_fails_fast() {
+    let redis = Redis::start();
+    let kw = Keyward::start_for(
+        &redis,
+        "max_inflight = 3\n[hotkeys]\nfleet = false\n[cache]\nmax_mb = 0\n",
+        &[],
+    );
+    wait_ready(&kw, DEADLINE).await;
+    let mut a = Raw::connect(kw.port()).await;
+    let mut b = Raw::connect(kw.port()).await;
+    assert_eq!(a.call(&[b"SET", b"k", b"v"]).await, b"+OK\r\n");
+    let mut direct = Raw::connect(redis.port()).await;
+    assert_eq!(
+        direct.call(&[b"CLIENT", b"PAUSE", b"1500", b"ALL"]).await,
+        b"+OK\r\n"
+    );
+    let three: Vec<u8> = (0..3).flat_map(|_| cmd(&[b"GET", b"k"])).collect();
+    a.send(&three).await;
+    wait_until("three requests in flight upstream", DEADLINE, || async {
+        let m = metrics(&kw).await;
+        m.lines()
+            .filter(|l| l.starts_with("keyward_upstream_inflight{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+            == 3.0
+    })
+    .await;
+    let refused = within(
+        DEADLINE,
+        "GET while three are in flight",
+        b.call(&[b"GET", b"k"]),
+    )
+    .await;
+    let text = String::from_utf8_lossy(&refused).into_owned();
+    assert!(
+        text.contains("has 3 requests in flight (upstream.max_inflight)"),
+        "{text}"
+    );
+    for reply in a.read_replies(3).await {
+        assert_eq!(esc(&reply), esc(b"$1\r\nv\r\n"));
+    }
+    assert!(limit_reached(&kw, "upstream.max_inflight").await >= 1.0);
+}

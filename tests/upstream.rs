@@ -353,6 +353,12 @@ async fn in_flight_write_gets_outcome_unknown_and_read_is_retried() {
         "GET in flight (retried once, Redis dead): expected -ERR upstream unavailable..., got {}",
         esc(&replies[2])
     );
+    // Both causes: the connection lost under it, then the retry's.
+    let text = String::from_utf8_lossy(&replies[2]).into_owned();
+    assert!(
+        text.contains("connection") && text.contains("; retried: "),
+        "the retried GET's error should name the first failure too: {text}"
+    );
 
     // The client connection survives; once Redis is back it works again.
     tokio::task::block_in_place(|| redis.restart());

@@ -1567,7 +1567,10 @@ impl Writer<'_> {
                     }
                     let ok = match self.retry(ctx, &frame, proto, id, readonly).await {
                         Ok(bytes) => self.put(bytes).await,
-                        Err(e2) => {
+                        Err(mut e2) => {
+                            // Both causes: the first (a timeout, a protocol
+                            // error) is what the operator has to look at.
+                            e2.detail = format!("{}; retried: {}", e.error.detail, e2.detail);
                             self.put_error(&e2, first_seq + index as u64 - 1, index - 1)
                                 .await
                         }
@@ -1636,10 +1639,7 @@ impl Writer<'_> {
                 && matches!(e2.kind, Kind::NotSent | Kind::OutcomeUnknown)
                 && tokio::time::Instant::now() < deadline;
             if !again {
-                return Err(Error::upstream(
-                    Kind::Unavailable,
-                    format!("{} (retried)", e2.detail),
-                ));
+                return Err(Error::upstream(Kind::Unavailable, e2.detail));
             }
             ctx.check_master.notify_one();
             let mut changed = ctx.topology.subscribe();

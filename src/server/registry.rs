@@ -118,12 +118,17 @@ impl Registry {
         self.clients.is_empty()
     }
 
-    /// Up to `max` clients, oldest connection first.
+    /// Up to `max` clients, oldest connection first. Only those `max` are
+    /// viewed and sorted: this runs on the data path's thread.
     pub fn list(&self, max: usize) -> Vec<ClientView> {
-        let mut all: Vec<ClientView> = self.clients.iter().map(|c| c.view()).collect();
-        all.sort_by_key(|c| c.id);
-        all.truncate(max);
-        all
+        let mut all: Vec<Arc<ClientInfo>> =
+            self.clients.iter().map(|c| c.value().clone()).collect();
+        if max < all.len() {
+            all.select_nth_unstable_by_key(max, |c| c.id);
+            all.truncate(max);
+        }
+        all.sort_unstable_by_key(|c| c.id);
+        all.iter().map(|c| c.view()).collect()
     }
 }
 
@@ -145,6 +150,8 @@ mod tests {
             (l[1].cmd.as_str(), l[1].requests, l[1].pinned),
             ("get", 3, true)
         );
+        let first: Vec<u64> = r.list(1).iter().map(|c| c.id).collect();
+        assert_eq!(first, vec![1], "the oldest connection first");
         r.remove(2);
         assert_eq!(r.len(), 1);
         assert_eq!(r.list(0).len(), 0);
