@@ -66,6 +66,9 @@ pub struct UpstreamConfig {
     pub max_inflight: usize,
     /// Dedicated connections for MULTI, blocking commands, subscribers, ... at most.
     pub max_pinned: usize,
+    /// Dedicated connections kept, reset, for reuse once given back; 0
+    /// closes them (see `upstream::parked`).
+    pub max_idle_pinned: usize,
     pub connect_timeout_ms: u64,
     /// A shared connection whose oldest request waits longer than this is
     /// closed and its requests failed.
@@ -231,6 +234,7 @@ impl Default for Config {
                 pool_size: 1,
                 max_inflight: 100_000,
                 max_pinned: 1_000,
+                max_idle_pinned: 8,
                 connect_timeout_ms: 1_000,
                 command_timeout_ms: 5_000,
                 backoff_min_ms: 50,
@@ -481,6 +485,9 @@ impl Config {
                     }
                     ("upstream", "max_pinned") => {
                         set_num(&mut s.upstream.max_pinned, &name, v, problems)
+                    }
+                    ("upstream", "max_idle_pinned") => {
+                        set_num(&mut s.upstream.max_idle_pinned, &name, v, problems)
                     }
                     ("upstream", "connect_timeout_ms") => {
                         set_num(&mut s.upstream.connect_timeout_ms, &name, v, problems)

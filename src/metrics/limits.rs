@@ -52,9 +52,11 @@ pub enum Limit {
     AdminMaxConnections,
     /// An admin connection closed after being quiet too long.
     AdminIdleTimeout,
+    /// A dedicated connection given back was closed: enough are kept.
+    MaxIdlePinned,
 }
 
-const LIMITS: usize = 17;
+const LIMITS: usize = 18;
 
 static REACHED: [AtomicU64; LIMITS] = [const { AtomicU64::new(0) }; LIMITS];
 
@@ -77,6 +79,7 @@ impl Limit {
         Limit::LogMaxErrorLinesPerSec,
         Limit::AdminMaxConnections,
         Limit::AdminIdleTimeout,
+        Limit::MaxIdlePinned,
     ];
 
     /// The config key of the bound: the metric's label.
@@ -99,6 +102,7 @@ impl Limit {
             Limit::LogMaxErrorLinesPerSec => "log.max_error_lines_per_sec",
             Limit::AdminMaxConnections => "admin.max_connections",
             Limit::AdminIdleTimeout => "admin.idle_timeout_secs",
+            Limit::MaxIdlePinned => "upstream.max_idle_pinned",
         }
     }
 

@@ -36,6 +36,7 @@ pub const ERRORS: &str = "keyward_errors_total";
 pub const BYTES_RECEIVED: &str = "keyward_bytes_received_total";
 pub const BYTES_SENT: &str = "keyward_bytes_sent_total";
 pub const PINNED: &str = "keyward_pinned_connections";
+pub const PINNED_IDLE: &str = "keyward_pinned_idle_connections";
 pub const UPSTREAM_CONNECTIONS: &str = "keyward_upstream_connections";
 pub const UPSTREAM_INFLIGHT: &str = "keyward_upstream_inflight";
 pub const UPSTREAM_BREAKER_OPEN: &str = "keyward_upstream_breaker_open";
@@ -95,6 +96,10 @@ pub fn install() -> Option<&'static PrometheusHandle> {
             metrics::describe_gauge!(
                 PINNED,
                 "Pinned upstream connections in use (upstream.max_pinned bounds them)."
+            );
+            metrics::describe_gauge!(
+                PINNED_IDLE,
+                "Pinned connections given back, RESET and kept for reuse (upstream.max_idle_pinned bounds them)."
             );
             metrics::describe_gauge!(
                 UPSTREAM_CONNECTIONS,
@@ -201,6 +206,7 @@ pub fn render(ctx: &Ctx) -> Option<String> {
     metrics::gauge!(PINNED).set(max_pinned.saturating_sub(ctx.pinned.available_permits()) as f64);
     let mut nodes: Vec<(std::sync::Arc<crate::upstream::Upstream>, &'static str)> = Vec::new();
     if let Some(up) = ctx.upstream.load_full() {
+        metrics::gauge!(PINNED_IDLE).set(up.parked.len() as f64);
         nodes.push((up, "master"));
     }
     for r in ctx.read_replicas.load().iter() {

@@ -37,6 +37,12 @@ pub async fn connect(s: &Settings, proto: Proto) -> Result<TcpStream, Error> {
         .set_nodelay(true)
         .map_err(|e| Error::upstream(Kind::Io, format!("{}: {e}", s.address)))?;
     let mut stream = stream;
+    handshake(&mut stream, s, proto).await?;
+    Ok(stream)
+}
+
+/// Select the RESP version and authenticate (a new connection, or one RESET).
+pub async fn handshake(stream: &mut TcpStream, s: &Settings, proto: Proto) -> Result<(), Error> {
     let user = if s.username.is_empty() {
         "default"
     } else {
@@ -55,7 +61,7 @@ pub async fn connect(s: &Settings, proto: Proto) -> Result<TcpStream, Error> {
         (Proto::Resp2, true) => None,
     };
     if let Some(cmd) = hello {
-        let reply = tokio::time::timeout(s.connect_timeout, call(&mut stream, &cmd))
+        let reply = tokio::time::timeout(s.connect_timeout, call(stream, &cmd))
             .await
             .map_err(|_| {
                 Error::upstream(
@@ -71,7 +77,7 @@ pub async fn connect(s: &Settings, proto: Proto) -> Result<TcpStream, Error> {
             ));
         }
     }
-    Ok(stream)
+    Ok(())
 }
 
 /// Send one command and read exactly one reply. Only for connections not yet

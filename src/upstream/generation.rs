@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::connector::Settings;
+use super::parked::Parked;
 use super::pool::{Learned, Node, Pool};
 use crate::config::Config;
 use crate::resp::Proto;
@@ -27,6 +28,8 @@ pub struct Upstream {
     pub pool3: Arc<Pool>,
     /// Cancelled when the generation is retired.
     pub retired: CancellationToken,
+    /// Dedicated connections kept for reuse (dropped with the generation).
+    pub parked: Arc<Parked>,
 }
 
 impl Upstream {
@@ -62,6 +65,7 @@ impl Upstream {
             pool2,
             pool3,
             retired,
+            parked: Arc::new(Parked::new(u.max_idle_pinned)),
         })
     }
 
@@ -81,5 +85,6 @@ impl Upstream {
     pub fn retire(&self) {
         self.node.fenced.store(true, Ordering::Release);
         self.retired.cancel();
+        self.parked.clear();
     }
 }

@@ -5,6 +5,7 @@ pub mod conn;
 pub mod connector;
 pub mod generation;
 pub mod meter;
+pub mod parked;
 pub mod pinned;
 pub mod pool;
 

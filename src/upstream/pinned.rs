@@ -18,11 +18,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Notify;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::connector;
 use super::generation::Upstream;
 use super::meter::Meter;
+use super::parked::Parked;
+use super::pool::Node;
 use crate::error::{Error, Kind};
 use crate::resp::scan::{elements, string_of};
 use crate::resp::{Proto, Scanner};
@@ -70,6 +73,9 @@ pub struct PinShared {
     /// Actions to run once the reply numbered `.0` (counted from the start)
     /// has arrived, before it is relayed (see `Pinned::on_reply`).
     after: Mutex<VecDeque<AfterReply>>,
+    /// Notified by a release that keeps the connection: the relay hands
+    /// its read half back instead of reading on.
+    park: Notify,
 }
 
 /// An action waiting for a reply.
@@ -115,11 +121,20 @@ impl PinShared {
     }
 }
 
+/// The relay's read half and buffer, handed back when it stops for a
+/// release that keeps the connection.
+type ReadBack = Option<(OwnedReadHalf, BytesMut)>;
+
 pub struct Pinned {
     /// Always Some until dropped (taken by `Drop` to outlive the session
     /// during a drain).
     wr: Option<OwnedWriteHalf>,
     shared: Arc<PinShared>,
+    /// The relay task (taken by a release that keeps the connection).
+    relay: Option<JoinHandle<ReadBack>>,
+    node: Arc<Node>,
+    parked: Arc<Parked>,
+    retired: CancellationToken,
     pub proto: Proto,
     _permit: OwnedSemaphorePermit,
     /// keyward's shutdown: dropped after it with replies owed, the
@@ -137,7 +152,17 @@ impl Pinned {
         meter: Arc<Meter>,
     ) -> Result<Pinned, Error> {
         let settings = &upstream.node.settings;
-        let stream = connector::connect(settings, proto).await?;
+        let kept = match upstream.retired.is_cancelled() {
+            false => {
+                let wait = settings.connect_timeout;
+                upstream.parked.take_or_wait(proto, wait).await
+            }
+            true => None,
+        };
+        let stream = match kept {
+            Some(s) => s,
+            None => connector::connect(settings, proto).await?,
+        };
         // A second handle on the socket lets a retired generation shut it
         // down (both directions) while the session still owns the write half.
         let io =
@@ -157,10 +182,10 @@ impl Pinned {
         );
         let retired = upstream.retired.clone();
         let watcher = shared.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             tokio::pin!(relay);
             tokio::select! {
-                _ = &mut relay => return,
+                back = &mut relay => return back,
                 _ = retired.cancelled() => {
                     // The master is being replaced: nothing more may reach
                     // it. The relay sees the shutdown and reports the loss.
@@ -169,9 +194,14 @@ impl Pinned {
                 }
             }
             relay.await;
+            None
         });
         Ok(Pinned {
             wr: Some(wr),
+            relay: Some(task),
+            node: upstream.node.clone(),
+            parked: upstream.parked.clone(),
+            retired: upstream.retired.clone(),
             drain_on: None,
             shared,
             proto,
@@ -262,10 +292,29 @@ impl Pinned {
         self.shared.wait_idle().await
     }
 
-    /// Give the connection up: the upstream drops all of its state when it
-    /// closes, and the relay ends once the upstream has closed its side.
+    /// Give the connection up. Quiet, it is RESET and kept for the next
+    /// client that needs one (see `parked`); otherwise it is closed: the
+    /// upstream drops all of its state, and the relay ends once the
+    /// upstream has closed its side.
     pub async fn release(mut self) {
         self.shared.releasing.store(true, Ordering::Release);
+        let keep = self.parked.enabled() && self.idle() && !self.retired.is_cancelled();
+        if let (true, Some(task)) = (keep, self.relay.take()) {
+            if let Some(wr) = self.wr.take() {
+                self.shared.park.notify_one();
+                let (parked, node, proto) = (self.parked.clone(), self.node.clone(), self.proto);
+                let resetting = parked.begin(proto);
+                tokio::spawn(async move {
+                    if let Ok(Some((rd, buf))) = task.await {
+                        if let (true, Ok(stream)) = (buf.is_empty(), rd.reunite(wr)) {
+                            let s = &node.settings;
+                            parked.reset_and_keep(stream, s, proto, resetting).await;
+                        }
+                    }
+                });
+                return;
+            }
+        }
         if let Some(wr) = self.wr.as_mut() {
             let _ = wr.shutdown().await;
         }
@@ -313,7 +362,7 @@ async fn relay(
     tx: mpsc::Sender<PinMsg>,
     meter: Arc<Meter>,
     address: String,
-) {
+) -> ReadBack {
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut scanner = Scanner::new();
     // Replies received, counted from the start (see `PinShared::sent`).
@@ -321,7 +370,19 @@ async fn relay(
     let error = loop {
         crate::resp::release_if_large(&mut buf, 8 * 1024);
         crate::resp::make_room(&mut buf, scanner.need(), 8 * 1024);
-        match rd.read_buf(&mut buf).await {
+        let read = tokio::select! {
+            r = rd.read_buf(&mut buf) => r,
+            _ = shared.park.notified() => {
+                // Released to be kept: hand the read half back if nothing
+                // is owed or half-read (else dropping it closes the socket).
+                shared.replied(u64::MAX);
+                shared.outstanding.store(0, Ordering::Release);
+                shared.idle.notify_waiters();
+                let quiet = buf.is_empty() && shared.swallow.load(Ordering::Acquire) == 0;
+                return quiet.then_some((rd, buf));
+            }
+        };
+        match read {
             Ok(0) => {
                 break Error::upstream(
                     Kind::OutcomeUnknown,
@@ -385,7 +446,7 @@ async fn relay(
             for piece in pieces {
                 meter.add(piece.len());
                 if tx.send(PinMsg::Data(piece)).await.is_err() {
-                    return;
+                    return None;
                 }
             }
         }
@@ -438,6 +499,7 @@ async fn relay(
         shared.lost.store(true, Ordering::Release);
         shared.lost_notify.notify_waiters();
     }
+    None
 }
 
 /// Does this frame answer a request (as opposed to a push)?
