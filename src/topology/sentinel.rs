@@ -48,6 +48,8 @@ struct Event {
 #[derive(Debug, Default)]
 struct Report {
     master: Option<(String, u64, String)>,
+    /// Sentinels that must agree the master is down to fail it over.
+    quorum: Option<usize>,
     replicas: Vec<String>,
     sentinels: Vec<String>,
 }
@@ -77,7 +79,12 @@ struct Tracker {
     checks: mpsc::Sender<(String, Result<String, Error>)>,
     events: mpsc::Sender<Event>,
     subscribed: BTreeSet<String>,
+    /// An event asked for a poll of the Sentinels (started by `run`).
+    want_poll: bool,
 }
+
+/// What every Sentinel answered to one poll.
+type PollResults = Vec<(String, Result<Report, Error>)>;
 
 /// Run the tracker until shutdown.
 pub async fn run(ctx: Arc<Ctx>) {
@@ -115,6 +122,7 @@ pub async fn run(ctx: Arc<Ctx>) {
         checks: check_tx,
         events: tx,
         subscribed: BTreeSet::new(),
+        want_poll: false,
         ctx,
     };
     // Subscribe first, then query: no event can fall between the two.
@@ -124,6 +132,10 @@ pub async fn run(ctx: Arc<Ctx>) {
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut next_poll = tokio::time::Instant::now() + t.poll_interval();
     let shutdown = t.ctx.shutdown.clone();
+    // A poll runs in a task of its own: a Sentinel that does not answer
+    // costs it up to 2 x sentinel.timeout_ms, and meanwhile events (a
+    // +try-failover that must fence at once) and checks go on.
+    let mut polling: Option<tokio::task::JoinHandle<PollResults>> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -131,15 +143,23 @@ pub async fn run(ctx: Arc<Ctx>) {
                 t.on_event(ev).await;
                 next_poll = tokio::time::Instant::now() + t.poll_interval();
             }
-            _ = tokio::time::sleep_until(next_poll) => {
-                t.poll().await;
+            done = async { polling.as_mut().expect("guarded").await }, if polling.is_some() => {
+                polling = None;
+                if let Ok(results) = done {
+                    t.apply_poll(results).await;
+                }
                 next_poll = tokio::time::Instant::now() + t.poll_interval();
             }
+            _ = tokio::time::sleep_until(next_poll), if polling.is_none() => t.want_poll = true,
             _ = check.tick() => t.check_master(),
             Some((master, result)) = check_rx.recv() => t.on_check(master, result),
             _ = tokio::time::sleep(CANDIDATE_POLL), if t.candidate.is_some() => t.check_candidate().await,
             // A shared connection lost the master: check now, not at the tick.
             _ = t.ctx.check_master.notified() => t.check_master(),
+        }
+        if t.want_poll && polling.is_none() {
+            t.want_poll = false;
+            polling = Some(t.spawn_poll());
         }
     }
 }
@@ -215,8 +235,15 @@ impl Tracker {
         self.publish();
     }
 
-    /// Ask every Sentinel, in parallel, what it knows.
+    /// Ask every Sentinel, in parallel, what it knows, and act on it.
     async fn poll(&mut self) {
+        if let Ok(results) = self.spawn_poll().await {
+            self.apply_poll(results).await;
+        }
+    }
+
+    /// Ask every Sentinel, in parallel, in a task of its own.
+    fn spawn_poll(&self) -> tokio::task::JoinHandle<PollResults> {
         let mut set = JoinSet::new();
         for addr in self.sentinels.keys() {
             let mut s = self.sentinel.clone();
@@ -227,8 +254,19 @@ impl Tracker {
                 (s.address, r)
             });
         }
+        tokio::spawn(async move {
+            let mut results = Vec::new();
+            while let Some(Ok(r)) = set.join_next().await {
+                results.push(r);
+            }
+            results
+        })
+    }
+
+    /// Act on what the Sentinels said.
+    async fn apply_poll(&mut self, results: PollResults) {
         let mut reports = Vec::new();
-        while let Some(Ok((addr, r))) = set.join_next().await {
+        for (addr, r) in results {
             match r {
                 Ok(rep) => {
                     self.sentinels.insert(addr, true);
@@ -287,12 +325,42 @@ impl Tracker {
             })
             .count();
         if epoch < self.epoch {
+            let agree = votes.get(&(epoch, addr.clone())).copied().unwrap_or(0);
+            if self.state == State::Fenced && agree * 2 > self.sentinels.len() {
+                // keyward's epoch came from a failover the Sentinels did
+                // not complete (it adopted the replica they selected, which
+                // turned master after they gave up), and what it follows
+                // is fenced: a majority of them agree on this master, and
+                // none knows a newer one. Follow them, ROLE verified.
+                tracing::warn!(master = %addr, epoch, ours = self.epoch, agree, "a majority of sentinels name a master in a lower epoch; following them");
+                self.epoch = epoch;
+                self.switch(addr, epoch, "a majority of sentinels name this master")
+                    .await;
+                return;
+            }
             // Never move to a lower epoch.
             self.publish();
             return;
         }
         if Some(&addr) == self.master.as_ref() {
             self.epoch = self.epoch.max(epoch);
+            let down = seeing_down(&reports, &addr);
+            let quorum = reports.iter().filter_map(|r| r.quorum).max().unwrap_or(1);
+            if self.state == State::Suspect
+                && self.sdown
+                && self.failed_checks == 0
+                && down < quorum
+            {
+                // Some Sentinel saw the master down (+sdown), but fewer
+                // than the quorum that a failover needs do, and it answers
+                // keyward's ROLE checks: holding requests any longer would
+                // be an outage of keyward's own making.
+                self.sdown = false;
+                self.set_state(
+                    State::Healthy,
+                    "fewer sentinels than the quorum see the master down",
+                );
+            }
             if odown > 0 {
                 // The master is objectively down or failing over: fence it,
                 // then wait for the new master.
@@ -393,13 +461,22 @@ impl Tracker {
                 }
             }
             "+switch-master" if words.first() == Some(&self.name.as_str()) && words.len() >= 5 => {
+                // "<name> <old ip> <old port> <new ip> <new port>"
+                let old = format!("{}:{}", words[1], words[2]);
                 let addr = format!("{}:{}", words[3], words[4]);
-                // The event means the Sentinels elected a leader and
-                // promoted a replica in a new epoch (announced by
-                // +new-epoch; the next poll confirms it).
-                let epoch = self.epoch.max(self.pending_epoch);
-                self.switch(addr, epoch, "+switch-master").await;
-                self.poll().await;
+                if switch_applies(self.master.as_deref(), &old) {
+                    // The Sentinels elected a leader and promoted a replica
+                    // in a new epoch (announced by +new-epoch; the next
+                    // poll confirms it).
+                    let epoch = self.epoch.max(self.pending_epoch);
+                    self.switch(addr, epoch, "+switch-master").await;
+                } else {
+                    // From a master keyward no longer follows: a Sentinel
+                    // finishing an earlier failover late (its "new" master
+                    // may since have been demoted). Only the epochs decide.
+                    tracing::info!(old = %old, new = %addr, "late +switch-master ignored; asking the sentinels");
+                }
+                self.want_poll = true;
             }
             // "slave <ip:port> <ip> <port> @ <name> <master ip> <master port>"
             "+selected-slave" | "+promoted-slave"
@@ -425,7 +502,7 @@ impl Tracker {
             }
             "-sdown" if about_master => {
                 self.sdown = false;
-                self.poll().await;
+                self.want_poll = true;
             }
             "+odown"
             | "+try-failover"
@@ -440,9 +517,17 @@ impl Tracker {
                 self.fence(&why);
             }
             "+promoted-slave" | "+failover-state-reconf-slaves" | "+failover-end" => {
-                self.poll().await
+                self.want_poll = true
             }
-            c if c.starts_with("-failover-abort") || c == "-odown" => self.poll().await,
+            c if c.starts_with("-failover-abort") => {
+                // The replica it selected must not be adopted now, even if
+                // it still turns master (a SLAVEOF NO ONE it runs late).
+                if let Some((addr, _)) = self.candidate.take() {
+                    tracing::info!(candidate = %addr, "failover aborted; no longer watching its replica");
+                }
+                self.want_poll = true
+            }
+            "-odown" => self.want_poll = true,
             _ => {}
         }
     }
@@ -562,6 +647,7 @@ async fn query(s: &Settings, name: &str) -> Result<Report, Error> {
                     epoch,
                     m.get("flags").cloned().unwrap_or_default(),
                 ));
+                rep.quorum = m.get("quorum").and_then(|q| q.parse().ok());
             }
         }
         for item in items(&replicas) {
@@ -590,6 +676,23 @@ async fn query(s: &Settings, name: &str) -> Result<Report, Error> {
                 format!("{}: sentinel query timed out", s.address),
             )
         })?
+}
+
+/// How many Sentinels see `master` subjectively or objectively down.
+fn seeing_down(reports: &[Report], master: &str) -> usize {
+    reports
+        .iter()
+        .filter_map(|r| r.master.as_ref())
+        .filter(|(a, _, flags)| {
+            a == master && flags.split(',').any(|f| f == "s_down" || f == "o_down")
+        })
+        .count()
+}
+
+/// Does a `+switch-master` from `old` move the master keyward follows?
+/// Only when `old` is that master (or none is known yet).
+fn switch_applies(current: Option<&str>, old: &str) -> bool {
+    current.is_none_or(|c| c == old)
 }
 
 /// `ROLE` on a Redis node: "master", "slave" or "sentinel".
@@ -726,5 +829,39 @@ async fn subscribe(
             _ = tokio::time::sleep(jittered) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_late_switch_from_a_replaced_master_does_not_apply() {
+        assert!(switch_applies(None, "a:1"));
+        assert!(switch_applies(Some("a:1"), "a:1"));
+        // keyward follows C; a Sentinel finishes the A -> B failover late.
+        assert!(!switch_applies(Some("c:3"), "a:1"));
+    }
+
+    fn report(master: &str, flags: &str) -> Report {
+        Report {
+            master: Some((master.into(), 1, flags.into())),
+            quorum: Some(2),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sentinels_seeing_the_master_down_are_counted() {
+        let reports = [
+            report("m:1", "master"),
+            report("m:1", "master,s_down"),
+            report("m:1", "master,s_down,o_down"),
+            report("other:2", "master,s_down"),
+        ];
+        assert_eq!(seeing_down(&reports, "m:1"), 2);
+        assert_eq!(seeing_down(&reports[..2], "m:1"), 1);
+        assert_eq!(seeing_down(&reports, "none:0"), 0);
     }
 }
