@@ -895,3 +895,69 @@ async fn transaction_on_old_master_fails_cleanly_on_switchover() {
     );
     eprintln!("transaction across a switchover: EXEC got {exec:?}; switchover held_ms {held_ms}");
 }
+
+/// A replica the Sentinels could promote, and would prefer (lower
+/// `replica-priority`), whose link to the master is down: writes
+/// acknowledged since are not on it. The switchover is refused with 409
+/// naming it, though another replica has caught up, instead of letting
+/// SENTINEL FAILOVER pick the cut-off one and lose those writes; traffic
+/// goes on on the old master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_refused_while_a_promotable_replica_is_cut_off() {
+    let (master, healthy, preferred) = blocking(|| {
+        let master = Redis::start();
+        let healthy = Redis::start_replica_of(&master);
+        let preferred = Redis::start_replica_of(&master);
+        (master, healthy, preferred)
+    });
+    assert_eq!(
+        blocking(|| preferred.call(&[b"CONFIG", b"SET", b"replica-priority", b"1"])),
+        b"+OK\r\n"
+    );
+    let sentinels = blocking(|| Sentinels::start_down_after(&master, 1000));
+    let kw = blocking(|| start_keyward_sentinel(&sentinels, &[]));
+    wait_ready(&kw, READY_LIMIT).await;
+    let (mport, hport, pport) = (master.port(), healthy.port(), preferred.port());
+    wait_until("the sentinels know both replicas", DEADLINE, || async {
+        blocking(|| {
+            sentinels.all_know_healthy_replica(hport, Some(mport))
+                && sentinels.all_know_healthy_replica(pport, Some(mport))
+        })
+    })
+    .await;
+    // The preferred replica cannot reconnect: it now authenticates as a
+    // user that does not exist.
+    for args in [
+        &[&b"CONFIG"[..], b"SET", b"masteruser", b"nosuch"][..],
+        &[b"CONFIG", b"SET", b"masterauth", b"wrong"],
+    ] {
+        assert_eq!(blocking(|| preferred.call(args)), b"+OK\r\n");
+    }
+    blocking(|| master.call(&[b"CLIENT", b"KILL", b"TYPE", b"replica"]));
+    wait_until("the preferred replica's link is down", DEADLINE, || async {
+        !blocking(|| replica_link_up(pport))
+    })
+    .await;
+    let mut c = Conn::connect(kw.port()).await;
+    let set = c.call(&[b"SET", b"acked-while-cut-off", b"v"]).await;
+    assert!(
+        matches!(&set, Answer::Reply(r) if r == b"+OK\r\n"),
+        "{set:?}"
+    );
+
+    let admin = kw.admin_port();
+    let refused = blocking(|| post_failover(admin));
+    assert_eq!(refused.status, 409, "POST /failover: {}", refused.body);
+    let error = refused.error.clone().unwrap_or_default();
+    assert!(
+        error.contains(&format!("127.0.0.1:{pport}")) && error.contains("did not catch up"),
+        "the refusal should name the replica that did not catch up: {}",
+        refused.body
+    );
+    assert_eq!(blocking(|| role_of(mport)).as_deref(), Some("master"));
+    let get = c.call(&[b"GET", b"acked-while-cut-off"]).await;
+    assert!(
+        matches!(&get, Answer::Reply(r) if r == b"$1\r\nv\r\n"),
+        "GET after the refusal: {get:?}"
+    );
+}

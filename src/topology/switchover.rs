@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::sentinel::{decode, role};
+use super::sentinel::{decode, fields, items, role};
 use super::State;
 use crate::resp::Proto;
 use crate::server::Ctx;
@@ -117,7 +117,13 @@ async fn steps(ctx: &Arc<Ctx>, old: &str, upstream: &Settings) -> Result<String,
     .await
     .map_err(|e| format!("CLIENT PAUSE failed: {}", e.detail))?;
     decode(&reply).map_err(|e| format!("CLIENT PAUSE refused: {}", e.detail))?;
-    // 3. A replica has everything the master has.
+    // 3. Every replica the Sentinels could promote has everything the
+    // master has: SENTINEL FAILOVER picks by its own view (priority, its
+    // last INFO), not the one that caught up.
+    let candidates = promotable(ctx).await?;
+    if candidates.is_empty() {
+        return Err("the sentinels know no replica they could promote".into());
+    }
     let caught_up = Instant::now() + Duration::from_secs(2).min(hold);
     loop {
         let info = connector::call(&mut conn, &[b"INFO", b"replication"])
@@ -127,22 +133,26 @@ async fn steps(ctx: &Arc<Ctx>, old: &str, upstream: &Settings) -> Result<String,
         let master_offset: u64 = field(&text, "master_repl_offset")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        let best = text
-            .lines()
-            .filter(|l| l.starts_with("slave") && l.contains("state=online"))
-            .filter_map(|l| l.split(',').find_map(|kv| kv.strip_prefix("offset=")))
-            .filter_map(|v| v.trim().parse::<u64>().ok())
-            .max();
-        match best {
-            Some(o) if o >= master_offset => break,
-            None => return Err("the master has no online replica".into()),
-            _ if Instant::now() > caught_up => {
-                return Err(format!(
-                    "no replica caught up with the master's offset {master_offset} within 2 s"
-                ))
-            }
-            _ => tokio::time::sleep(Duration::from_millis(2)).await,
+        let online = online_offsets(&text);
+        let behind: Vec<&String> = candidates
+            .iter()
+            .filter(|c| online.get(c.as_str()).is_none_or(|o| *o < master_offset))
+            .collect();
+        if behind.is_empty() {
+            break;
         }
+        if Instant::now() > caught_up {
+            return Err(format!(
+                "replica(s) {} the sentinels could promote did not catch up with the master's \
+                 offset {master_offset} within 2 s (not connected, or lagging)",
+                behind
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     // 4. Ask the Sentinels to promote it.
     let name = ctx.config.sentinel.master_name.clone();
@@ -195,8 +205,124 @@ async fn steps(ctx: &Arc<Ctx>, old: &str, upstream: &Settings) -> Result<String,
     }
 }
 
+/// Online replicas' offsets from the master's `INFO replication`, by
+/// `ip:port` (`slave0:ip=...,port=...,state=online,offset=...,lag=...`).
+fn online_offsets(info: &str) -> std::collections::HashMap<String, u64> {
+    info.lines()
+        .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+        .filter_map(|l| {
+            let (_, kvs) = l.split_once(':')?;
+            let get = |k: &str| kvs.split(',').find_map(|kv| kv.strip_prefix(k));
+            let addr = format!("{}:{}", get("ip=")?, get("port=")?);
+            Some((addr, get("offset=")?.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The replicas a Sentinel could promote, as the first reachable one sees
+/// them: not down or disconnected, priority not 0, and a link to the master
+/// not down longer than Sentinel's own cut-off (10 x down-after-milliseconds).
+async fn promotable(ctx: &Ctx) -> Result<Vec<String>, String> {
+    let name = ctx.config.sentinel.master_name.as_bytes();
+    let mut last = "no sentinel reachable".to_string();
+    for s in ctx.topology.snapshot().sentinels.iter() {
+        let mut settings = settings(ctx, &s.address);
+        settings.username = ctx.config.sentinel.username.clone();
+        settings.password = ctx.config.sentinel.password.clone();
+        let Ok(mut c) = connector::connect(&settings, Proto::Resp2).await else {
+            continue;
+        };
+        let asked = async {
+            let master = decode(&connector::call(&mut c, &[b"SENTINEL", b"MASTER", name]).await?)?;
+            let replicas =
+                decode(&connector::call(&mut c, &[b"SENTINEL", b"REPLICAS", name]).await?)?;
+            Ok::<_, crate::error::Error>((master, replicas))
+        };
+        match asked.await {
+            Ok((master, replicas)) => {
+                let down_after: u64 = fields(&master)
+                    .get("down-after-milliseconds")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(30_000);
+                return Ok(items(&replicas)
+                    .iter()
+                    .map(fields)
+                    .filter(|f| eligible(f, down_after))
+                    .filter_map(|f| Some(format!("{}:{}", f.get("ip")?, f.get("port")?)))
+                    .collect());
+            }
+            Err(e) => last = format!("{}: {}", s.address, e.detail),
+        }
+    }
+    Err(format!("cannot ask the sentinels for the replicas: {last}"))
+}
+
+/// Could Sentinel promote this replica (`SENTINEL REPLICAS` fields)?
+fn eligible(f: &std::collections::BTreeMap<String, String>, down_after_ms: u64) -> bool {
+    let flags = f.get("flags").map(String::as_str).unwrap_or("");
+    let bad = flags
+        .split(',')
+        .any(|x| matches!(x, "s_down" | "o_down" | "disconnected"));
+    let priority: u64 = f
+        .get("slave-priority")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(100);
+    let link_down_ms: u64 = f
+        .get("master-link-down-time")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    !bad && priority != 0 && link_down_ms <= down_after_ms * 10
+}
+
 fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
     info.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
         .map(str::trim)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn online_replica_offsets_by_address() {
+        let info = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\n\
+slave0:ip=127.0.0.1,port=7001,state=online,offset=120,lag=0\r\n\
+slave1:ip=127.0.0.1,port=7002,state=wait_bgsave,offset=0,lag=0\r\n\
+master_repl_offset:120\r\n";
+        let o = online_offsets(info);
+        assert_eq!(o.get("127.0.0.1:7001"), Some(&120));
+        assert_eq!(o.len(), 1, "{o:?}");
+    }
+
+    #[test]
+    fn replicas_sentinel_could_promote() {
+        let f = |pairs: &[(&str, &str)]| -> std::collections::BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let ok = f(&[
+            ("flags", "slave"),
+            ("slave-priority", "100"),
+            ("master-link-down-time", "0"),
+        ]);
+        assert!(eligible(&ok, 1000));
+        // A link down for 160 ms: Sentinel may still pick it.
+        assert!(eligible(
+            &f(&[("flags", "slave"), ("master-link-down-time", "160")]),
+            1000
+        ));
+        assert!(!eligible(&f(&[("flags", "slave,s_down")]), 1000));
+        assert!(!eligible(&f(&[("flags", "slave,disconnected")]), 1000));
+        assert!(!eligible(
+            &f(&[("flags", "slave"), ("slave-priority", "0")]),
+            1000
+        ));
+        assert!(!eligible(
+            &f(&[("flags", "slave"), ("master-link-down-time", "10001")]),
+            1000
+        ));
+    }
 }
