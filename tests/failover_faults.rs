@@ -1020,3 +1020,84 @@ async fn subscriber_body() {
          there {resub2:?} after that, then {tail2}"
     );
 }
+
+/// Wait until keyward is healthy on `master`.
+async fn wait_following(kw: &Keyward, master: &str) {
+    let admin = kw.admin_port();
+    wait_until(
+        &format!("keyward healthy on {master}"),
+        DEADLINE,
+        || async {
+            blocking(|| get_topology(admin)).is_ok_and(|t| {
+                t.master.as_deref() == Some(master) && t.state.as_deref() == Some("healthy")
+            })
+        },
+    )
+    .await;
+}
+
+/// Two Sentinel failovers back to back: the second is asked as soon as
+/// every Sentinel names the first one's new master, while the first one's
+/// leader is still finishing (its `+switch-master` can arrive after the
+/// second has begun). keyward must never go back to a master it left: every
+/// write it acknowledged is on the final master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_to_back_failovers_lose_no_acknowledged_write() {
+    let (master, r1, r2) = blocking(|| {
+        let m = Redis::start();
+        let a = Redis::start_replica_of(&m);
+        let b = Redis::start_replica_of(&m);
+        (m, a, b)
+    });
+    let sentinels = blocking(|| Sentinels::start_down_after(&master, 1000));
+    let kw = blocking(|| start_keyward_sentinel(&sentinels, &[]));
+    wait_ready(&kw, READY_LIMIT).await;
+    let (mport, p1, p2) = (master.port(), r1.port(), r2.port());
+    wait_until("the sentinels know both replicas", DEADLINE, || async {
+        blocking(|| {
+            sentinels.all_know_healthy_replica(p1, Some(mport))
+                && sentinels.all_know_healthy_replica(p2, Some(mport))
+        })
+    })
+    .await;
+    let writer = ClientLoop::writer(kw.port(), "bb");
+    wait_until("writes flow", DEADLINE, || async { writer.oks() > 100 }).await;
+
+    let old = sentinels.master_addr();
+    blocking(|| sentinels.failover());
+    let first = blocking(|| sentinels.wait_master_change(&old, DEADLINE));
+    wait_following(&kw, &first).await;
+    wait_until("every sentinel names the new master", DEADLINE, || async {
+        blocking(|| {
+            (0..sentinels.len())
+                .all(|i| sentinels.master_seen_by(i).as_deref() == Some(first.as_str()))
+        })
+    })
+    .await;
+    blocking(|| sentinels.failover());
+    let second = blocking(|| sentinels.wait_master_change(&first, Duration::from_secs(25)));
+    wait_following(&kw, &second).await;
+    let settled = Instant::now();
+    wait_until("writes flow on the final master", DEADLINE, || async {
+        writer.oks_sent_after(settled) > 100
+    })
+    .await;
+    let writes = writer.stop().await;
+    let acked: Vec<&Exchange> = writes.iter().filter(|w| w.ok()).collect();
+    let final_port = addr_port(&second).expect("port");
+    let lost = blocking(|| missing_on(final_port, "bb", &acked));
+    eprintln!(
+        "back-to-back failovers {old} -> {first} -> {second}: {} writes, {} acknowledged, {} lost, errors {}",
+        writes.len(),
+        acked.len(),
+        lost.len(),
+        error_summary(&writes)
+    );
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes are missing on the final master {second} (first {:?})\n--- keyward log (tail) ---\n{}",
+        lost.len(),
+        &lost[..lost.len().min(10)],
+        log_tail(&kw)
+    );
+}
