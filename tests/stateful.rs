@@ -1446,3 +1446,180 @@ async fn nul_in_names_and_script_debug_cannot_take_over_a_shared_connection() {
     same("(Redis itself)", &want, b"$4\r\nseen\r\n");
     check_other(&mut other).await;
 }
+
+// ---------------------------------------------------------------------------
+// State commands Redis refuses or defers: keyward's tracking must follow
+// ---------------------------------------------------------------------------
+
+/// A step: a request and how many replies Redis sends it.
+type Step = (&'static [&'static [u8]], usize);
+
+/// Each sequence, one request at a time (a pinned connection is given back
+/// between requests when keyward thinks the state ended), gets the same
+/// reply bytes through keyward as from Redis directly, on a flushed Redis
+/// each time: a DISCARD or EXEC Redis refuses keeps the transaction and the
+/// WATCH, `MULTI x` starts none, SELECT refused in subscriber mode keeps the
+/// database, subscriptions queued in MULTI owe one reply, CLIENT REPLY
+/// refused or silenced is followed, and RESP2 subscriber mode ends with the
+/// last subscription. None hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_and_queued_state_commands_match_redis_step_by_step() {
+    let (redis, kw) = setup().await;
+    let cases: Vec<(&str, Vec<Step>)> = vec![
+        (
+            "DISCARD with an argument inside MULTI",
+            vec![
+                (&[b"MULTI"], 1),
+                (&[b"SET", b"k1", b"a"], 1),
+                (&[b"DISCARD", b"x"], 1),
+                (&[b"SET", b"k2", b"b"], 1),
+                (&[b"EXEC"], 1),
+                (&[b"GET", b"k2"], 1),
+            ],
+        ),
+        (
+            "WATCH survives DISCARD without MULTI",
+            vec![
+                (&[b"WATCH", b"k1"], 1),
+                (&[b"DISCARD"], 1),
+                (&[b"SET", b"k1", b"2"], 1),
+                (&[b"MULTI"], 1),
+                (&[b"PING"], 1),
+                (&[b"EXEC"], 1),
+            ],
+        ),
+        (
+            "WATCH survives EXEC without MULTI",
+            vec![
+                (&[b"WATCH", b"k1"], 1),
+                (&[b"EXEC"], 1),
+                (&[b"SET", b"k1", b"2"], 1),
+                (&[b"MULTI"], 1),
+                (&[b"PING"], 1),
+                (&[b"EXEC"], 1),
+            ],
+        ),
+        (
+            "MULTI with an argument starts no transaction",
+            vec![
+                (&[b"MULTI", b"x"], 1),
+                (&[b"WATCH", b"k1"], 1),
+                (&[b"SET", b"k1", b"2"], 1),
+                (&[b"MULTI"], 1),
+                (&[b"PING"], 1),
+                (&[b"EXEC"], 1),
+            ],
+        ),
+        (
+            "SELECT refused in subscriber mode keeps the database",
+            vec![
+                (&[b"SELECT", b"1"], 1),
+                (&[b"SET", b"k1", b"a"], 1),
+                (&[b"SUBSCRIBE", b"c"], 1),
+                (&[b"SELECT", b"0"], 1),
+                (&[b"UNSUBSCRIBE"], 1),
+                (&[b"GET", b"k1"], 1),
+            ],
+        ),
+        (
+            "PSUBSCRIBE of two patterns queued in MULTI",
+            vec![
+                (&[b"MULTI"], 1),
+                (&[b"PSUBSCRIBE", b"a*", b"b*"], 1),
+                (&[b"RESET"], 1),
+            ],
+        ),
+        (
+            "CLIENT REPLY ON refused while subscribed under CLIENT REPLY OFF",
+            vec![
+                (&[b"CLIENT", b"REPLY", b"OFF"], 0),
+                // Confirmations are sent whatever CLIENT REPLY says.
+                (&[b"SUBSCRIBE", b"c"], 1),
+                (&[b"CLIENT", b"REPLY", b"ON"], 0),
+                (&[b"RESET"], 1),
+            ],
+        ),
+        (
+            "subscriber mode ends with the last UNSUBSCRIBE",
+            vec![
+                (&[b"SELECT", b"1"], 1),
+                (&[b"SUBSCRIBE", b"c"], 1),
+                (&[b"UNSUBSCRIBE"], 1),
+                (&[b"RPUSH", b"l", b"message"], 1),
+                (&[b"LRANGE", b"l", b"0", b"-1"], 1),
+                (&[b"AUTH", b"pw"], 1),
+            ],
+        ),
+        (
+            "CLIENT REPLY SKIP is spent on SUBSCRIBE",
+            vec![
+                (&[b"CLIENT", b"REPLY", b"SKIP"], 0),
+                (&[b"SUBSCRIBE", b"c"], 1),
+                (&[b"PING"], 1),
+                (&[b"RESET"], 1),
+            ],
+        ),
+        (
+            "CLIENT REPLY OFF with an argument changes nothing",
+            vec![
+                (&[b"CLIENT", b"REPLY", b"OFF", b"x"], 1),
+                (&[b"GET", b"k1"], 1),
+                (&[b"AUTH", b"pw"], 1),
+            ],
+        ),
+        (
+            "HELLO SETNAME under CLIENT REPLY OFF",
+            vec![
+                (&[b"CLIENT", b"REPLY", b"OFF"], 0),
+                (&[b"HELLO", b"2", b"SETNAME", b"n"], 0),
+                (&[b"CLIENT", b"REPLY", b"ON"], 1),
+                (&[b"PING"], 1),
+            ],
+        ),
+    ];
+    for (case, steps) in &cases {
+        let run = |port: u16| async move {
+            let mut c = Raw::connect(port).await;
+            let mut replies = Vec::new();
+            for (req, n) in steps {
+                c.send(&cmd(req)).await;
+                for r in within(DEADLINE, case, c.read_replies(*n)).await {
+                    replies.push(r);
+                }
+            }
+            let next = within(DEADLINE, case, c.call(&[b"ECHO", b"next"])).await;
+            (replies, next)
+        };
+        same("FLUSHALL", &redis.call(&[b"FLUSHALL"]), b"+OK\r\n");
+        let (want, want_next) = run(redis.port()).await;
+        same("FLUSHALL", &redis.call(&[b"FLUSHALL"]), b"+OK\r\n");
+        let (got, got_next) = run(kw.port()).await;
+        same(case, &got.concat(), &want.concat());
+        same(&format!("{case}: then ECHO"), &got_next, &want_next);
+    }
+}
+
+/// HELLO with SETNAME pipelined behind other requests: keyward drops the
+/// reply to its own CLIENT SETNAME, not a reply still on its way to one of
+/// the client's requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_setname_pipelined_drops_only_its_own_reply() {
+    let (_redis, kw) = setup().await;
+    let mut c = Raw::connect(kw.port()).await;
+    c.send(&pipeline(&[
+        &[b"SET", b"k1", b"val"],
+        &[b"CLIENT", b"SETNAME", b"a"],
+        &[b"GET", b"k1"],
+        &[b"HELLO", b"2", b"SETNAME", b"n"],
+        &[b"GET", b"k1"],
+        &[b"CLIENT", b"GETNAME"],
+    ]))
+    .await;
+    let r = c.read_replies(6).await;
+    same("SET", &r[0], b"+OK\r\n");
+    same("CLIENT SETNAME", &r[1], b"+OK\r\n");
+    same("GET", &r[2], b"$3\r\nval\r\n");
+    assert!(r[3].starts_with(b"*"), "HELLO: {}", esc(&r[3]));
+    same("GET after HELLO", &r[4], b"$3\r\nval\r\n");
+    same("CLIENT GETNAME", &r[5], b"$1\r\nn\r\n");
+}

@@ -885,11 +885,7 @@ impl Reader {
                 self.state.shard_channels.iter().cloned().collect(),
             ),
         ];
-        let resp2 = self.proto == Proto::Resp2;
         let Some(p) = &mut self.pinned else { return };
-        if resp2 {
-            p.mark_subscribed();
-        }
         for (cmd, names) in kinds {
             if names.is_empty() {
                 continue;
@@ -965,6 +961,54 @@ impl Reader {
             Class::Hello | Class::Auth | Class::Keyward | Class::Replication
         );
         if self.pinned.is_some() && local && (subscriber || refused_in_multi) {
+            return self.forward(req, frame).await;
+        }
+        // A state command Redis refuses without running it (wrong arity;
+        // anything but (UN)SUBSCRIBE, PING, QUIT, RESET in RESP2 subscriber
+        // mode) changes no state: keyward must not think a transaction,
+        // a WATCH, a database or a reply mode ended or began.
+        let tracked = matches!(
+            class,
+            Class::Select
+                | Class::Multi
+                | Class::Watch
+                | Class::Exec
+                | Class::Discard
+                | Class::Unwatch
+                | Class::Monitor
+                | Class::ClientState
+                | Class::ClientReply(_)
+                | Class::Subscribe(_)
+                | Class::Unsubscribe(_)
+        );
+        if tracked {
+            let arity_ok = self
+                .ctx
+                .learned
+                .table
+                .load()
+                .as_deref()
+                .and_then(|t| t.get_with_sub(args[0], args.get(1).copied()))
+                .is_none_or(|i| i.arity_ok(args.len()));
+            let allowed_subscribed = matches!(class, Class::Subscribe(_) | Class::Unsubscribe(_));
+            if !arity_ok || (subscriber && !allowed_subscribed) {
+                return self.forward(req, frame).await;
+            }
+        }
+        // Queued in MULTI, a command that changes subscriptions or the
+        // reply mode runs at EXEC (or never): keyward cannot know its
+        // effect, so the client keeps its connection until RESET, and the
+        // command now gets the one reply (+QUEUED) Redis sends.
+        if self.state.in_multi
+            && matches!(
+                class,
+                Class::Subscribe(_)
+                    | Class::Unsubscribe(_)
+                    | Class::ClientReply(_)
+                    | Class::Monitor
+            )
+        {
+            self.state.client_state = true;
             return self.forward(req, frame).await;
         }
         match class {
@@ -1043,11 +1087,12 @@ impl Reader {
                     return self.forward(req, frame).await;
                 }
                 match class {
-                    Class::Exec | Class::Discard => {
+                    // Without MULTI, Redis refuses them and keeps the WATCH.
+                    Class::Exec | Class::Discard if self.state.in_multi => {
                         self.state.in_multi = false;
                         self.state.watching = false;
                     }
-                    _ if !self.state.in_multi => self.state.watching = false,
+                    Class::Unwatch if !self.state.in_multi => self.state.watching = false,
                     _ => {}
                 }
                 let expect = self.state.replies_for_next();
@@ -1058,11 +1103,6 @@ impl Reader {
                     let names: Vec<Bytes> =
                         (1..args.len()).map(|i| arg_bytes(&frame, req, i)).collect();
                     let expect = self.state.subscribe(kind, &names);
-                    if let Some(p) = &self.pinned {
-                        if self.proto == Proto::Resp2 {
-                            p.mark_subscribed();
-                        }
-                    }
                     self.send_pinned(&frame, expect).await;
                 }
             }
@@ -1207,6 +1247,13 @@ impl Reader {
                     .await;
             }
         }
+        if hello.setname.is_some() && self.state.in_multi {
+            // The CLIENT SETNAME would be queued into the transaction and
+            // show up in EXEC's reply.
+            return self
+                .local_error(ErrorKind::Refused, "ERR keyward cannot set the client name with HELLO inside MULTI; use CLIENT SETNAME")
+                .await;
+        }
         self.proto = proto;
         if let Some(name) = &hello.setname {
             // The name belongs to one connection: pin, and set it upstream
@@ -1215,10 +1262,16 @@ impl Reader {
                 return;
             }
             self.state.client_state = true;
+            // CLIENT REPLY OFF or SKIP silences it at Redis: nothing to swallow.
+            let silenced = self.state.reply_off || self.state.reply_skip;
             let mut cmd = BytesMut::new();
             reply::command(&mut cmd, &[b"CLIENT", b"SETNAME", name]);
             if let Some(p) = &mut self.pinned {
-                if p.send_silent(&cmd).await.is_err() {
+                let sent = match silenced {
+                    true => p.send(&cmd, 0).await,
+                    false => p.send_silent(&cmd).await,
+                };
+                if sent.is_err() {
                     self.closing = true;
                     return;
                 }

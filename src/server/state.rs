@@ -103,12 +103,20 @@ impl SessionState {
             set.insert(n.clone());
         }
         // Redis answers once per argument; with none, one arity error.
-        names.len().max(1) as u64
+        self.silenced(names.len().max(1) as u64)
+    }
+
+    /// The `n` confirmations of an (UN)SUBSCRIBE: Redis sends them whatever
+    /// CLIENT REPLY says (they go out as pushes), and a SKIP is spent on
+    /// this command.
+    fn silenced(&mut self, n: u64) -> u64 {
+        self.reply_skip = false;
+        n
     }
 
     pub fn unsubscribe(&mut self, kind: SubKind, names: &[Bytes]) -> u64 {
         let set = self.subs(kind);
-        if names.is_empty() {
+        let n = if names.is_empty() {
             let n = set.len().max(1) as u64;
             set.clear();
             n
@@ -117,7 +125,8 @@ impl SessionState {
                 set.remove(n);
             }
             names.len() as u64
-        }
+        };
+        self.silenced(n)
     }
 }
 
@@ -138,6 +147,20 @@ mod tests {
         assert_eq!(s.unsubscribe(SubKind::Channel, &[]), 2);
         assert!(s.clean());
         assert_eq!(s.unsubscribe(SubKind::Pattern, &[]), 1);
+    }
+
+    #[test]
+    fn client_reply_does_not_silence_subscription_confirmations() {
+        let mut s = SessionState::default();
+        let a = Bytes::from_static(b"a");
+        let b = Bytes::from_static(b"b");
+        s.set_reply_mode(ReplyMode::Skip);
+        assert_eq!(s.subscribe(SubKind::Channel, &[a.clone(), b.clone()]), 2);
+        // The SKIP was spent on SUBSCRIBE.
+        assert_eq!(s.replies_for_next(), 1);
+        s.set_reply_mode(ReplyMode::Off);
+        assert_eq!(s.unsubscribe(SubKind::Channel, &[]), 2);
+        assert!(!s.subscribed());
     }
 
     #[test]

@@ -49,9 +49,12 @@ pub struct PinShared {
     /// The client has subscribed in RESP2 on this connection, so arrays
     /// starting with `message`/`pmessage`/`smessage` are pushes, not replies.
     subscribed: AtomicBool,
-    /// Replies to requests keyward sent on the client's behalf (the
-    /// `CLIENT SETNAME` of a `HELLO ... SETNAME`), dropped instead of relayed.
-    swallow: AtomicU64,
+    /// The numbers (counted from the start, as `sent`) of the replies to
+    /// requests keyward sent on the client's behalf (the `CLIENT SETNAME` of
+    /// a `HELLO ... SETNAME`), dropped instead of relayed. By number, not
+    /// "the next reply": replies to the client's earlier requests may still
+    /// be on their way.
+    swallow: Mutex<VecDeque<u64>>,
     /// Notified when `outstanding` drops to zero.
     idle: Notify,
     /// The connection's upstream generation was retired (master replaced).
@@ -88,6 +91,30 @@ impl std::fmt::Debug for AfterReply {
 }
 
 impl PinShared {
+    /// Is reply number `n` one to drop? (Numbers come in order.)
+    fn swallows(&self, n: u64) -> bool {
+        let mut s = self.swallow.lock().unwrap_or_else(|e| e.into_inner());
+        while s.front().is_some_and(|&f| f < n) {
+            s.pop_front();
+        }
+        if s.front() == Some(&n) {
+            s.pop_front();
+            return true;
+        }
+        false
+    }
+
+    fn swallowing(&self) -> usize {
+        self.swallow.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    fn take_swallowing(&self) -> u64 {
+        let mut s = self.swallow.lock().unwrap_or_else(|e| e.into_inner());
+        let n = s.len() as u64;
+        s.clear();
+        n
+    }
+
     /// Run the actions waiting for replies up to number `answered` (all of
     /// them when the connection has ended: `u64::MAX`).
     fn replied(&self, answered: u64) {
@@ -236,14 +263,18 @@ impl Pinned {
 
     /// Send a request of keyward's own whose reply the client must not see.
     pub async fn send_silent(&mut self, bytes: &[u8]) -> Result<(), Error> {
-        self.shared.swallow.fetch_add(1, Ordering::AcqRel);
-        self.send(bytes, 1).await
+        self.send_swallowed(bytes, 1).await
     }
 
     /// Send requests of keyward's own owing `replies` replies the client
     /// must not see (re-subscribing on a new master).
     pub async fn send_swallowed(&mut self, bytes: &[u8], replies: u64) -> Result<(), Error> {
-        self.shared.swallow.fetch_add(replies, Ordering::AcqRel);
+        let first = self.shared.sent.load(Ordering::Acquire) + 1;
+        self.shared
+            .swallow
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(first..first + replies);
         self.send(bytes, replies).await
     }
 
@@ -274,10 +305,6 @@ impl Pinned {
             }
             notified.await;
         }
-    }
-
-    pub fn mark_subscribed(&self) {
-        self.shared.subscribed.store(true, Ordering::Relaxed);
     }
 
     /// No reply is owed, and every reply received has been handed to the
@@ -367,6 +394,8 @@ async fn relay(
     let mut scanner = Scanner::new();
     // Replies received, counted from the start (see `PinShared::sent`).
     let mut received = 0u64;
+    // Subscriptions (channels and patterns; shard channels) Redis reported.
+    let mut counts = [0i64; 2];
     let error = loop {
         crate::resp::release_if_large(&mut buf, 8 * 1024);
         crate::resp::make_room(&mut buf, scanner.need(), 8 * 1024);
@@ -378,7 +407,7 @@ async fn relay(
                 shared.replied(u64::MAX);
                 shared.outstanding.store(0, Ordering::Release);
                 shared.idle.notify_waiters();
-                let quiet = buf.is_empty() && shared.swallow.load(Ordering::Acquire) == 0;
+                let quiet = buf.is_empty() && shared.swallowing() == 0;
                 return quiet.then_some((rd, buf));
             }
         };
@@ -408,12 +437,15 @@ async fn relay(
                         shared.subscribed.load(Ordering::Relaxed),
                     ) {
                         answered += 1;
-                        let swallowed = shared
-                            .swallow
-                            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-                            .is_ok();
-                        if swallowed {
+                        if shared.swallows(received + answered) {
                             cut.push((start, end));
+                        }
+                        // RESP2 subscriber mode, from Redis's own counts in
+                        // its (un)subscribe confirmations, in wire order.
+                        if let Some((shard, n)) = confirmation(&buf[start..end]) {
+                            counts[shard as usize] = n;
+                            let on = counts[0] + counts[1] > 0;
+                            shared.subscribed.store(on, Ordering::Relaxed);
                         }
                     }
                     start = end;
@@ -476,7 +508,7 @@ async fn relay(
     let owed = shared
         .outstanding
         .load(Ordering::Acquire)
-        .saturating_sub(shared.swallow.swap(0, Ordering::AcqRel));
+        .saturating_sub(shared.take_swallowing());
     let carried = (shared.retired.load(Ordering::Acquire)
         || shared.carry_any_loss.load(Ordering::Acquire))
         && shared.resubscribe.load(Ordering::Acquire)
@@ -529,6 +561,21 @@ fn answers_request(frame: &[u8], proto: Proto, subscribed: bool) -> bool {
     }
 }
 
+/// An (un)subscribe confirmation's kind (true: shard channels) and the
+/// subscription count it reports.
+fn confirmation(frame: &[u8]) -> Option<(bool, i64)> {
+    let mut e = elements(frame);
+    let name = string_of(e.next()?)?.to_ascii_lowercase();
+    let shard = match name.as_slice() {
+        b"subscribe" | b"unsubscribe" | b"psubscribe" | b"punsubscribe" => false,
+        b"ssubscribe" | b"sunsubscribe" => true,
+        _ => return None,
+    };
+    let count = e.nth(1)?;
+    let n = count.strip_prefix(b":")?.strip_suffix(b"\r\n")?;
+    Some((shard, crate::resp::scan::parse_int(n)?))
+}
+
 /// The first element of an aggregate frame, if it is a bulk or simple string.
 fn first_element(frame: &[u8]) -> Option<&[u8]> {
     elements(frame).next().and_then(string_of)
@@ -563,6 +610,17 @@ mod tests {
         shared.replied(u64::MAX);
         assert_eq!(ran.load(Ordering::Relaxed), 1 | 2 | 4);
         assert!(shared.after.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn subscription_confirmations() {
+        let sub = b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:2\r\n";
+        let sunsub = b"*3\r\n$12\r\nsunsubscribe\r\n$1\r\ns\r\n:0\r\n";
+        let msg = b"*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nm\r\n";
+        assert_eq!(confirmation(sub), Some((false, 2)));
+        assert_eq!(confirmation(sunsub), Some((true, 0)));
+        assert_eq!(confirmation(msg), None);
+        assert_eq!(confirmation(b"+OK\r\n"), None);
     }
 
     #[test]
