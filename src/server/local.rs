@@ -40,20 +40,21 @@ pub fn parse_hello(args: &[&[u8]]) -> Result<Hello, String> {
             hello.auth = Some((args[j + 1].to_vec(), args[j + 2].to_vec()));
             j += 3;
         } else if opt.eq_ignore_ascii_case(b"SETNAME") && more >= 1 {
-            hello.setname = Some(args[j + 1].to_vec());
+            // Checked here, as Redis does while it reads the options.
+            let name = args[j + 1];
+            if name.iter().any(|c| !(b'!'..=b'~').contains(c)) {
+                return Err(
+                    "ERR Client names cannot contain spaces, newlines or special characters."
+                        .into(),
+                );
+            }
+            hello.setname = Some(name.to_vec());
             j += 2;
         } else {
             return Err(format!(
                 "ERR Syntax error in HELLO option '{}'",
                 String::from_utf8_lossy(opt)
             ));
-        }
-    }
-    if let Some(name) = &hello.setname {
-        if name.iter().any(|c| !(b'!'..=b'~').contains(c)) {
-            return Err(
-                "ERR Client names cannot contain spaces, newlines or special characters.".into(),
-            );
         }
     }
     Ok(hello)
@@ -190,6 +191,11 @@ mod tests {
         let h = parse_hello(&[b"2", b"auth", b"default", b"pw", b"SETNAME", b"n"]).unwrap();
         assert_eq!(h.auth, Some((b"default".to_vec(), b"pw".to_vec())));
         assert_eq!(h.setname, Some(b"n".to_vec()));
+        // The name is checked as it is read, before a later bad option.
+        assert_eq!(
+            parse_hello(&[b"2", b"SETNAME", b"bad name", b"FOO"]).unwrap_err(),
+            "ERR Client names cannot contain spaces, newlines or special characters."
+        );
     }
 
     #[test]
