@@ -1043,23 +1043,11 @@ async fn wait_following(kw: &Keyward, master: &str) {
 /// write it acknowledged is on the final master.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn back_to_back_failovers_lose_no_acknowledged_write() {
-    let (master, r1, r2) = blocking(|| {
-        let m = Redis::start();
-        let a = Redis::start_replica_of(&m);
-        let b = Redis::start_replica_of(&m);
-        (m, a, b)
-    });
+    let (master, r1, r2) = blocking(master_with_two_replicas);
     let sentinels = blocking(|| Sentinels::start_down_after(&master, 1000));
     let kw = blocking(|| start_keyward_sentinel(&sentinels, &[]));
     wait_ready(&kw, READY_LIMIT).await;
-    let (mport, p1, p2) = (master.port(), r1.port(), r2.port());
-    wait_until("the sentinels know both replicas", DEADLINE, || async {
-        blocking(|| {
-            sentinels.all_know_healthy_replica(p1, Some(mport))
-                && sentinels.all_know_healthy_replica(p2, Some(mport))
-        })
-    })
-    .await;
+    wait_sentinels_know(&sentinels, master.port(), &[r1.port(), r2.port()]).await;
     let writer = ClientLoop::writer(kw.port(), "bb");
     wait_until("writes flow", DEADLINE, || async { writer.oks() > 100 }).await;
 

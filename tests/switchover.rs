@@ -904,12 +904,7 @@ async fn transaction_on_old_master_fails_cleanly_on_switchover() {
 /// goes on on the old master.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_refused_while_a_promotable_replica_is_cut_off() {
-    let (master, healthy, preferred) = blocking(|| {
-        let master = Redis::start();
-        let healthy = Redis::start_replica_of(&master);
-        let preferred = Redis::start_replica_of(&master);
-        (master, healthy, preferred)
-    });
+    let (master, healthy, preferred) = blocking(master_with_two_replicas);
     assert_eq!(
         blocking(|| preferred.call(&[b"CONFIG", b"SET", b"replica-priority", b"1"])),
         b"+OK\r\n"
@@ -917,14 +912,8 @@ async fn switchover_refused_while_a_promotable_replica_is_cut_off() {
     let sentinels = blocking(|| Sentinels::start_down_after(&master, 1000));
     let kw = blocking(|| start_keyward_sentinel(&sentinels, &[]));
     wait_ready(&kw, READY_LIMIT).await;
-    let (mport, hport, pport) = (master.port(), healthy.port(), preferred.port());
-    wait_until("the sentinels know both replicas", DEADLINE, || async {
-        blocking(|| {
-            sentinels.all_know_healthy_replica(hport, Some(mport))
-                && sentinels.all_know_healthy_replica(pport, Some(mport))
-        })
-    })
-    .await;
+    let (mport, pport) = (master.port(), preferred.port());
+    wait_sentinels_know(&sentinels, mport, &[healthy.port(), pport]).await;
     // The preferred replica cannot reconnect: it now authenticates as a
     // user that does not exist.
     for args in [

@@ -632,6 +632,27 @@ pub fn replicated_group(down_after_ms: u64) -> (Redis, Redis, Sentinels) {
     (master, replica, sentinels)
 }
 
+/// A master and two replicas of it, synced.
+pub fn master_with_two_replicas() -> (Redis, Redis, Redis) {
+    let master = Redis::start();
+    let a = Redis::start_replica_of(&master);
+    let b = Redis::start_replica_of(&master);
+    (master, a, b)
+}
+
+/// Wait until every sentinel lists each of `replicas` as a healthy replica
+/// of `master` (what SENTINEL FAILOVER's replica selection needs).
+pub async fn wait_sentinels_know(sentinels: &Sentinels, master: u16, replicas: &[u16]) {
+    super::wait_until("the sentinels know the replicas", DEADLINE, || async {
+        super::blocking(|| {
+            replicas
+                .iter()
+                .all(|r| sentinels.all_know_healthy_replica(*r, Some(master)))
+        })
+    })
+    .await;
+}
+
 /// [`replicated_group`] and keyward following its sentinels
 /// ([`start_keyward_sentinel`] with no extra arguments), returned once
 /// keyward's `/ready` answers 200. Needs the multi-threaded runtime.
