@@ -1551,6 +1551,16 @@ async fn refused_and_queued_state_commands_match_redis_step_by_step() {
             ],
         ),
         (
+            "SUBSCRIBE queued in MULTI subscribes at EXEC",
+            vec![
+                (&[b"MULTI"], 1),
+                (&[b"SUBSCRIBE", b"c"], 1),
+                (&[b"EXEC"], 1),
+                (&[b"PING"], 1),
+                (&[b"RESET"], 1),
+            ],
+        ),
+        (
             "CLIENT REPLY SKIP is spent on SUBSCRIBE",
             vec![
                 (&[b"CLIENT", b"REPLY", b"SKIP"], 0),

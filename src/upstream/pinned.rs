@@ -442,7 +442,17 @@ async fn relay(
                         }
                         // RESP2 subscriber mode, from Redis's own counts in
                         // its (un)subscribe confirmations, in wire order.
-                        if let Some((shard, n)) = confirmation(&buf[start..end]) {
+                        // (Also inside EXEC's array: a SUBSCRIBE queued in
+                        // MULTI subscribes when EXEC runs.)
+                        let frame = &buf[start..end];
+                        let nested = frame.first() == Some(&b'*')
+                            && elements(frame)
+                                .next()
+                                .is_some_and(|e| e.first() == Some(&b'*'));
+                        let confirmations = std::iter::once(frame)
+                            .chain(elements(frame).filter(|_| nested))
+                            .filter_map(confirmation);
+                        for (shard, n) in confirmations {
                             counts[shard as usize] = n;
                             let on = counts[0] + counts[1] > 0;
                             shared.subscribed.store(on, Ordering::Relaxed);
@@ -621,6 +631,10 @@ mod tests {
         assert_eq!(confirmation(sunsub), Some((true, 0)));
         assert_eq!(confirmation(msg), None);
         assert_eq!(confirmation(b"+OK\r\n"), None);
+        // EXEC's reply holding a SUBSCRIBE's confirmation.
+        let exec = [&b"*1\r\n"[..], sub].concat();
+        assert_eq!(confirmation(&exec), None);
+        assert_eq!(elements(&exec).find_map(confirmation), Some((false, 2)));
     }
 
     #[test]
