@@ -1633,3 +1633,27 @@ async fn hello_setname_pipelined_drops_only_its_own_reply() {
     same("GET after HELLO", &r[4], b"$3\r\nval\r\n");
     same("CLIENT GETNAME", &r[5], b"$1\r\nn\r\n");
 }
+
+/// A client that leaves while its RESET (or a reply keyward makes, such as
+/// HELLO's) waits behind its own `BLPOP q 0`: the session ends and its
+/// connection to Redis closes, as Redis drops a client that leaves, so the
+/// blocked BLPOP does not linger and take the next item pushed to `q`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_behind_its_blocked_call_leaves_nothing_blocked() {
+    let (redis, kw) = setup().await;
+    for then in [&[&b"RESET"[..]][..], &[b"HELLO", b"2"]] {
+        let mut c = Raw::connect(kw.port()).await;
+        c.send(&pipeline(&[&[b"BLPOP", b"q", b"0"], then])).await;
+        wait_blocked(redis.port(), 1).await;
+        drop(c);
+        wait_blocked(redis.port(), 0).await;
+        let mut other = Raw::connect(kw.port()).await;
+        same(
+            "LPUSH",
+            &other.call(&[b"LPUSH", b"q", b"item"]).await,
+            b":1\r\n",
+        );
+        same("LLEN", &other.call(&[b"LLEN", b"q"]).await, b":1\r\n");
+        same("DEL", &other.call(&[b"DEL", b"q"]).await, b":1\r\n");
+    }
+}

@@ -196,6 +196,7 @@ pub fn start(
         last_cmd: SmallVec::new(),
         published_cmd: SmallVec::new(),
         hit_buf: BytesMut::new(),
+        rd: None,
     };
     let slot = ClientSlot(ctx, id);
     let reader = readers.spawn(async move {
@@ -269,10 +270,13 @@ struct Reader {
     published_cmd: SmallVec<[u8; 16]>,
     /// A cache hit's reply while a run waits to be sent before it.
     hit_buf: BytesMut,
+    /// The client's socket, read in `run` (set there).
+    rd: Option<OwnedReadHalf>,
 }
 
 impl Reader {
-    async fn run(&mut self, mut rd: OwnedReadHalf) {
+    async fn run(&mut self, rd: OwnedReadHalf) {
+        self.rd = Some(rd);
         let idle = match self.ctx.config.server.idle_timeout_secs {
             0 => None,
             s => Some(Duration::from_secs(s)),
@@ -284,6 +288,7 @@ impl Reader {
             self.maybe_release().await;
             crate::resp::release_if_large(&mut self.buf, 4096);
             crate::resp::make_room(&mut self.buf, self.parser.need(), 4096);
+            let Some(rd) = self.rd.as_mut() else { return };
             let buf = &mut self.buf;
             let pinned = &self.pinned;
             let releasable = pinned.is_some() && self.state.clean();
@@ -636,6 +641,32 @@ impl Reader {
         self.push_pooled(rx, req, count, batch);
     }
 
+    /// Wait until the pinned connection owes nothing. False if the client
+    /// closed meanwhile (with nothing more sent): the session ends, and
+    /// with it the pinned connection, instead of waiting for ever for a
+    /// reply (a RESET behind a `BLPOP q 0` whose client left).
+    async fn wait_owed(&mut self) -> bool {
+        let (Some(p), Some(rd)) = (&self.pinned, self.rd.as_mut()) else {
+            return true;
+        };
+        let left = async {
+            let mut probe = [0u8; 1];
+            match rd.peek(&mut probe).await {
+                Ok(0) | Err(_) => {}
+                // More requests wait unread: the client is still there.
+                Ok(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = p.wait_idle() => true,
+            _ = left => {
+                self.closing = true;
+                false
+            }
+        }
+    }
+
     /// Queue a batch sent to a pool, with the keys it writes.
     fn push_pooled(
         &mut self,
@@ -696,11 +727,14 @@ impl Reader {
     /// everything before it.
     async fn local_reply(&mut self, bytes: Bytes, requests: u32) {
         let error = bytes.first() == Some(&b'-');
-        if let (Some(p), Some(tx)) = (&self.pinned, &self.pinned_tx) {
+        if self.pinned.is_some() && self.pinned_tx.is_some() {
             // Behind the pinned connection's replies: wait until they are
             // all queued, then queue this one on the same relay, unless
             // CLIENT REPLY OFF or SKIP silences it, as it does Redis's.
-            p.wait_idle().await;
+            if !self.wait_owed().await {
+                return;
+            }
+            let Some(tx) = &self.pinned_tx else { return };
             if self.state.replies_for_next() > 0 {
                 self.shared.meter.add(bytes.len());
                 let _ = tx.send(PinMsg::Data(bytes)).await;
@@ -1027,13 +1061,17 @@ impl Reader {
             // Redis's arity error, from wherever we are.
             Class::Reset if args.len() != 1 => self.forward(req, frame).await,
             Class::Reset => {
-                if let Some(p) = self.pinned.take() {
+                if self.pinned.is_some() {
                     // As in Redis, RESET behind a blocked call (BLPOP, XREAD
                     // BLOCK, WAIT) runs once that call has answered (or its
                     // connection is gone); closing first would lose the answer.
-                    p.wait_idle().await;
-                    self.pinned_tx = None;
-                    p.release().await;
+                    if !self.wait_owed().await {
+                        return;
+                    }
+                    if let Some(p) = self.pinned.take() {
+                        self.pinned_tx = None;
+                        p.release().await;
+                    }
                 }
                 self.state = SessionState::default();
                 self.multi_written = Written::default();
