@@ -85,12 +85,17 @@ impl Conn {
         self.deadline.as_mut().reset(Instant::now() + self.idle);
     }
 
-    /// Pending I/O: an error once the connection has been quiet too long.
-    fn quiet(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+    /// An I/O poll's result: progress moves the deadline; pending I/O is
+    /// an error once the connection has been quiet too long.
+    fn watch<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if r.is_ready() {
+            self.progressed();
+            return r;
+        }
         match self.deadline.as_mut().poll(cx) {
             Poll::Ready(()) => {
                 Limit::AdminIdleTimeout.reached();
-                Poll::Ready(io::ErrorKind::TimedOut.into())
+                Poll::Ready(Err(io::ErrorKind::TimedOut.into()))
             }
             Poll::Pending => Poll::Pending,
         }
@@ -104,13 +109,8 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.stream).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                this.progressed();
-                Poll::Ready(r)
-            }
-            Poll::Pending => this.quiet(cx).map(Err),
-        }
+        let r = Pin::new(&mut this.stream).poll_read(cx, buf);
+        this.watch(cx, r)
     }
 }
 
@@ -121,13 +121,8 @@ impl AsyncWrite for Conn {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.stream).poll_write(cx, buf) {
-            Poll::Ready(r) => {
-                this.progressed();
-                Poll::Ready(r)
-            }
-            Poll::Pending => this.quiet(cx).map(Err),
-        }
+        let r = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.watch(cx, r)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -144,13 +139,8 @@ impl AsyncWrite for Conn {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.stream).poll_write_vectored(cx, bufs) {
-            Poll::Ready(r) => {
-                this.progressed();
-                Poll::Ready(r)
-            }
-            Poll::Pending => this.quiet(cx).map(Err),
-        }
+        let r = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.watch(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -76,7 +76,8 @@ pub enum FlushReason {
     Topology,
     /// A new tracking link (invalidations may have been missed before it).
     Start,
-    /// FLUSHALL, FLUSHDB or SWAPDB sent through keyward (see `written`).
+    /// FLUSHALL, FLUSHDB, SWAPDB or DEBUG RELOAD|LOADAOF|POPULATE sent
+    /// through keyward (see `written`).
     Command,
 }
 

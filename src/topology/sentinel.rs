@@ -313,17 +313,12 @@ impl Tracker {
         };
         // Sentinels that name this master in this epoch and see it down or
         // failing over (reports about a replaced master do not count).
-        let odown = reports
-            .iter()
-            .filter_map(|r| r.master.as_ref())
-            .filter(|(a, e, flags)| {
-                *a == addr
-                    && *e == epoch
-                    && flags
-                        .split(',')
-                        .any(|f| f == "o_down" || f == "failover_in_progress")
-            })
-            .count();
+        let odown = flagged(
+            &reports,
+            &addr,
+            Some(epoch),
+            &["o_down", "failover_in_progress"],
+        );
         if epoch < self.epoch {
             let agree = votes.get(&(epoch, addr.clone())).copied().unwrap_or(0);
             if self.state == State::Fenced && agree * 2 > self.sentinels.len() {
@@ -344,7 +339,7 @@ impl Tracker {
         }
         if Some(&addr) == self.master.as_ref() {
             self.epoch = self.epoch.max(epoch);
-            let down = seeing_down(&reports, &addr);
+            let down = flagged(&reports, &addr, None, &["s_down", "o_down"]);
             let quorum = reports.iter().filter_map(|r| r.quorum).max().unwrap_or(1);
             if self.state == State::Suspect
                 && self.sdown
@@ -678,13 +673,16 @@ async fn query(s: &Settings, name: &str) -> Result<Report, Error> {
         })?
 }
 
-/// How many Sentinels see `master` subjectively or objectively down.
-fn seeing_down(reports: &[Report], master: &str) -> usize {
+/// How many Sentinels name `master` (in `epoch`, if given) with one of
+/// `flags` (`s_down`, `o_down`, `failover_in_progress`).
+fn flagged(reports: &[Report], master: &str, epoch: Option<u64>, flags: &[&str]) -> usize {
     reports
         .iter()
         .filter_map(|r| r.master.as_ref())
-        .filter(|(a, _, flags)| {
-            a == master && flags.split(',').any(|f| f == "s_down" || f == "o_down")
+        .filter(|(a, e, fl)| {
+            a == master
+                && epoch.is_none_or(|want| *e == want)
+                && fl.split(',').any(|f| flags.contains(&f))
         })
         .count()
 }
@@ -860,8 +858,11 @@ mod tests {
             report("m:1", "master,s_down,o_down"),
             report("other:2", "master,s_down"),
         ];
-        assert_eq!(seeing_down(&reports, "m:1"), 2);
-        assert_eq!(seeing_down(&reports[..2], "m:1"), 1);
-        assert_eq!(seeing_down(&reports, "none:0"), 0);
+        let down = ["s_down", "o_down"];
+        assert_eq!(flagged(&reports, "m:1", None, &down), 2);
+        assert_eq!(flagged(&reports[..2], "m:1", None, &down), 1);
+        assert_eq!(flagged(&reports, "none:0", None, &down), 0);
+        assert_eq!(flagged(&reports, "m:1", Some(1), &["o_down"]), 1);
+        assert_eq!(flagged(&reports, "m:1", Some(2), &down), 0);
     }
 }

@@ -326,21 +326,24 @@ impl Pinned {
     pub async fn release(mut self) {
         self.shared.releasing.store(true, Ordering::Release);
         let keep = self.parked.enabled() && self.idle() && !self.retired.is_cancelled();
-        if let (true, Some(task)) = (keep, self.relay.take()) {
-            if let Some(wr) = self.wr.take() {
-                self.shared.park.notify_one();
-                let (parked, node, proto) = (self.parked.clone(), self.node.clone(), self.proto);
-                let resetting = parked.begin(proto);
-                tokio::spawn(async move {
-                    if let Ok(Some((rd, buf))) = task.await {
-                        if let (true, Ok(stream)) = (buf.is_empty(), rd.reunite(wr)) {
-                            let s = &node.settings;
-                            parked.reset_and_keep(stream, s, proto, resetting).await;
-                        }
+        // Both are there until release or drop takes them.
+        let halves = match keep {
+            true => self.relay.take().zip(self.wr.take()),
+            false => None,
+        };
+        if let Some((task, wr)) = halves {
+            self.shared.park.notify_one();
+            let (parked, node, proto) = (self.parked.clone(), self.node.clone(), self.proto);
+            let resetting = parked.begin(proto);
+            tokio::spawn(async move {
+                if let Ok(Some((rd, buf))) = task.await {
+                    if let (true, Ok(stream)) = (buf.is_empty(), rd.reunite(wr)) {
+                        let s = &node.settings;
+                        parked.reset_and_keep(stream, s, proto, resetting).await;
                     }
-                });
-                return;
-            }
+                }
+            });
+            return;
         }
         if let Some(wr) = self.wr.as_mut() {
             let _ = wr.shutdown().await;
@@ -444,12 +447,16 @@ async fn relay(
                         // its (un)subscribe confirmations, in wire order.
                         // (Also inside EXEC's array: a SUBSCRIBE queued in
                         // MULTI subscribes when EXEC runs.)
+                        // Only arrays count: a bulk string holding such
+                        // bytes is a value, not a confirmation.
                         let frame = &buf[start..end];
-                        let nested = frame.first() == Some(&b'*')
+                        let array = proto == Proto::Resp2 && frame.first() == Some(&b'*');
+                        let nested = array
                             && elements(frame)
                                 .next()
                                 .is_some_and(|e| e.first() == Some(&b'*'));
                         let confirmations = std::iter::once(frame)
+                            .filter(|_| array)
                             .chain(elements(frame).filter(|_| nested))
                             .filter_map(confirmation);
                         for (shard, n) in confirmations {
@@ -574,6 +581,9 @@ fn answers_request(frame: &[u8], proto: Proto, subscribed: bool) -> bool {
 /// An (un)subscribe confirmation's kind (true: shard channels) and the
 /// subscription count it reports.
 fn confirmation(frame: &[u8]) -> Option<(bool, i64)> {
+    if frame.first() != Some(&b'*') {
+        return None;
+    }
     let mut e = elements(frame);
     let name = string_of(e.next()?)?.to_ascii_lowercase();
     let shard = match name.as_slice() {
@@ -631,6 +641,9 @@ mod tests {
         assert_eq!(confirmation(sunsub), Some((true, 0)));
         assert_eq!(confirmation(msg), None);
         assert_eq!(confirmation(b"+OK\r\n"), None);
+        // A value that holds a confirmation's bytes is not one.
+        let value = [format!("${}\r\n", sub.len()).as_bytes(), sub, b"\r\n"].concat();
+        assert_eq!(confirmation(&value), None);
         // EXEC's reply holding a SUBSCRIBE's confirmation.
         let exec = [&b"*1\r\n"[..], sub].concat();
         assert_eq!(confirmation(&exec), None);
