@@ -903,6 +903,61 @@ async fn client_reply_off_on_skip_matches_redis() {
     same("direct GET b", &redis.call(&[b"GET", b"b"]), b"$1\r\n2\r\n");
 }
 
+/// A write silenced by CLIENT REPLY SKIP or OFF, then the end of the
+/// client's state (the SKIP spent, or RESET): the client's next request
+/// goes to the shared connection and must still see the write. Redis
+/// answers nothing once the SET has run, so keyward must find out before it
+/// lets the GET go elsewhere. Writes are paused at Redis so the SET is sure
+/// to wait: a GET that overtook it would read nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_after_a_silenced_write_sees_the_write() {
+    let (redis, kw) = setup().await;
+    let mut direct = Raw::connect(redis.port()).await;
+    // (name, the command that silences the SET, RESET's reply if RESET
+    // follows the SET)
+    type Case<'a> = (&'a str, &'a [&'a [u8]], &'a [u8]);
+    let cases: &[Case] = &[
+        ("CLIENT REPLY SKIP", &[b"CLIENT", b"REPLY", b"SKIP"], b""),
+        (
+            "CLIENT REPLY SKIP, RESET",
+            &[b"CLIENT", b"REPLY", b"SKIP"],
+            b"+RESET\r\n",
+        ),
+        (
+            "CLIENT REPLY OFF, RESET",
+            &[b"CLIENT", b"REPLY", b"OFF"],
+            b"+RESET\r\n",
+        ),
+    ];
+    for (i, (name, silence, reset_reply)) in cases.iter().enumerate() {
+        let key = format!("silenced{i}");
+        same(
+            "CLIENT PAUSE",
+            &direct.call(&[b"CLIENT", b"PAUSE", b"300", b"WRITE"]).await,
+            b"+OK\r\n",
+        );
+        let mut c = Raw::connect(kw.port()).await;
+        let mut frames = pipeline(&[silence, &[b"SET", key.as_bytes(), b"v"]]);
+        if !reset_reply.is_empty() {
+            frames.extend(cmd(&[b"RESET"]));
+        }
+        frames.extend(cmd(&[b"GET", key.as_bytes()]));
+        c.send(&frames).await;
+        if !reset_reply.is_empty() {
+            same(
+                &format!("{name}: RESET"),
+                &c.read_reply().await,
+                reset_reply,
+            );
+        }
+        same(
+            &format!("{name}: GET after the silenced SET"),
+            &c.read_reply().await,
+            b"$1\r\nv\r\n",
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // RESET and QUIT
 // ---------------------------------------------------------------------------
@@ -1187,6 +1242,32 @@ async fn state_rules_match_redis_for_commands_keyward_answers() {
                 &[b"PING"],
             ]),
             1,
+        ),
+        (
+            "CLIENT REPLY SKIP on a pinned connection skips AUTH's reply, not GET's",
+            false,
+            pipeline(&[
+                &[b"SELECT", b"1"],
+                &[b"CLIENT", b"REPLY", b"SKIP"],
+                &[b"AUTH", b"x"],
+                &[b"GET", b"a"],
+                &[b"PING"],
+            ]),
+            3,
+        ),
+        (
+            "CLIENT REPLY SKIP silences RESET, twice, then MULTI",
+            false,
+            pipeline(&[
+                &[b"SELECT", b"2"],
+                &[b"CLIENT", b"REPLY", b"SKIP"],
+                &[b"RESET"],
+                &[b"CLIENT", b"REPLY", b"SKIP"],
+                &[b"RESET"],
+                &[b"MULTI"],
+                &[b"EXEC"],
+            ]),
+            3,
         ),
         (
             "RESP2 subscriber mode refuses AUTH, HELLO, KEYWARD",
@@ -1638,6 +1719,50 @@ async fn hello_setname_pipelined_drops_only_its_own_reply() {
 /// HELLO's) waits behind its own `BLPOP q 0`: the session ends and its
 /// connection to Redis closes, as Redis drops a client that leaves, so the
 /// blocked BLPOP does not linger and take the next item pushed to `q`.
+/// A client that sends its pipeline and half-closes (as `printf ... | nc`
+/// does) gets every reply, as from Redis, when keyward answers some of them
+/// itself behind a pinned connection's (QUIT, AUTH): only a blocking call
+/// is given up when its client closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_pipeline_behind_a_pinned_connection_gets_every_reply() {
+    let (redis, kw) = setup().await;
+    let cases: &[(&str, Vec<u8>)] = &[
+        (
+            "SELECT 1, SET, QUIT",
+            pipeline(&[&[b"SELECT", b"1"], &[b"SET", b"a", b"1"], &[b"QUIT"]]),
+        ),
+        (
+            "MULTI, SET, EXEC, AUTH, PING",
+            pipeline(&[
+                &[b"MULTI"],
+                &[b"SET", b"a", b"1"],
+                &[b"EXEC"],
+                &[b"AUTH", b"x"],
+                &[b"PING"],
+            ]),
+        ),
+        (
+            "BLPOP with a timeout, then PING",
+            pipeline(&[&[b"SELECT", b"1"], &[b"BLPOP", b"q", b"0.1"], &[b"PING"]]),
+        ),
+    ];
+    for (name, frames) in cases {
+        let mut got = Vec::new();
+        for port in [kw.port(), redis.port()] {
+            let mut c = Raw::connect(port).await;
+            c.send(frames).await;
+            c.shutdown_write().await;
+            got.push(c.read_to_close().await);
+        }
+        same(&format!("{name}: keyward vs redis"), &got[0], &got[1]);
+        assert!(
+            got[0].ends_with(b"\r\n"),
+            "{name}: replies {}",
+            esc(&got[0])
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_leaving_behind_its_blocked_call_leaves_nothing_blocked() {
     let (redis, kw) = setup().await;

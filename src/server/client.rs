@@ -644,9 +644,12 @@ impl Reader {
     }
 
     /// Wait until the pinned connection owes nothing. False if the client
-    /// closed meanwhile (with nothing more sent): the session ends, and
-    /// with it the pinned connection, instead of waiting for ever for a
-    /// reply (a RESET behind a `BLPOP q 0` whose client left).
+    /// closed meanwhile (with nothing more sent) behind a blocking call:
+    /// the session ends, and with it the pinned connection, instead of
+    /// waiting for ever for a reply (a RESET behind a `BLPOP q 0` whose
+    /// client left), as Redis drops a blocked client that closes. A client
+    /// that only half-closed after its pipeline (`nc`) still gets every
+    /// reply: Redis has run those requests, and answers them.
     async fn wait_owed(&mut self) -> bool {
         let (Some(p), Some(rd)) = (&self.pinned, self.rd.as_mut()) else {
             return true;
@@ -654,9 +657,10 @@ impl Reader {
         let left = async {
             let mut probe = [0u8; 1];
             match rd.peek(&mut probe).await {
-                Ok(0) | Err(_) => {}
-                // More requests wait unread: the client is still there.
-                Ok(_) => std::future::pending::<()>().await,
+                Ok(0) | Err(_) if p.blocked() => {}
+                // More requests wait unread, or nothing blocks: the replies
+                // come.
+                _ => std::future::pending::<()>().await,
             }
         };
         tokio::select! {
@@ -735,6 +739,12 @@ impl Reader {
             // CLIENT REPLY OFF or SKIP silences it, as it does Redis's.
             if !self.wait_owed().await {
                 return;
+            }
+            if let (true, Some(p)) = (self.state.reply_skip, &mut self.pinned) {
+                if p.spend_skip().await.is_err() {
+                    self.closing = true;
+                    return;
+                }
             }
             let Some(tx) = &self.pinned_tx else { return };
             if self.state.replies_for_next() > 0 {
@@ -820,10 +830,39 @@ impl Reader {
         if !(p.idle() && self.state.clean()) {
             return;
         }
+        if !self.confirm_silent().await {
+            return;
+        }
         let p = self.pinned.take().expect("checked");
         self.pinned_tx = None;
         p.release().await;
         tracing::trace!(conn = self.id, "pinned connection released");
+    }
+
+    /// Before the pinned connection is given up: requests CLIENT REPLY
+    /// OFF or SKIP silenced get nothing back when Redis has run them, and
+    /// the client's next request, on another connection, must not overtake
+    /// them. A request behind them whose reply keyward swallows says they
+    /// have run: PING, or under OFF an UNSUBSCRIBE of one channel (its
+    /// confirmation is sent whatever CLIENT REPLY says, in subscriber mode
+    /// too; the connection's state is being dropped anyway). False if the
+    /// connection ended or the client went away meanwhile.
+    async fn confirm_silent(&mut self) -> bool {
+        let Some(p) = &mut self.pinned else {
+            return true;
+        };
+        if !p.unconfirmed() {
+            return true;
+        }
+        let probe: &[u8] = match self.state.reply_off {
+            true => b"*2\r\n$11\r\nUNSUBSCRIBE\r\n$15\r\nkeyward:confirm\r\n",
+            false => b"*1\r\n$4\r\nPING\r\n",
+        };
+        if p.send_silent(probe).await.is_err() {
+            self.closing = true;
+            return false;
+        }
+        self.wait_owed().await
     }
 
     /// Make sure the client has a pinned connection; false (with an error
@@ -1070,17 +1109,29 @@ impl Reader {
                     if !self.wait_owed().await {
                         return;
                     }
-                    if let Some(p) = self.pinned.take() {
-                        self.pinned_tx = None;
-                        p.release().await;
-                    }
+                }
+                let mut out = BytesMut::new();
+                reply::simple(&mut out, "RESET");
+                // Under CLIENT REPLY SKIP Redis silences RESET's reply too
+                // (RESET ends OFF, not a SKIP already in force): answered
+                // now, on the pinned connection's relay, it is dropped.
+                let silenced = self.state.reply_skip;
+                if silenced {
+                    self.local_reply(out.clone().freeze(), 1).await;
+                }
+                if !self.confirm_silent().await {
+                    return;
+                }
+                if let Some(p) = self.pinned.take() {
+                    self.pinned_tx = None;
+                    p.release().await;
                 }
                 self.state = SessionState::default();
                 self.multi_written = Written::default();
                 self.proto = Proto::Resp2;
-                let mut out = BytesMut::new();
-                reply::simple(&mut out, "RESET");
-                self.local_reply(out.freeze(), 1).await;
+                if !silenced {
+                    self.local_reply(out.freeze(), 1).await;
+                }
             }
             Class::Select => {
                 let db = args.get(1).and_then(|a| parse_int(a));
@@ -1115,6 +1166,11 @@ impl Reader {
                         Class::Watch if !self.state.in_multi => self.state.watching = true,
                         Class::Monitor => self.state.monitor = true,
                         Class::ClientState => self.state.client_state = true,
+                        Class::Blocking if !self.state.in_multi => {
+                            if let Some(p) = &self.pinned {
+                                p.blocking_next();
+                            }
+                        }
                         _ => {}
                     }
                     let expect = self.state.replies_for_next();
@@ -1164,6 +1220,9 @@ impl Reader {
                 if self.ensure_pinned().await {
                     let expect = self.state.set_reply_mode(mode);
                     self.send_pinned(&frame, expect).await;
+                    if let (true, Some(p)) = (self.state.reply_skip, &mut self.pinned) {
+                        p.skip_next();
+                    }
                 }
             }
             Class::Keyward => {

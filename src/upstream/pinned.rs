@@ -73,6 +73,13 @@ pub struct PinShared {
     carry_any_loss: AtomicBool,
     /// Replies owed so far, counted from the start (never decremented).
     sent: AtomicU64,
+    /// One more than `sent` when a request Redis answers with nothing
+    /// (under CLIENT REPLY OFF or SKIP) was last written; 0 if none was. The
+    /// reply numbered this (or later) shows Redis has run it.
+    silent_at: AtomicU64,
+    /// One more than `sent` when a blocking call (BLPOP, WAIT, ...) was
+    /// last written; its reply, numbered this, may take for ever.
+    blocking_at: AtomicU64,
     /// Actions to run once the reply numbered `.0` (counted from the start)
     /// has arrived, before it is relayed (see `Pinned::on_reply`).
     after: Mutex<VecDeque<AfterReply>>,
@@ -167,6 +174,9 @@ pub struct Pinned {
     /// keyward's shutdown: dropped after it with replies owed, the
     /// connection stays until they arrive (see `Drop`).
     drain_on: Option<CancellationToken>,
+    /// A CLIENT REPLY SKIP was sent and no request since: Redis will
+    /// silence the next one it gets (see `spend_skip`).
+    skip_pending: bool,
 }
 
 impl Pinned {
@@ -230,6 +240,7 @@ impl Pinned {
             parked: upstream.parked.clone(),
             retired: upstream.retired.clone(),
             drain_on: None,
+            skip_pending: false,
             shared,
             proto,
             _permit: permit,
@@ -248,7 +259,11 @@ impl Pinned {
 
     /// Write requests owing `expect` replies.
     pub async fn send(&mut self, bytes: &[u8], expect: u64) -> Result<(), Error> {
-        self.shared.sent.fetch_add(expect, Ordering::AcqRel);
+        self.skip_pending = false;
+        let sent = self.shared.sent.fetch_add(expect, Ordering::AcqRel);
+        if expect == 0 {
+            self.shared.silent_at.store(sent + 1, Ordering::Release);
+        }
         self.shared.outstanding.fetch_add(expect, Ordering::AcqRel);
         let Some(wr) = self.wr.as_mut() else {
             return Err(Error::upstream(Kind::NotSent, "pinned connection closed"));
@@ -259,6 +274,37 @@ impl Pinned {
                 format!("pinned connection write failed: {e}"),
             )
         })
+    }
+
+    /// The next request sent is a blocking call that runs now (not queued
+    /// in MULTI).
+    pub fn blocking_next(&self) {
+        let next = self.shared.sent.load(Ordering::Acquire) + 1;
+        self.shared.blocking_at.store(next, Ordering::Release);
+    }
+
+    /// A blocking call's reply may still be owed (see `unconfirmed` on
+    /// the stale read).
+    pub fn blocked(&self) -> bool {
+        let at = self.shared.blocking_at.load(Ordering::Acquire);
+        let sent = self.shared.sent.load(Ordering::Acquire);
+        let answered = sent.saturating_sub(self.shared.outstanding.load(Ordering::Acquire));
+        at != 0 && answered < at
+    }
+
+    /// A CLIENT REPLY SKIP that Redis will apply was just sent.
+    pub fn skip_next(&mut self) {
+        self.skip_pending = true;
+    }
+
+    /// keyward answered the request a CLIENT REPLY SKIP applies to itself
+    /// (AUTH, KEYWARD, RESET): Redis would silence the next request it gets
+    /// instead, so spend its SKIP on a PING that owes nothing.
+    pub async fn spend_skip(&mut self) -> Result<(), Error> {
+        match self.skip_pending {
+            true => self.send(b"*1\r\n$4\r\nPING\r\n", 0).await,
+            false => Ok(()),
+        }
     }
 
     /// Send a request of keyward's own whose reply the client must not see.
@@ -311,6 +357,17 @@ impl Pinned {
     /// client's writer (the relay counts a reply only after queueing it).
     pub fn idle(&self) -> bool {
         self.shared.outstanding.load(Ordering::Acquire) == 0
+    }
+
+    /// A request sent without a reply to come (under CLIENT REPLY OFF or
+    /// SKIP) may not have run yet: no reply has arrived since it was sent.
+    /// Only this session sends, so `sent` is steady; a stale `outstanding`
+    /// errs towards true.
+    pub fn unconfirmed(&self) -> bool {
+        let at = self.shared.silent_at.load(Ordering::Acquire);
+        let sent = self.shared.sent.load(Ordering::Acquire);
+        let answered = sent.saturating_sub(self.shared.outstanding.load(Ordering::Acquire));
+        at != 0 && answered < at && !self.shared.lost.load(Ordering::Acquire)
     }
 
     /// Wait until no reply is owed (also once the connection has ended:
