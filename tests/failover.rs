@@ -328,6 +328,75 @@ async fn master_killed_writes_resume_after_promotion() {
     );
 }
 
+/// Clients whose own upstream connection holds only a database or
+/// subscriptions ride through a crashed master: keyward opens a connection
+/// to the new master, selects the database and subscribes again, and the
+/// clients go on, on the same connections, without an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_and_subscriptions_are_carried_to_the_new_master() {
+    let (mut master, replica, sentinels, kw) = sentinel_stack(500).await;
+    let mut in_db = Raw::connect(kw.port()).await;
+    assert_eq!(esc(&in_db.call(&[b"SELECT", b"2"]).await), esc(b"+OK\r\n"));
+    assert_eq!(
+        esc(&in_db.call(&[b"SET", b"carried", b"v"]).await),
+        esc(b"+OK\r\n")
+    );
+    let mut subscriber = Raw::connect(kw.port()).await;
+    assert_eq!(
+        esc(&subscriber.call(&[b"SUBSCRIBE", b"news"]).await),
+        esc(b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n")
+    );
+    // The write is on the replica before the master goes.
+    let replica_port = replica.port();
+    wait_until(
+        "the SET in db 2 reached the replica",
+        DEADLINE,
+        || async move {
+            let r = blocking(|| {
+                redis_pipeline(replica_port, &[&[b"SELECT", b"2"], &[b"GET", b"carried"]])
+            });
+            r[1] == b"$1\r\nv\r\n"
+        },
+    )
+    .await;
+
+    let old = master.addr();
+    blocking(|| master.kill());
+    let new = blocking(|| sentinels.wait_master_change(&old, SWITCH_LIMIT));
+    assert_eq!(new, replica.addr());
+
+    // Same connection, still database 2, now on the new master.
+    assert_eq!(
+        esc(&in_db.call(&[b"GET", b"carried"]).await),
+        esc(b"$1\r\nv\r\n")
+    );
+    assert_eq!(
+        esc(&in_db.call(&[b"SET", b"after", b"w"]).await),
+        esc(b"+OK\r\n")
+    );
+    let r = blocking(|| redis_pipeline(replica_port, &[&[b"SELECT", b"2"], &[b"GET", b"after"]]));
+    assert_eq!(
+        esc(&r[1]),
+        esc(b"$1\r\nw\r\n"),
+        "the write went to db 2 of the new master"
+    );
+    // The subscriber hears what is published on the new master (once its
+    // subscription is back: publish until someone receives it).
+    wait_until(
+        "a message published on the new master is received",
+        DEADLINE,
+        || async move {
+            let r = blocking(|| redis_cmd(replica_port, &[b"PUBLISH", b"news", b"hello"]));
+            r == b":1\r\n"
+        },
+    )
+    .await;
+    assert_eq!(
+        esc(&subscriber.read_reply().await),
+        esc(b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n")
+    );
+}
+
 /// `KEYWARD TOPOLOGY` over RESP names the master keyward follows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyward_topology_command() {

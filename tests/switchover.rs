@@ -103,11 +103,13 @@ impl Op {
 
 /// A background client task: a writer (`INCR` its counter, `SET` a unique
 /// key, repeat) or a reader (`GET ctr:0`), on its own connection, as fast
-/// as replies come back. Every outcome is recorded; after the first failed
+/// as replies come back; a writer may first SELECT a database (its own
+/// upstream connection through keyward, carried to the new master). Every outcome is recorded; after the first failed
 /// exchange (closed, hang) the task stops, since the connection's state is
 /// unknown.
 struct Worker {
     id: usize,
+    db: i64,
     ops: Arc<std::sync::Mutex<Vec<Op>>>,
     stop: Arc<AtomicBool>,
     task: JoinHandle<()>,
@@ -115,19 +117,31 @@ struct Worker {
 
 impl Worker {
     fn writer(port: u16, id: usize) -> Worker {
-        Worker::spawn(port, id, false)
+        Worker::spawn(port, id, false, 0)
+    }
+
+    /// A writer in database `db`.
+    fn writer_in(port: u16, id: usize, db: i64) -> Worker {
+        Worker::spawn(port, id, false, db)
     }
 
     fn reader(port: u16, id: usize) -> Worker {
-        Worker::spawn(port, id, true)
+        Worker::spawn(port, id, true, 0)
     }
 
-    fn spawn(port: u16, id: usize, reader: bool) -> Worker {
+    fn spawn(port: u16, id: usize, reader: bool, db: i64) -> Worker {
         let ops = Arc::new(std::sync::Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (o, s) = (ops.clone(), stop.clone());
         let task = tokio::spawn(async move {
             let mut conn = Conn::connect(port).await;
+            if db != 0 {
+                let select = conn.call(&[b"SELECT", db.to_string().as_bytes()]).await;
+                assert!(
+                    matches!(&select, Answer::Reply(r) if r == b"+OK\r\n"),
+                    "SELECT {db}: {select:?}"
+                );
+            }
             let ctr = format!("ctr:{id}");
             let mut i = 0u64;
             while !s.load(Ordering::SeqCst) {
@@ -168,6 +182,7 @@ impl Worker {
         });
         Worker {
             id,
+            db,
             ops,
             stop,
             task,
@@ -191,12 +206,18 @@ impl Worker {
 
     /// Stop after the request in flight; the full record.
     async fn stop(self) -> (usize, Vec<Op>) {
+        let (id, _, ops) = self.stop_in().await;
+        (id, ops)
+    }
+
+    /// `stop`, with the writer's database.
+    async fn stop_in(self) -> (usize, i64, Vec<Op>) {
         self.stop.store(true, Ordering::SeqCst);
         within(REPLY_LIMIT * 2, "stopping a client task", self.task)
             .await
             .expect("client task panicked");
         let ops = std::mem::take(&mut *self.ops.lock().unwrap());
-        (self.id, ops)
+        (self.id, self.db, ops)
     }
 }
 
@@ -279,7 +300,14 @@ async fn planned_switchover_has_zero_client_errors() {
         .epoch
         .unwrap_or_else(|| panic!("/topology has no epoch: {}", before.raw));
 
-    let writers: Vec<Worker> = (0..4).map(|w| Worker::writer(kw.port(), w)).collect();
+    // Writer 3 works in database 3: its upstream connection is its own,
+    // held and carried to the new master like the shared pool's requests.
+    let writers: Vec<Worker> = (0..4)
+        .map(|w| match w {
+            3 => Worker::writer_in(kw.port(), w, 3),
+            _ => Worker::writer(kw.port(), w),
+        })
+        .collect();
     let reader = Worker::reader(kw.port(), 99);
     let t0 = Instant::now();
     wait_until(
@@ -334,13 +362,13 @@ async fn planned_switchover_has_zero_client_errors() {
     .await;
     let mut records = Vec::new();
     for w in writers {
-        records.push(w.stop().await);
+        records.push(w.stop_in().await);
     }
     let (_, reads) = reader.stop().await;
 
     let all: Vec<&Op> = records
         .iter()
-        .flat_map(|(_, ops)| ops.iter())
+        .flat_map(|(_, _, ops)| ops.iter())
         .chain(reads.iter())
         .collect();
     let slowest = all.iter().map(|o| o.latency()).max().unwrap_or_default();
@@ -360,7 +388,7 @@ async fn planned_switchover_has_zero_client_errors() {
     );
 
     // Not one error: every client saw only ordinary replies.
-    for (id, ops) in records.iter() {
+    for (id, _, ops) in records.iter() {
         let bad = unexpected(ops);
         assert!(
             bad.is_empty(),
@@ -398,7 +426,13 @@ async fn planned_switchover_has_zero_client_errors() {
 
     // Nothing acknowledged was lost or applied twice.
     let new_port = replica.port();
-    for (id, ops) in &records {
+    for (id, db, ops) in &records {
+        // Read back on the new master, in the writer's database.
+        let db = db.to_string();
+        let on_new = |args: &[&[u8]]| {
+            let select: &[&[u8]] = &[b"SELECT", db.as_bytes()];
+            blocking(|| redis_pipeline(new_port, &[select, args])).remove(1)
+        };
         let incrs: Vec<i64> = ops
             .iter()
             .filter(|o| matches!(o.kind, OpKind::Incr))
@@ -413,7 +447,7 @@ async fn planned_switchover_has_zero_client_errors() {
                 &incrs[k.saturating_sub(3)..(k + 3).min(incrs.len())]
             );
         }
-        let on_master = blocking(|| redis_cmd(new_port, &[b"GET", format!("ctr:{id}").as_bytes()]));
+        let on_master = on_new(&[b"GET", format!("ctr:{id}").as_bytes()]);
         let expected = incrs.last().copied().unwrap_or(0).to_string();
         assert_eq!(
             esc(&on_master),
@@ -434,7 +468,7 @@ async fn planned_switchover_has_zero_client_errors() {
             let keys: Vec<String> = batch.iter().map(|i| format!("sw:{id}:{i}")).collect();
             let mut args: Vec<&[u8]> = vec![b"MGET"];
             args.extend(keys.iter().map(|k| k.as_bytes()));
-            let reply = blocking(|| redis_cmd(new_port, &args));
+            let reply = on_new(&args);
             let values = parse_reply(&reply)
                 .ok()
                 .and_then(Reply::array)

@@ -525,7 +525,7 @@ impl Reader {
             self.buf.advance(consumed);
             self.dispatch(class, &req, frame).await;
             if let Some(p) = &self.pinned {
-                p.set_resubscribe(self.state.only_subscriptions());
+                p.set_resubscribe(self.state.carryable());
             }
         }
         self.emit_run(&mut off).await;
@@ -917,10 +917,10 @@ impl Reader {
     }
 
     /// The pinned connection ended under the session. If the master was
-    /// replaced and the client held nothing but subscriptions, carry them
-    /// to the new master (the client sees no error; messages published in
-    /// the gap are lost). Otherwise the writer has reported the loss and
-    /// closes the client.
+    /// replaced and the client held nothing but a database and
+    /// subscriptions, carry them to the new master (the client sees no
+    /// error; messages published in the gap are lost). Otherwise the writer
+    /// has reported the loss and closes the client.
     async fn on_pinned_lost(&mut self) {
         let Some(p) = self.pinned.take() else { return };
         self.pinned_tx = None;
@@ -937,7 +937,7 @@ impl Reader {
             match self.open_pinned().await {
                 Ok(()) => break,
                 Err((_, e)) if tokio::time::Instant::now() >= deadline => {
-                    tracing::warn!(conn = self.id, error = %e, "cannot carry subscriptions to a new master; closing client");
+                    tracing::warn!(conn = self.id, error = %e, "cannot carry the connection's database and subscriptions to a new master; closing client");
                     self.shared.meter.kill();
                     self.closing = true;
                     return;
@@ -961,6 +961,15 @@ impl Reader {
             ),
         ];
         let Some(p) = &mut self.pinned else { return };
+        if self.state.db != 0 {
+            let db = self.state.db.to_string();
+            let mut out = BytesMut::new();
+            reply::command(&mut out, &[b"SELECT", db.as_bytes()]);
+            if p.send_swallowed(&out, 1).await.is_err() {
+                self.closing = true;
+                return;
+            }
+        }
         for (cmd, names) in kinds {
             if names.is_empty() {
                 continue;
@@ -980,12 +989,16 @@ impl Reader {
             channels = self.state.channels.len(),
             patterns = self.state.patterns.len(),
             shard_channels = self.state.shard_channels.len(),
-            "subscriptions carried to the new master"
+            db = self.state.db,
+            "database and subscriptions carried to the new master"
         );
     }
 
     /// Send on the pinned connection, owing `expect` replies.
     async fn send_pinned(&mut self, frame: &[u8], expect: u64) {
+        if !self.hold_pinned(frame.len(), expect).await {
+            return;
+        }
         // Writes queued in MULTI run at EXEC (or never, at DISCARD).
         let mut written = std::mem::take(&mut self.pending_written);
         if self.state.in_multi {
@@ -1015,6 +1028,38 @@ impl Reader {
             tracing::debug!(conn = self.id, req = self.seq, error = %e, "pinned write failed");
             self.closing = true;
         }
+    }
+
+    /// While a failover or planned switchover holds requests, a session
+    /// whose connection will be carried to the new master (a database,
+    /// subscriptions) is held as the shared pool's requests are, instead of
+    /// writing to a master being replaced: then its connection is carried
+    /// and the request goes to the new master. False if the request must
+    /// not be sent: the hold ended in an error (each reply owed gets it and
+    /// the client is closed: where its state stands is unknown), or the
+    /// connection could not be carried.
+    async fn hold_pinned(&mut self, bytes: usize, expect: u64) -> bool {
+        if !self.ctx.config.uses_sentinel()
+            || !self.state.carryable()
+            || self.ctx.current().is_some()
+        {
+            return true;
+        }
+        if let Err(e) = self.ctx.upstream(1, bytes).await {
+            for _ in 0..expect {
+                self.local_error(ErrorKind::from(&e.kind), &e.resp_text())
+                    .await;
+            }
+            self.closing = true;
+            return false;
+        }
+        if let Some(p) = self.pinned.as_ref().filter(|p| p.retired()) {
+            // The master changed while the request was held: the retired
+            // connection is being shut down.
+            p.wait_lost().await;
+            self.on_pinned_lost().await;
+        }
+        !self.closing && self.pinned.is_some()
     }
 
     /// Route one request that is not a plain pool-bound one.

@@ -34,16 +34,21 @@ impl SessionState {
         self.no_connection_state() && !self.subscribed()
     }
 
-    /// Subscriptions are the only state: they can be carried to a new
-    /// master by subscribing again.
-    pub fn only_subscriptions(&self) -> bool {
-        self.no_connection_state() && self.subscribed()
+    /// The state is all keyward can make again on a new connection: the
+    /// database (SELECT) and subscriptions (SUBSCRIBE again), so it can be
+    /// carried to a new master.
+    pub fn carryable(&self) -> bool {
+        self.only_db_and_subscriptions() && (self.db != 0 || self.subscribed())
     }
 
     /// Nothing but (possibly) subscriptions ties the client to its connection.
     fn no_connection_state(&self) -> bool {
-        self.db == 0
-            && !self.in_multi
+        self.db == 0 && self.only_db_and_subscriptions()
+    }
+
+    /// No transaction, WATCH, MONITOR, CLIENT state or reply mode.
+    fn only_db_and_subscriptions(&self) -> bool {
+        !self.in_multi
             && !self.watching
             && !self.monitor
             && !self.client_state

@@ -292,6 +292,12 @@ impl Pinned {
         at != 0 && answered < at
     }
 
+    /// The master this connection goes to has been replaced (or fenced):
+    /// the connection is being shut down.
+    pub fn retired(&self) -> bool {
+        self.retired.is_cancelled()
+    }
+
     /// A CLIENT REPLY SKIP that Redis will apply was just sent.
     pub fn skip_next(&mut self) {
         self.skip_pending = true;
