@@ -984,3 +984,57 @@ async fn switchover_refused_while_a_promotable_replica_is_cut_off() {
         "GET after the refusal: {get:?}"
     );
 }
+
+/// A write in database 3 (a dedicated connection keyward carries to the new
+/// master) is already at the master, waiting there, when the switchover
+/// starts: the switchover waits for its reply before it pauses the master,
+/// as it does for the shared pool's, and the client gets `+OK`, not an
+/// "outcome unknown" error. The write waits behind the test's own short
+/// `CLIENT PAUSE WRITE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_waits_for_a_carried_clients_write_in_flight() {
+    let (master, replica, _sentinels, kw) = sentinel_stack(1000).await;
+    let mut c = Raw::connect(kw.port()).await;
+    assert_eq!(esc(&c.call(&[b"SELECT", b"3"]).await), esc(b"+OK\r\n"));
+    let master_port = master.port();
+    assert_eq!(
+        esc(&blocking(|| redis_cmd(
+            master_port,
+            &[b"CLIENT", b"PAUSE", b"1000", b"WRITE"]
+        ))),
+        esc(b"+OK\r\n")
+    );
+    c.send(&cmd(&[b"SET", b"in-flight", b"v"])).await;
+    wait_until(
+        "the SET waits at the master (CLIENT LIST: db=3, blocked, cmd=set)",
+        DEADLINE,
+        || async move {
+            let list = blocking(|| redis_cmd(master_port, &[b"CLIENT", b"LIST"]));
+            String::from_utf8_lossy(&list)
+                .lines()
+                .any(|l| l.contains(" db=3 ") && l.contains(" flags=b ") && l.contains(" cmd=set "))
+        },
+    )
+    .await;
+    let admin = kw.admin_port();
+    let answer = blocking(|| post_failover(admin));
+    assert_switched(&answer, &master.addr(), &replica.addr());
+    assert_eq!(
+        esc(&c.read_reply().await),
+        esc(b"+OK\r\n"),
+        "the SET's reply"
+    );
+    let new_port = replica.port();
+    let on_new =
+        blocking(|| redis_pipeline(new_port, &[&[b"SELECT", b"3"], &[b"GET", b"in-flight"]]));
+    assert_eq!(
+        esc(&on_new[1]),
+        esc(b"$1\r\nv\r\n"),
+        "db 3 of the new master"
+    );
+    // The client goes on, in database 3, on the new master.
+    assert_eq!(
+        esc(&c.call(&[b"GET", b"in-flight"]).await),
+        esc(b"$1\r\nv\r\n")
+    );
+}

@@ -1020,6 +1020,18 @@ impl Reader {
                 }),
             );
         }
+        if expect > 0 && self.state.carryable() && !p.blocked() {
+            // A planned switchover waits for this reply before it pauses
+            // the master (see `topology::switchover`).
+            let count = self.ctx.carried_in_flight.clone();
+            count.fetch_add(1, Ordering::AcqRel);
+            p.on_reply(
+                expect,
+                Box::new(move || {
+                    count.fetch_sub(1, Ordering::AcqRel);
+                }),
+            );
+        }
         // The request's permit covers nothing once it is on the relay.
         self.shared.permits.add_permits(1);
         self.ctx.stats.relayed(self.family);

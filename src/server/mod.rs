@@ -44,6 +44,11 @@ pub struct Ctx {
     /// Requests and bytes held right now (bounded by sentinel.hold_max_*).
     held_requests: AtomicUsize,
     held_bytes: AtomicUsize,
+    /// Requests sent on dedicated connections that would be carried to a
+    /// new master (a database, subscriptions), not answered yet; a planned
+    /// switchover waits for them as for the shared pool's (blocking calls
+    /// are not counted: they may wait for ever).
+    pub carried_in_flight: Arc<AtomicUsize>,
     /// The hot-key detector, when `hotkeys.enabled`.
     pub hotkeys: Option<Arc<crate::hotkey::Detector>>,
     /// The near cache, when `cache.max_mb > 0` and hot keys are detected.
@@ -91,6 +96,7 @@ impl Ctx {
             generation: AtomicU64::new(0),
             hold_all: AtomicBool::new(false),
             held_requests: AtomicUsize::new(0),
+            carried_in_flight: Default::default(),
             held_bytes: AtomicUsize::new(0),
             hotkeys: config
                 .hotkeys

@@ -2,7 +2,8 @@
 //! master to a replica with no client error and no lost write.
 //!
 //! Steps: hold every new request; wait until the requests already sent have
-//! their replies; `CLIENT PAUSE WRITE` on the old master so nothing else
+//! their replies (those on dedicated connections that will be carried to
+//! the new master too); `CLIENT PAUSE WRITE` on the old master so nothing else
 //! writes to it; wait until a replica's replication offset has reached the
 //! master's; `SENTINEL FAILOVER`; wait until the tracker has verified and
 //! adopted the new master; release the held requests. Clients see a latency
@@ -93,10 +94,12 @@ fn settings(ctx: &Ctx, address: &str) -> Settings {
 
 async fn steps(ctx: &Arc<Ctx>, old: &str, upstream: &Settings) -> Result<String, String> {
     let hold = Duration::from_millis(ctx.config.sentinel.hold_ms);
-    // 1. Replies for everything already sent.
+    // 1. Replies for everything already sent (on the shared pools, and on
+    // the dedicated connections that will be carried over).
     let deadline = Instant::now() + ctx.config.command_timeout();
+    let carried = &ctx.carried_in_flight;
     if let Some(up) = ctx.upstream.load_full() {
-        while up.pool2.pending() + up.pool3.pending() > 0 {
+        while up.pool2.pending() + up.pool3.pending() + carried.load(Ordering::Acquire) > 0 {
             if Instant::now() > deadline {
                 return Err(
                     "requests in flight did not finish within upstream.command_timeout_ms".into(),
