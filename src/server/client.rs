@@ -644,7 +644,7 @@ impl Reader {
     }
 
     /// Wait until the pinned connection owes nothing. False if the client
-    /// closed meanwhile (with nothing more sent) behind a blocking call:
+    /// closed meanwhile behind a blocking call:
     /// the session ends, and with it the pinned connection, instead of
     /// waiting for ever for a reply (a RESET behind a `BLPOP q 0` whose
     /// client left), as Redis drops a blocked client that closes. A client
@@ -654,14 +654,27 @@ impl Reader {
         let (Some(p), Some(rd)) = (&self.pinned, self.rd.as_mut()) else {
             return true;
         };
+        let (buf, limit, stats) = (
+            &mut self.buf,
+            self.ctx.config.server.max_request_bytes,
+            &self.ctx.stats,
+        );
         let left = async {
-            let mut probe = [0u8; 1];
-            match rd.peek(&mut probe).await {
-                Ok(0) | Err(_) if p.blocked() => {}
-                // More requests wait unread, or nothing blocks: the replies
-                // come.
-                _ => std::future::pending::<()>().await,
+            // Read on meanwhile, as Redis reads into its query buffer: a
+            // close behind more requests is seen too (up to one request's
+            // worth of read-ahead; they are parsed once the wait is over).
+            while buf.len() < limit {
+                crate::resp::make_room(buf, 0, 4096);
+                match rd.read_buf(buf).await {
+                    Ok(0) | Err(_) if p.blocked() => return,
+                    // Nothing blocks: the replies come.
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                }
             }
+            std::future::pending::<()>().await
         };
         tokio::select! {
             biased;
@@ -1051,10 +1064,7 @@ impl Reader {
     /// the client is closed: where its state stands is unknown), or the
     /// connection could not be carried.
     async fn hold_pinned(&mut self, bytes: usize, expect: u64) -> bool {
-        if !self.ctx.config.uses_sentinel()
-            || !self.state.carryable()
-            || self.ctx.current().is_some()
-        {
+        if !self.ctx.config.uses_sentinel() || !self.state.carryable() || !self.ctx.holding() {
             return true;
         }
         if let Err(e) = self.ctx.upstream(1, bytes).await {

@@ -121,10 +121,17 @@ impl Ctx {
     /// The upstream to send to now, without waiting.
     #[inline]
     pub fn current(&self) -> Option<Arc<Upstream>> {
-        if self.topology.state() != State::Healthy || self.hold_all.load(Ordering::Acquire) {
+        if self.holding() {
             return None;
         }
         self.upstream.load_full()
+    }
+
+    /// New requests are held now (a failover suspected or under way, or a
+    /// planned switchover).
+    #[inline]
+    pub fn holding(&self) -> bool {
+        self.topology.state() != State::Healthy || self.hold_all.load(Ordering::Acquire)
     }
 
     /// The upstream to send `requests` requests of `bytes` bytes to, holding
