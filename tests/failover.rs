@@ -337,6 +337,11 @@ async fn database_and_subscriptions_are_carried_to_the_new_master() {
     let (mut master, replica, sentinels, kw) = sentinel_stack(500).await;
     let mut in_db = Raw::connect(kw.port()).await;
     assert_eq!(esc(&in_db.call(&[b"SELECT", b"2"]).await), esc(b"+OK\r\n"));
+    // Refused: the client stays in database 2.
+    assert_eq!(
+        esc(&in_db.call(&[b"SELECT", b"99"]).await),
+        esc(b"-ERR DB index is out of range\r\n")
+    );
     assert_eq!(
         esc(&in_db.call(&[b"SET", b"carried", b"v"]).await),
         esc(b"+OK\r\n")

@@ -1270,6 +1270,29 @@ async fn state_rules_match_redis_for_commands_keyward_answers() {
             3,
         ),
         (
+            "CLIENT REPLY OFF, MULTI: RESET ends both and is answered",
+            false,
+            pipeline(&[
+                &[b"CLIENT", b"REPLY", b"OFF"],
+                &[b"MULTI"],
+                &[b"SET", b"never", b"1"],
+                &[b"RESET"],
+                &[b"PING"],
+            ]),
+            2,
+        ),
+        (
+            "CLIENT REPLY SKIP is spent on CLIENT REPLY OFF; RESET is answered",
+            false,
+            pipeline(&[
+                &[b"CLIENT", b"REPLY", b"SKIP"],
+                &[b"CLIENT", b"REPLY", b"OFF"],
+                &[b"RESET"],
+                &[b"PING"],
+            ]),
+            2,
+        ),
+        (
             "RESP2 subscriber mode refuses AUTH, HELLO, KEYWARD",
             false,
             pipeline(&[

@@ -1038,3 +1038,111 @@ async fn switchover_waits_for_a_carried_clients_write_in_flight() {
         esc(b"$1\r\nv\r\n")
     );
 }
+
+/// A client in database 3, idle, sends `SELECT 0` and a write in one go
+/// while a planned switchover holds requests: the `SELECT 0` ends its
+/// state before its reply has come, and the write behind it must be held
+/// too (the connection is carried over), not written to the paused old
+/// master and answered "outcome unknown".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn select_0_and_a_write_sent_during_the_hold_get_no_error() {
+    let (master, replica, _sentinels, kw) = sentinel_stack(1000).await;
+    let mut c = Raw::connect(kw.port()).await;
+    assert_eq!(esc(&c.call(&[b"SELECT", b"3"]).await), esc(b"+OK\r\n"));
+    let admin = kw.admin_port();
+    let switchover = tokio::task::spawn_blocking(move || post_failover(admin));
+    // A request of another client waits in the hold: the switchover is on.
+    let mut probe = Raw::connect(kw.port()).await;
+    probe.send(&cmd(&[b"PING"])).await;
+    wait_until("a request is held", DEADLINE, || async {
+        metric(&metrics(&kw).await, "keyward_held_requests").unwrap_or(0.0) >= 1.0
+    })
+    .await;
+    c.send(
+        &[
+            cmd(&[b"SELECT", b"0"]),
+            cmd(&[b"SET", b"after-select", b"v"]),
+        ]
+        .concat(),
+    )
+    .await;
+    let answer = within(REPLY_LIMIT * 4, "the switchover", switchover)
+        .await
+        .expect("post_failover panicked");
+    assert_switched(&answer, &master.addr(), &replica.addr());
+    let replies = c.read_replies(2).await;
+    assert_eq!(
+        replies.iter().map(|r| esc(r)).collect::<Vec<_>>(),
+        [esc(b"+OK\r\n"), esc(b"+OK\r\n")],
+        "SELECT 0 and SET sent during the hold"
+    );
+    assert_eq!(esc(&probe.read_reply().await), esc(b"+PONG\r\n"));
+    let new_port = replica.port();
+    let on_new = blocking(|| redis_cmd(new_port, &[b"GET", b"after-select"]));
+    assert_eq!(esc(&on_new), esc(b"$1\r\nv\r\n"), "db 0 of the new master");
+}
+
+/// A client in database 3 pipelines `SELECT 0` and a write through a
+/// planned switchover, again and again: when the `SELECT 0` ends its state
+/// while the switchover holds requests, the write behind it is held too (its
+/// connection is carried over), not sent to the old master and answered
+/// "outcome unknown". Every reply is the normal one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_its_database_mid_switchover_gets_no_error() {
+    let (master, replica, _sentinels, kw) = sentinel_stack(1000).await;
+    let port = kw.port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (s, d) = (stop.clone(), done.clone());
+    let client = tokio::spawn(async move {
+        let mut rounds = 0u64;
+        while !s.load(Ordering::SeqCst) {
+            rounds += 1;
+            let mut c = Raw::connect(port).await;
+            let i = rounds.to_string();
+            let frames: Vec<u8> = [
+                cmd(&[b"SELECT", b"3"]),
+                cmd(&[b"SET", b"in3", i.as_bytes()]),
+                cmd(&[b"SELECT", b"0"]),
+                cmd(&[b"SET", b"in0", i.as_bytes()]),
+            ]
+            .concat();
+            c.send(&frames).await;
+            let replies = c.read_replies(4).await;
+            for (n, r) in replies.iter().enumerate() {
+                assert_eq!(
+                    esc(r),
+                    esc(b"+OK\r\n"),
+                    "round {rounds}: reply {n} of SELECT 3, SET, SELECT 0, SET"
+                );
+            }
+            d.store(rounds, Ordering::SeqCst);
+        }
+        rounds
+    });
+    let rounds_done = |n: u64| {
+        let d = done.clone();
+        async move { d.load(Ordering::SeqCst) >= n }
+    };
+    wait_until("20 rounds before the switchover", DEADLINE, || {
+        rounds_done(20)
+    })
+    .await;
+    let admin = kw.admin_port();
+    let answer = blocking(|| post_failover(admin));
+    assert_switched(&answer, &master.addr(), &replica.addr());
+    let after = done.load(Ordering::SeqCst) + 20;
+    wait_until("20 more rounds after it", DEADLINE, || rounds_done(after)).await;
+    stop.store(true, Ordering::SeqCst);
+    let rounds = within(REPLY_LIMIT * 2, "the client task", client)
+        .await
+        .expect("the client saw a reply other than +OK");
+    // The last round's writes are on the new master, each in its database.
+    let new_port = replica.port();
+    let last = rounds.to_string();
+    let in3 = blocking(|| redis_pipeline(new_port, &[&[b"SELECT", b"3"], &[b"GET", b"in3"]]));
+    let in0 = blocking(|| redis_cmd(new_port, &[b"GET", b"in0"]));
+    let want = format!("${}\r\n{last}\r\n", last.len());
+    assert_eq!(esc(&in3[1]), esc(want.as_bytes()), "db 3 on the new master");
+    assert_eq!(esc(&in0), esc(want.as_bytes()), "db 0 on the new master");
+}

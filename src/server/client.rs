@@ -856,10 +856,10 @@ impl Reader {
     /// OFF or SKIP silenced get nothing back when Redis has run them, and
     /// the client's next request, on another connection, must not overtake
     /// them. A request behind them whose reply keyward swallows says they
-    /// have run: PING, or under OFF an UNSUBSCRIBE of one channel (its
-    /// confirmation is sent whatever CLIENT REPLY says, in subscriber mode
-    /// too; the connection's state is being dropped anyway). False if the
-    /// connection ended or the client went away meanwhile.
+    /// have run: RESET, answered in every state (in MULTI, in subscriber
+    /// mode, under CLIENT REPLY OFF, which it ends; a SKIP has been spent
+    /// by then), and the connection's state is being dropped anyway. False
+    /// if the connection ended or the client went away meanwhile.
     async fn confirm_silent(&mut self) -> bool {
         let Some(p) = &mut self.pinned else {
             return true;
@@ -867,11 +867,7 @@ impl Reader {
         if !p.unconfirmed() {
             return true;
         }
-        let probe: &[u8] = match self.state.reply_off {
-            true => b"*2\r\n$11\r\nUNSUBSCRIBE\r\n$15\r\nkeyward:confirm\r\n",
-            false => b"*1\r\n$4\r\nPING\r\n",
-        };
-        if p.send_silent(probe).await.is_err() {
+        if p.send_silent(b"*1\r\n$5\r\nRESET\r\n").await.is_err() {
             self.closing = true;
             return false;
         }
@@ -1067,6 +1063,11 @@ impl Reader {
         if !self.ctx.config.uses_sentinel() || !self.state.carryable() || !self.ctx.holding() {
             return true;
         }
+        if let Some(p) = &self.pinned {
+            // Lost while held, the connection is carried (the state says
+            // so before this request's dispatch is over).
+            p.set_resubscribe(true);
+        }
         if let Err(e) = self.ctx.upstream(1, bytes).await {
             for _ in 0..expect {
                 self.local_error(ErrorKind::from(&e.kind), &e.resp_text())
@@ -1202,7 +1203,13 @@ impl Reader {
             }
             Class::Select => {
                 let db = args.get(1).and_then(|a| parse_int(a));
+                let databases = self.ctx.learned.facts.load().databases;
                 match db {
+                    // Out of range: Redis refuses it and the database stays
+                    // (a failover carries the one in use, not this one).
+                    Some(n) if databases.is_some_and(|d| n >= d) => {
+                        self.forward(req, frame).await
+                    }
                     Some(0) if self.pinned.is_none() && args.len() == 2 => {
                         let mut out = BytesMut::new();
                         reply::simple(&mut out, "OK");

@@ -35,10 +35,10 @@ impl SessionState {
     }
 
     /// The state is all keyward can make again on a new connection: the
-    /// database (SELECT) and subscriptions (SUBSCRIBE again), so it can be
-    /// carried to a new master.
+    /// database (SELECT) and subscriptions (SUBSCRIBE again), or nothing, so
+    /// it can be carried to a new master.
     pub fn carryable(&self) -> bool {
-        self.only_db_and_subscriptions() && (self.db != 0 || self.subscribed())
+        self.only_db_and_subscriptions()
     }
 
     /// Nothing but (possibly) subscriptions ties the client to its connection.
@@ -89,7 +89,9 @@ impl SessionState {
                 1
             }
             ReplyMode::Off => {
+                // A SKIP in force is spent on this command itself.
                 self.reply_off = true;
+                self.reply_skip = false;
                 0
             }
             ReplyMode::Skip => {

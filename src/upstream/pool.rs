@@ -28,6 +28,9 @@ use crate::resp::Proto;
 #[derive(Debug, Clone, Default)]
 pub struct ServerFacts {
     pub version: String,
+    /// The `databases` setting (SELECT takes 0 to databases - 1), if
+    /// `CONFIG GET` is allowed.
+    pub databases: Option<i64>,
 }
 
 /// What keyward learns from the upstream, kept across master changes.
@@ -186,10 +189,40 @@ async fn learn(node: &Node, stream: &mut tokio::net::TcpStream) -> Result<(), Er
         .unwrap_or("7.0.0")
         .trim()
         .to_string();
-    tracing::debug!(commands = table.len(), %version, upstream = %node.settings.address, "learned upstream command table");
+    // Managed Redis may refuse CONFIG: then SELECT's range stays unknown.
+    let databases = tokio::time::timeout(
+        timeout,
+        connector::call(stream, &[b"CONFIG", b"GET", b"databases"]),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .and_then(|r| config_value(&r, b"databases"))
+    .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<i64>().ok());
+    tracing::debug!(commands = table.len(), %version, ?databases, upstream = %node.settings.address, "learned upstream command table");
     node.learned.table.store(Some(Arc::new(table)));
-    node.learned.facts.store(Arc::new(ServerFacts { version }));
+    node.learned
+        .facts
+        .store(Arc::new(ServerFacts { version, databases }));
     Ok(())
+}
+
+/// The value of `name` in a `CONFIG GET` reply (a RESP2 array or a RESP3
+/// map of bulk strings).
+fn config_value(reply: &[u8], name: &[u8]) -> Option<Vec<u8>> {
+    let mut lines = reply
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    if !matches!(lines.next()?.first(), Some(b'*' | b'%')) {
+        return None;
+    }
+    while let Some(line) = lines.next() {
+        if line.eq_ignore_ascii_case(name) {
+            lines.next()?; // the value's $<len>
+            return lines.next().map(<[u8]>::to_vec);
+        }
+    }
+    None
 }
 
 async fn maintain(pool: Arc<Pool>, slot: usize, shutdown: CancellationToken) {
@@ -287,5 +320,29 @@ async fn maintain(pool: Arc<Pool>, slot: usize, shutdown: CancellationToken) {
             _ = tokio::time::sleep(jittered) => {}
         }
         backoff = (backoff * 2).min(node.backoff_max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::config_value;
+
+    #[test]
+    fn config_get_replies_in_both_protocols() {
+        let resp2 = b"*2\r\n$9\r\ndatabases\r\n$2\r\n16\r\n";
+        let resp3 = b"%1\r\n$9\r\ndatabases\r\n$3\r\n100\r\n";
+        assert_eq!(
+            config_value(resp2, b"databases").as_deref(),
+            Some(&b"16"[..])
+        );
+        assert_eq!(
+            config_value(resp3, b"databases").as_deref(),
+            Some(&b"100"[..])
+        );
+        assert_eq!(config_value(b"*0\r\n", b"databases"), None);
+        assert_eq!(
+            config_value(b"-ERR unknown command 'CONFIG'\r\n", b"databases"),
+            None
+        );
     }
 }
