@@ -1270,6 +1270,20 @@ async fn state_rules_match_redis_for_commands_keyward_answers() {
             3,
         ),
         (
+            "an empty command (a blank line, *0) ends CLIENT REPLY SKIP",
+            false,
+            [
+                pipeline(&[&[b"SELECT", b"1"], &[b"CLIENT", b"REPLY", b"SKIP"]]),
+                b"\r\n".to_vec(),
+                cmd(&[b"PING"]),
+                cmd(&[b"CLIENT", b"REPLY", b"SKIP"]),
+                b"*0\r\n".to_vec(),
+                cmd(&[b"PING"]),
+            ]
+            .concat(),
+            3,
+        ),
+        (
             "CLIENT REPLY OFF, MULTI: RESET ends both and is answered",
             false,
             pipeline(&[

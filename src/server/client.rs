@@ -392,6 +392,17 @@ impl Reader {
                     } else {
                         self.buf.advance(n);
                     }
+                    if self.state.reply_skip {
+                        // But it ends a CLIENT REPLY SKIP (it resets the
+                        // client after an empty command as after any).
+                        self.state.reply_skip = false;
+                        if let Some(p) = &mut self.pinned {
+                            if p.spend_skip().await.is_err() {
+                                self.closing = true;
+                                return;
+                            }
+                        }
+                    }
                     continue;
                 }
                 Parsed::Request(r) => r,
