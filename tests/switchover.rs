@@ -1043,12 +1043,20 @@ async fn switchover_waits_for_a_carried_clients_write_in_flight() {
 /// while a planned switchover holds requests: the `SELECT 0` ends its
 /// state before its reply has come, and the write behind it must be held
 /// too (the connection is carried over), not written to the paused old
-/// master and answered "outcome unknown".
+/// master and answered "outcome unknown". Another, also in db 3, sends
+/// `CLIENT REPLY SKIP` and two writes: the first stays silent on the new
+/// master's connection too, and the second gets its `+OK`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn select_0_and_a_write_sent_during_the_hold_get_no_error() {
+async fn state_ending_requests_sent_during_the_hold_get_no_error() {
     let (master, replica, _sentinels, kw) = sentinel_stack(1000).await;
     let mut c = Raw::connect(kw.port()).await;
     assert_eq!(esc(&c.call(&[b"SELECT", b"3"]).await), esc(b"+OK\r\n"));
+    // Another one silences its next write with CLIENT REPLY SKIP.
+    let mut skipping = Raw::connect(kw.port()).await;
+    assert_eq!(
+        esc(&skipping.call(&[b"SELECT", b"3"]).await),
+        esc(b"+OK\r\n")
+    );
     let admin = kw.admin_port();
     let switchover = tokio::task::spawn_blocking(move || post_failover(admin));
     // A request of another client waits in the hold: the switchover is on.
@@ -1066,6 +1074,16 @@ async fn select_0_and_a_write_sent_during_the_hold_get_no_error() {
         .concat(),
     )
     .await;
+    skipping
+        .send(
+            &[
+                cmd(&[b"CLIENT", b"REPLY", b"SKIP"]),
+                cmd(&[b"SET", b"skipped", b"1"]),
+                cmd(&[b"SET", b"answered", b"2"]),
+            ]
+            .concat(),
+        )
+        .await;
     let answer = within(REPLY_LIMIT * 4, "the switchover", switchover)
         .await
         .expect("post_failover panicked");
@@ -1077,6 +1095,12 @@ async fn select_0_and_a_write_sent_during_the_hold_get_no_error() {
         "SELECT 0 and SET sent during the hold"
     );
     assert_eq!(esc(&probe.read_reply().await), esc(b"+PONG\r\n"));
+    // Only the second SET is answered, then the client goes on in db 3.
+    assert_eq!(esc(&skipping.read_reply().await), esc(b"+OK\r\n"));
+    assert_eq!(
+        esc(&skipping.call(&[b"MGET", b"skipped", b"answered"]).await),
+        esc(b"*2\r\n$1\r\n1\r\n$1\r\n2\r\n")
+    );
     let new_port = replica.port();
     let on_new = blocking(|| redis_cmd(new_port, &[b"GET", b"after-select"]));
     assert_eq!(esc(&on_new), esc(b"$1\r\nv\r\n"), "db 0 of the new master");

@@ -1090,8 +1090,20 @@ impl Reader {
         if let Some(p) = self.pinned.as_ref().filter(|p| p.retired()) {
             // The master changed while the request was held: the retired
             // connection is being shut down.
+            let skip = p.skip_pending();
             p.wait_lost().await;
             self.on_pinned_lost().await;
+            if let (true, false, Some(p)) = (skip, self.closing, &mut self.pinned) {
+                // This request spent a CLIENT REPLY SKIP sent to the old
+                // master: the new connection must silence it too.
+                if p.send(b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$4\r\nSKIP\r\n", 0)
+                    .await
+                    .is_err()
+                {
+                    self.closing = true;
+                }
+                p.skip_next();
+            }
         }
         !self.closing && self.pinned.is_some()
     }

@@ -298,6 +298,11 @@ impl Pinned {
         self.retired.is_cancelled()
     }
 
+    /// A CLIENT REPLY SKIP was sent and no request since.
+    pub fn skip_pending(&self) -> bool {
+        self.skip_pending
+    }
+
     /// A CLIENT REPLY SKIP that Redis will apply was just sent.
     pub fn skip_next(&mut self) {
         self.skip_pending = true;
