@@ -1057,6 +1057,17 @@ async fn state_ending_requests_sent_during_the_hold_get_no_error() {
         esc(&skipping.call(&[b"SELECT", b"3"]).await),
         esc(b"+OK\r\n")
     );
+    // A third, in db 4, subscribed to two channels, unsubscribes from all.
+    let mut subscriber = Raw::connect(kw.port()).await;
+    assert_eq!(
+        esc(&subscriber.call(&[b"SELECT", b"4"]).await),
+        esc(b"+OK\r\n")
+    );
+    subscriber.send(&cmd(&[b"SUBSCRIBE", b"c1", b"c2"])).await;
+    assert_eq!(
+        subscriber.read_replies(2).await.concat(),
+        b"*3\r\n$9\r\nsubscribe\r\n$2\r\nc1\r\n:1\r\n*3\r\n$9\r\nsubscribe\r\n$2\r\nc2\r\n:2\r\n"
+    );
     let admin = kw.admin_port();
     let switchover = tokio::task::spawn_blocking(move || post_failover(admin));
     // A request of another client waits in the hold: the switchover is on.
@@ -1084,6 +1095,9 @@ async fn state_ending_requests_sent_during_the_hold_get_no_error() {
             .concat(),
         )
         .await;
+    subscriber
+        .send(&[cmd(&[b"UNSUBSCRIBE"]), cmd(&[b"SET", b"in4", b"w"])].concat())
+        .await;
     let answer = within(REPLY_LIMIT * 4, "the switchover", switchover)
         .await
         .expect("post_failover panicked");
@@ -1095,6 +1109,24 @@ async fn state_ending_requests_sent_during_the_hold_get_no_error() {
         "SELECT 0 and SET sent during the hold"
     );
     assert_eq!(esc(&probe.read_reply().await), esc(b"+PONG\r\n"));
+    // One confirmation per channel (Redis picks the order), counting down
+    // to 0, then the SET in db 4.
+    let confirmations = subscriber.read_replies(2).await;
+    let got: Vec<String> = confirmations.iter().map(|r| esc(r)).collect();
+    let ok = |first: &[u8], second: &[u8]| {
+        let want = |ch: &[u8], n: u8| {
+            let mut r = b"*3\r\n$11\r\nunsubscribe\r\n$2\r\n".to_vec();
+            r.extend_from_slice(ch);
+            r.extend_from_slice(format!("\r\n:{n}\r\n").as_bytes());
+            esc(&r)
+        };
+        got == [want(first, 1), want(second, 0)]
+    };
+    assert!(
+        ok(b"c1", b"c2") || ok(b"c2", b"c1"),
+        "UNSUBSCRIBE of both channels: {got:?}"
+    );
+    assert_eq!(esc(&subscriber.read_reply().await), esc(b"+OK\r\n"));
     // Only the second SET is answered, then the client goes on in db 3.
     assert_eq!(esc(&skipping.read_reply().await), esc(b"+OK\r\n"));
     assert_eq!(
@@ -1169,4 +1201,73 @@ async fn a_client_leaving_its_database_mid_switchover_gets_no_error() {
     let want = format!("${}\r\n{last}\r\n", last.len());
     assert_eq!(esc(&in3[1]), esc(want.as_bytes()), "db 3 on the new master");
     assert_eq!(esc(&in0), esc(want.as_bytes()), "db 0 on the new master");
+}
+
+/// Who is carried and who is not, and a switchover asked for by a client in
+/// a database with a write pipelined behind it:
+/// - after `MULTI; SELECT 5; DISCARD` the database is not known (the SELECT
+///   never ran): that client is not carried (it is closed) rather than
+///   carried into the wrong database; one more `SELECT` makes it known;
+/// - `KEYWARD FAILOVER` + `SET` from a client in db 3: both answered, the
+///   write lands in db 3 of the new master, and nothing stays counted in
+///   flight (a stuck count made every later switchover wait and fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncertain_databases_are_not_carried_and_own_failover_requests_are() {
+    let (master, replica, _sentinels, kw) = sentinel_stack(1000).await;
+    let discard = pipeline_cmds(&[
+        &[b"SELECT", b"3"],
+        &[b"MULTI"],
+        &[b"SELECT", b"5"],
+        &[b"DISCARD"],
+    ]);
+    let mut unknown = Raw::connect(kw.port()).await;
+    unknown.send(&discard).await;
+    assert_eq!(
+        unknown.read_replies(4).await.concat(),
+        b"+OK\r\n+OK\r\n+QUEUED\r\n+OK\r\n"
+    );
+    let mut known = Raw::connect(kw.port()).await;
+    known.send(&discard).await;
+    known.read_replies(4).await;
+    assert_eq!(esc(&known.call(&[b"SELECT", b"4"]).await), esc(b"+OK\r\n"));
+
+    let mut asker = Raw::connect(kw.port()).await;
+    assert_eq!(esc(&asker.call(&[b"SELECT", b"3"]).await), esc(b"+OK\r\n"));
+    asker
+        .send(&pipeline_cmds(&[
+            &[b"KEYWARD", b"FAILOVER"],
+            &[b"SET", b"own", b"x"],
+        ]))
+        .await;
+    assert_eq!(
+        asker.read_replies(2).await.concat(),
+        b"+OK\r\n+OK\r\n",
+        "KEYWARD FAILOVER, then the SET behind it"
+    );
+    let topology = blocking(|| topology(&kw));
+    assert_eq!(topology.master.as_deref(), Some(replica.addr().as_str()));
+    assert_ne!(master.addr(), replica.addr());
+
+    assert!(
+        unknown.is_closed_within(DEADLINE).await,
+        "the client whose database was not known is closed"
+    );
+    assert_eq!(
+        esc(&known.call(&[b"SET", b"known", b"k"]).await),
+        esc(b"+OK\r\n")
+    );
+    let new_port = replica.port();
+    let get_in = |db: &'static [u8], key: &'static [u8]| {
+        blocking(move || redis_pipeline(new_port, &[&[b"SELECT", db], &[b"GET", key]])).remove(1)
+    };
+    assert_eq!(esc(&get_in(b"4", b"known")), esc(b"$1\r\nk\r\n"));
+    assert_eq!(esc(&get_in(b"3", b"own")), esc(b"$1\r\nx\r\n"));
+    wait_until("nothing counted in flight", DEADLINE, || async {
+        metric(&metrics(&kw).await, "keyward_carried_requests_in_flight") == Some(0.0)
+    })
+    .await;
+}
+
+fn pipeline_cmds(cmds: &[&[&[u8]]]) -> Vec<u8> {
+    cmds.iter().flat_map(|c| cmd(c)).collect()
 }

@@ -48,6 +48,7 @@ pub const LIMIT_REACHED: &str = "keyward_limit_reached_total";
 
 pub const CLIENTS: &str = "keyward_clients";
 pub const HELD_REQUESTS: &str = "keyward_held_requests";
+pub const CARRIED_IN_FLIGHT: &str = "keyward_carried_requests_in_flight";
 pub const TOPOLOGY_EPOCH: &str = "keyward_topology_epoch";
 pub const TOPOLOGY_HEALTHY: &str = "keyward_topology_healthy";
 pub const UPSTREAM_GENERATION: &str = "keyward_upstream_generation";
@@ -130,6 +131,10 @@ pub fn install() -> Option<&'static PrometheusHandle> {
             metrics::describe_gauge!(
                 HELD_REQUESTS,
                 "Requests held while no verified master takes writes."
+            );
+            metrics::describe_gauge!(
+                CARRIED_IN_FLIGHT,
+                "Requests in flight on dedicated connections a master change would carry over (a database, subscriptions); a planned switchover waits for them."
             );
             metrics::describe_gauge!(
                 TOPOLOGY_EPOCH,
@@ -236,6 +241,10 @@ pub fn render(ctx: &Ctx) -> Option<String> {
     metrics::counter!(FAILOVERS).absolute(ctx.topology.failovers());
     metrics::gauge!(SLOWLOG_ENTRIES).set(ctx.slowlog.len() as f64);
     metrics::gauge!(HELD_REQUESTS).set(ctx.held() as f64);
+    metrics::gauge!(CARRIED_IN_FLIGHT).set(
+        ctx.carried_in_flight
+            .load(std::sync::atomic::Ordering::Acquire) as f64,
+    );
     let t = ctx.topology.snapshot();
     metrics::gauge!(TOPOLOGY_EPOCH).set(t.epoch as f64);
     metrics::gauge!(TOPOLOGY_HEALTHY).set(if ctx.current().is_some() { 1.0 } else { 0.0 });

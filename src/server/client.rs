@@ -937,10 +937,10 @@ impl Reader {
     }
 
     /// The pinned connection ended under the session. If the master was
-    /// replaced and the client held nothing but a database and
-    /// subscriptions, carry them to the new master (the client sees no
-    /// error; messages published in the gap are lost). Otherwise the writer
-    /// has reported the loss and closes the client.
+    /// replaced and the client held nothing but a database, subscriptions
+    /// and an unspent CLIENT REPLY SKIP, carry them to the new master (the
+    /// client sees no error; messages published in the gap are lost).
+    /// Otherwise the writer has reported the loss and closes the client.
     async fn on_pinned_lost(&mut self) {
         let Some(p) = self.pinned.take() else { return };
         self.pinned_tx = None;
@@ -948,6 +948,7 @@ impl Reader {
             self.closing = true;
             return;
         }
+        let skip = p.skip_pending();
         drop(p);
         // Until the tracker has noticed a dead master, opening may fail:
         // ask it to check, and try again within the hold time.
@@ -1003,6 +1004,17 @@ impl Reader {
                 return;
             }
         }
+        if skip {
+            // The client's CLIENT REPLY SKIP went to the old master: its next
+            // request must be silenced here too.
+            let mut out = BytesMut::new();
+            reply::command(&mut out, &[b"CLIENT", b"REPLY", b"SKIP"]);
+            if p.send(&out, 0).await.is_err() {
+                self.closing = true;
+                return;
+            }
+            p.skip_next();
+        }
         p.set_resubscribe(true);
         tracing::info!(
             conn = self.id,
@@ -1016,9 +1028,6 @@ impl Reader {
 
     /// Send on the pinned connection, owing `expect` replies.
     async fn send_pinned(&mut self, frame: &[u8], expect: u64) {
-        if !self.hold_pinned(frame.len(), expect).await {
-            return;
-        }
         // Writes queued in MULTI run at EXEC (or never, at DISCARD).
         let mut written = std::mem::take(&mut self.pending_written);
         if self.state.in_multi {
@@ -1064,46 +1073,36 @@ impl Reader {
 
     /// While a failover or planned switchover holds requests, a session
     /// whose connection will be carried to the new master (a database,
-    /// subscriptions) is held as the shared pool's requests are, instead of
-    /// writing to a master being replaced: then its connection is carried
-    /// and the request goes to the new master. False if the request must
-    /// not be sent: the hold ended in an error (each reply owed gets it and
-    /// the client is closed: where its state stands is unknown), or the
-    /// connection could not be carried.
-    async fn hold_pinned(&mut self, bytes: usize, expect: u64) -> bool {
-        if !self.ctx.config.uses_sentinel() || !self.state.carryable() || !self.ctx.holding() {
+    /// subscriptions, or nothing yet given back) is held before its next
+    /// request, as the shared pool's requests are, instead of writing to a
+    /// master being replaced; once the master has changed, its connection is
+    /// carried (with the state before this request) and the request goes to
+    /// the new master. False if the request must not be handled: the hold
+    /// ended in an error (the request gets it and the client is closed:
+    /// where its state stands is unknown), or the connection could not be
+    /// carried.
+    async fn hold_pinned(&mut self, bytes: usize) -> bool {
+        if self.pinned.is_none() || !self.ctx.config.uses_sentinel() || !self.state.carryable() {
             return true;
         }
-        if let Some(p) = &self.pinned {
-            // Lost while held, the connection is carried (the state says
-            // so before this request's dispatch is over).
-            p.set_resubscribe(true);
-        }
-        if let Err(e) = self.ctx.upstream(1, bytes).await {
-            for _ in 0..expect {
+        if self.ctx.holding() {
+            if let Some(p) = &self.pinned {
+                // Lost while held, the connection is carried.
+                p.set_resubscribe(true);
+            }
+            if let Err(e) = self.ctx.upstream(1, bytes).await {
                 self.local_error(ErrorKind::from(&e.kind), &e.resp_text())
                     .await;
+                self.closing = true;
+                return false;
             }
-            self.closing = true;
-            return false;
         }
         if let Some(p) = self.pinned.as_ref().filter(|p| p.retired()) {
-            // The master changed while the request was held: the retired
-            // connection is being shut down.
-            let skip = p.skip_pending();
+            // The master changed (while the request was held, or while the
+            // session waited on something else, say its own KEYWARD
+            // FAILOVER): the retired connection is being shut down.
             p.wait_lost().await;
             self.on_pinned_lost().await;
-            if let (true, false, Some(p)) = (skip, self.closing, &mut self.pinned) {
-                // This request spent a CLIENT REPLY SKIP sent to the old
-                // master: the new connection must silence it too.
-                if p.send(b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$4\r\nSKIP\r\n", 0)
-                    .await
-                    .is_err()
-                {
-                    self.closing = true;
-                }
-                p.skip_next();
-            }
         }
         !self.closing && self.pinned.is_some()
     }
@@ -1112,6 +1111,15 @@ impl Reader {
     async fn dispatch(&mut self, class: Class, req: &Request, frame: Bytes) {
         // KEYWARD CLIENTS (and anything slow here) shows this command now.
         self.publish_info(0);
+        // What keyward answers itself needs no master (RESET gives the
+        // connection up anyway).
+        let answered_here = matches!(
+            class,
+            Class::Hello | Class::Auth | Class::Keyward | Class::Quit | Class::Reset
+        );
+        if !answered_here && !self.hold_pinned(frame.len()).await {
+            return;
+        }
         let args: Vec<&[u8]> = ArgView::new(&frame, &req.args).collect();
         // Where Redis refuses a command without running it, let Redis say
         // so on the client's own connection: in RESP2 subscriber mode
@@ -1248,6 +1256,7 @@ impl Reader {
                             if n != 0 || !self.state.in_multi {
                                 self.state.db = n;
                             }
+                            self.state.db_uncertain = self.state.in_multi;
                             let expect = self.state.replies_for_next();
                             self.send_pinned(&frame, expect).await;
                         }

@@ -16,6 +16,10 @@ use crate::command::{ReplyMode, SubKind};
 #[derive(Debug, Default)]
 pub struct SessionState {
     pub db: i64,
+    /// A SELECT queued in MULTI may or may not have run (DISCARD,
+    /// EXECABORT, a failed WATCH): `db` is a guess until the next SELECT
+    /// outside MULTI, so the connection is neither given back nor carried.
+    pub db_uncertain: bool,
     pub in_multi: bool,
     pub watching: bool,
     pub monitor: bool,
@@ -35,25 +39,21 @@ impl SessionState {
     }
 
     /// The state is all keyward can make again on a new connection: the
-    /// database (SELECT) and subscriptions (SUBSCRIBE again), or nothing, so
-    /// it can be carried to a new master.
+    /// database (SELECT), subscriptions (SUBSCRIBE again) and a CLIENT
+    /// REPLY SKIP not yet spent, or nothing, so it can be carried to a new
+    /// master.
     pub fn carryable(&self) -> bool {
-        self.only_db_and_subscriptions()
-    }
-
-    /// Nothing but (possibly) subscriptions ties the client to its connection.
-    fn no_connection_state(&self) -> bool {
-        self.db == 0 && self.only_db_and_subscriptions()
-    }
-
-    /// No transaction, WATCH, MONITOR, CLIENT state or reply mode.
-    fn only_db_and_subscriptions(&self) -> bool {
-        !self.in_multi
+        !self.db_uncertain
+            && !self.in_multi
             && !self.watching
             && !self.monitor
             && !self.client_state
             && !self.reply_off
-            && !self.reply_skip
+    }
+
+    /// Nothing but (possibly) subscriptions ties the client to its connection.
+    fn no_connection_state(&self) -> bool {
+        self.db == 0 && !self.reply_skip && self.carryable()
     }
 
     pub fn subs(&mut self, kind: SubKind) -> &mut HashSet<Bytes> {

@@ -75,9 +75,28 @@ pub async fn planned(ctx: Arc<Ctx>) -> Result<Outcome, String> {
             Ok(Outcome { old, new, held_ms })
         }
         Err(e) => {
-            tracing::warn!(master = %old, error = %e, held_ms, "planned switchover failed; traffic resumes");
+            let now = ctx.topology.snapshot().master.clone().unwrap_or_default();
+            tracing::warn!(master = %now, error = %e, held_ms, "planned switchover failed; traffic resumes");
             Err(e)
         }
+    }
+}
+
+/// An error if keyward no longer follows `old`: the Sentinels failed over
+/// by themselves (the master stopped answering) while the switchover ran,
+/// and there is nothing left to switch from.
+fn moved(ctx: &Ctx, old: &str) -> Result<(), String> {
+    let t = ctx.topology.snapshot();
+    match (&t.master, t.state) {
+        (Some(m), _) if m != old => Err(format!(
+            "the master changed to {m} while the switchover ran (the sentinels failed over \
+             by themselves); no switchover was made"
+        )),
+        (_, State::Fenced | State::Switching) => Err(format!(
+            "the sentinels are failing {old} over by themselves (state: {}); no switchover was made",
+            t.state.name()
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -100,6 +119,7 @@ async fn steps(ctx: &Arc<Ctx>, old: &str, upstream: &Settings) -> Result<String,
     let carried = &ctx.carried_in_flight;
     if let Some(up) = ctx.upstream.load_full() {
         while up.pool2.pending() + up.pool3.pending() + carried.load(Ordering::Acquire) > 0 {
+            moved(ctx, old)?;
             if Instant::now() > deadline {
                 return Err(
                     "requests in flight did not finish within upstream.command_timeout_ms".into(),
@@ -120,6 +140,7 @@ async fn steps(ctx: &Arc<Ctx>, old: &str, upstream: &Settings) -> Result<String,
     .await
     .map_err(|e| format!("CLIENT PAUSE failed: {}", e.detail))?;
     decode(&reply).map_err(|e| format!("CLIENT PAUSE refused: {}", e.detail))?;
+    moved(ctx, old)?;
     // 3. Every replica the Sentinels could promote has everything the
     // master has: SENTINEL FAILOVER picks by its own view (priority, its
     // last INFO), not the one that caught up.
@@ -144,6 +165,7 @@ async fn steps(ctx: &Arc<Ctx>, old: &str, upstream: &Settings) -> Result<String,
         if behind.is_empty() {
             break;
         }
+        moved(ctx, old)?;
         if Instant::now() > caught_up {
             return Err(format!(
                 "replica(s) {} the sentinels could promote did not catch up with the master's \

@@ -253,8 +253,15 @@ impl Pinned {
     /// never arrives. Call before that `send`.
     pub fn on_reply(&self, expect: u64, f: Box<dyn FnOnce() + Send>) {
         let at = self.shared.sent.load(Ordering::Acquire) + expect;
-        let mut after = self.shared.after.lock().unwrap_or_else(|e| e.into_inner());
-        after.push_back(AfterReply(at, f));
+        self.shared
+            .after
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(AfterReply(at, f));
+        if self.shared.lost.load(Ordering::Acquire) {
+            // The relay has ended (and run what it found): nothing will.
+            self.shared.replied(u64::MAX);
+        }
     }
 
     /// Write requests owing `expect` replies.
@@ -614,6 +621,8 @@ async fn relay(
     shared.idle.notify_waiters();
     if !shared.releasing.load(Ordering::Acquire) {
         shared.lost.store(true, Ordering::Release);
+        // An action queued after the first run and before `lost` was set.
+        shared.replied(u64::MAX);
         shared.lost_notify.notify_waiters();
     }
     None
