@@ -1284,6 +1284,20 @@ async fn state_rules_match_redis_for_commands_keyward_answers() {
             3,
         ),
         (
+            "a SUBSCRIBE queued in MULTI: after EXEC, HELLO and AUTH are refused",
+            false,
+            pipeline(&[
+                &[b"MULTI"],
+                &[b"SUBSCRIBE", b"c"],
+                &[b"EXEC"],
+                &[b"HELLO", b"2"],
+                &[b"AUTH", b"x"],
+                &[b"SELECT", b"1"],
+                &[b"RESET"],
+            ]),
+            7,
+        ),
+        (
             "CLIENT REPLY OFF, MULTI: RESET ends both and is answered",
             false,
             pipeline(&[

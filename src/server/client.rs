@@ -1126,21 +1126,11 @@ impl Reader {
         // ("Can't execute ...: only (P|S)SUBSCRIBE / ... are allowed"), and
         // for KEYWARD (unknown to Redis) and SYNC/PSYNC (not allowed) inside
         // MULTI, where the refusal also makes EXEC abort, as it would.
-        let subscriber = self.proto == Proto::Resp2 && self.state.subscribed();
-        let refused_in_multi = self.state.in_multi
-            && (class == Class::Keyward
-                || (class == Class::Replication && !args[0].eq_ignore_ascii_case(b"replconf")));
+        let mut subscriber = self.proto == Proto::Resp2 && self.state.subscribed();
         let local = matches!(
             class,
             Class::Hello | Class::Auth | Class::Keyward | Class::Replication
         );
-        if self.pinned.is_some() && local && (subscriber || refused_in_multi) {
-            return self.forward(req, frame).await;
-        }
-        // A state command Redis refuses without running it (wrong arity;
-        // anything but (UN)SUBSCRIBE, PING, QUIT, RESET in RESP2 subscriber
-        // mode) changes no state: keyward must not think a transaction,
-        // a WATCH, a database or a reply mode ended or began.
         let tracked = matches!(
             class,
             Class::Select
@@ -1155,6 +1145,30 @@ impl Reader {
                 | Class::Subscribe(_)
                 | Class::Unsubscribe(_)
         );
+        if (local || tracked)
+            && !subscriber
+            && self.proto == Proto::Resp2
+            && self.state.queued_subscribe
+            && !self.state.in_multi
+            && self.pinned.is_some()
+        {
+            // A SUBSCRIBE queued in MULTI subscribed when EXEC ran: only
+            // the relay knows, from Redis's confirmations, once they are in.
+            if !self.wait_owed().await {
+                return;
+            }
+            subscriber = self.pinned.as_ref().is_some_and(|p| p.subscribed());
+        }
+        let refused_in_multi = self.state.in_multi
+            && (class == Class::Keyward
+                || (class == Class::Replication && !args[0].eq_ignore_ascii_case(b"replconf")));
+        if self.pinned.is_some() && local && (subscriber || refused_in_multi) {
+            return self.forward(req, frame).await;
+        }
+        // A state command Redis refuses without running it (wrong arity;
+        // anything but (UN)SUBSCRIBE, PING, QUIT, RESET in RESP2 subscriber
+        // mode) changes no state: keyward must not think a transaction,
+        // a WATCH, a database or a reply mode ended or began.
         if tracked {
             let arity_ok = self
                 .ctx
@@ -1183,6 +1197,7 @@ impl Reader {
             )
         {
             self.state.client_state = true;
+            self.state.queued_subscribe |= matches!(class, Class::Subscribe(_));
             return self.forward(req, frame).await;
         }
         match class {

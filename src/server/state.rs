@@ -20,6 +20,9 @@ pub struct SessionState {
     /// EXECABORT, a failed WATCH): `db` is a guess until the next SELECT
     /// outside MULTI, so the connection is neither given back nor carried.
     pub db_uncertain: bool,
+    /// A SUBSCRIBE was queued in MULTI: whether the connection is in RESP2
+    /// subscriber mode only the relay knows (until RESET).
+    pub queued_subscribe: bool,
     pub in_multi: bool,
     pub watching: bool,
     pub monitor: bool,

@@ -305,6 +305,12 @@ impl Pinned {
         self.retired.is_cancelled()
     }
 
+    /// Redis's confirmations so far say the connection is in RESP2
+    /// subscriber mode.
+    pub fn subscribed(&self) -> bool {
+        self.shared.subscribed.load(Ordering::Acquire)
+    }
+
     /// A CLIENT REPLY SKIP was sent and no request since.
     pub fn skip_pending(&self) -> bool {
         self.skip_pending
