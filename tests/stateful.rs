@@ -1814,6 +1814,48 @@ async fn a_half_closed_pipeline_behind_a_pinned_connection_gets_every_reply() {
     }
 }
 
+/// Redis 7.0 answers `MULTI; CLIENT REPLY SKIP; EXEC` with an array header
+/// and no element, a reply that never completes. A client that half-closes
+/// behind it (keyward waits for it before answering HELLO) is let go after
+/// `upstream.command_timeout_ms`, and its dedicated connection with it,
+/// rather than kept for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departed_client_behind_a_reply_that_never_completes_is_let_go() {
+    let redis = Redis::start();
+    let kw = Keyward::start_for(&redis, "command_timeout_ms = 300\n", &[]);
+    wait_ready(&kw, DEADLINE).await;
+    let connected = |port: u16| async move {
+        let info = Raw::connect(port).await.call(&[b"INFO", b"clients"]).await;
+        let text = String::from_utf8_lossy(&info).to_string();
+        text.lines()
+            .find_map(|l| l.strip_prefix("connected_clients:"))
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .expect("connected_clients")
+    };
+    // The probe's own connection counts while it asks.
+    let before = connected(redis.port()).await;
+    let mut c = Raw::connect(kw.port()).await;
+    c.send(&pipeline(&[
+        &[b"MULTI"],
+        &[b"CLIENT", b"REPLY", b"SKIP"],
+        &[b"EXEC"],
+        &[b"HELLO", b"2"],
+    ]))
+    .await;
+    c.shutdown_write().await;
+    assert!(
+        c.is_closed_within(DEADLINE).await,
+        "keyward closes the client"
+    );
+    let port = redis.port();
+    wait_until(
+        "the dedicated connection is closed",
+        DEADLINE,
+        || async move { connected(port).await == before },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_leaving_behind_its_blocked_call_leaves_nothing_blocked() {
     let (redis, kw) = setup().await;

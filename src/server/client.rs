@@ -670,6 +670,7 @@ impl Reader {
             self.ctx.config.server.max_request_bytes,
             &self.ctx.stats,
         );
+        let command_timeout = self.ctx.config.command_timeout();
         let left = async {
             // Read on meanwhile, as Redis reads into its query buffer: a
             // close behind more requests is seen too (up to one request's
@@ -678,8 +679,13 @@ impl Reader {
                 crate::resp::make_room(buf, 0, 4096);
                 match rd.read_buf(buf).await {
                     Ok(0) | Err(_) if p.blocked() => return,
-                    // Nothing blocks: the replies come.
-                    Ok(0) | Err(_) => break,
+                    // Nothing blocks: the replies come, within the command
+                    // timeout (a reply that never completes must not keep
+                    // a departed client's session and connection for ever).
+                    Ok(0) | Err(_) => {
+                        tokio::time::sleep(command_timeout).await;
+                        return;
+                    }
                     Ok(n) => {
                         stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                     }
