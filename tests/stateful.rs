@@ -1662,6 +1662,18 @@ async fn refused_and_queued_state_commands_match_redis_step_by_step() {
             ],
         ),
         (
+            "a SUBSCRIBE queued in MULTI under CLIENT REPLY OFF, then RESET",
+            vec![
+                (&[b"CLIENT", b"REPLY", b"OFF"], 0),
+                (&[b"MULTI"], 0),
+                (&[b"SUBSCRIBE", b"c"], 0),
+                // The confirmation goes out whatever CLIENT REPLY says.
+                (&[b"EXEC"], 1),
+                (&[b"RESET"], 1),
+                (&[b"PING"], 1),
+            ],
+        ),
+        (
             "CLIENT REPLY ON refused while subscribed under CLIENT REPLY OFF",
             vec![
                 (&[b"CLIENT", b"REPLY", b"OFF"], 0),

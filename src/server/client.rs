@@ -884,7 +884,7 @@ impl Reader {
         if !p.unconfirmed() {
             return true;
         }
-        if p.send_silent(b"*1\r\n$5\r\nRESET\r\n").await.is_err() {
+        if p.send_reset_probe().await.is_err() {
             self.closing = true;
             return false;
         }

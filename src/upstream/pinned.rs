@@ -77,6 +77,9 @@ pub struct PinShared {
     /// (under CLIENT REPLY OFF or SKIP) was last written; 0 if none was. The
     /// reply numbered this (or later) shows Redis has run it.
     silent_at: AtomicU64,
+    /// A RESET of keyward's own was sent to learn that everything before it
+    /// has run; its reply is dropped (see `Pinned::send_reset_probe`).
+    reset_probe: AtomicBool,
     /// One more than `sent` when a blocking call (BLPOP, WAIT, ...) was
     /// last written; its reply, numbered this, may take for ever.
     blocking_at: AtomicU64,
@@ -331,6 +334,14 @@ impl Pinned {
         }
     }
 
+    /// Send RESET, whose reply the client must not see, before the
+    /// connection is given up: once it is answered, everything sent before
+    /// it has run.
+    pub async fn send_reset_probe(&mut self) -> Result<(), Error> {
+        self.shared.reset_probe.store(true, Ordering::Release);
+        self.send(b"*1\r\n$5\r\nRESET\r\n", 1).await
+    }
+
     /// Send a request of keyward's own whose reply the client must not see.
     pub async fn send_silent(&mut self, bytes: &[u8]) -> Result<(), Error> {
         self.send_swallowed(bytes, 1).await
@@ -521,7 +532,14 @@ async fn relay(
                         shared.subscribed.load(Ordering::Relaxed),
                     ) {
                         answered += 1;
-                        if shared.swallows(received + answered) {
+                        // keyward's RESET probe is found by its reply, not
+                        // its number: a reply keyward did not count (a
+                        // confirmation an EXEC sends under CLIENT REPLY OFF)
+                        // may come before it. The client's RESET never
+                        // reaches Redis, so "+RESET" is the probe's.
+                        let probe = &buf[start..end] == b"+RESET\r\n"
+                            && shared.reset_probe.swap(false, Ordering::AcqRel);
+                        if probe || shared.swallows(received + answered) {
                             cut.push((start, end));
                         }
                         // RESP2 subscriber mode, from Redis's own counts in
