@@ -1805,6 +1805,15 @@ async fn a_half_closed_pipeline_behind_a_pinned_connection_gets_every_reply() {
             ]),
         ),
         (
+            "a SUBSCRIBE run by EXEC under CLIENT REPLY OFF (its confirmation still goes out)",
+            pipeline(&[
+                &[b"CLIENT", b"REPLY", b"OFF"],
+                &[b"MULTI"],
+                &[b"SUBSCRIBE", b"c"],
+                &[b"EXEC"],
+            ]),
+        ),
+        (
             "BLPOP with a timeout, then PING",
             pipeline(&[&[b"SELECT", b"1"], &[b"BLPOP", b"q", b"0.1"], &[b"PING"]]),
         ),

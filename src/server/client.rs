@@ -329,7 +329,17 @@ impl Reader {
                     Limit::IdleTimeout.reached();
                     return;
                 }
-                Some(Ok(0) | Err(_)) => return,
+                Some(Ok(0)) => {
+                    // The client is done sending. Redis answers what it has
+                    // read first, even what keyward does not count (a
+                    // subscription confirmation from an EXEC under CLIENT
+                    // REPLY OFF): a request behind it says when that is.
+                    if self.pinned.as_ref().is_some_and(|p| !p.blocked()) {
+                        self.confirm_silent().await;
+                    }
+                    return;
+                }
+                Some(Err(_)) => return,
                 Some(Ok(n)) => {
                     self.read_at = Instant::now();
                     self.ctx
