@@ -1782,6 +1782,34 @@ async fn hello_setname_pipelined_drops_only_its_own_reply() {
 /// HELLO's) waits behind its own `BLPOP q 0`: the session ends and its
 /// connection to Redis closes, as Redis drops a client that leaves, so the
 /// blocked BLPOP does not linger and take the next item pushed to `q`.
+/// A request that arrives while keyward confirms a silenced write before
+/// giving the dedicated connection back (the write waits behind a `CLIENT
+/// PAUSE WRITE`, so the confirmation does too) is answered as soon as the
+/// connection is given back, not when the client next sends something
+/// (every later reply came one request late).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_read_during_a_release_is_answered_at_once() {
+    let (redis, kw) = setup().await;
+    let mut direct = Raw::connect(redis.port()).await;
+    same(
+        "CLIENT PAUSE",
+        &direct.call(&[b"CLIENT", b"PAUSE", b"300", b"WRITE"]).await,
+        b"+OK\r\n",
+    );
+    let mut c = Raw::connect(kw.port()).await;
+    c.send(&pipeline(&[
+        &[b"CLIENT", b"REPLY", b"SKIP"],
+        &[b"SET", b"paused", b"v"],
+    ]))
+    .await;
+    // The SET waits at Redis, and keyward's RESET behind it too.
+    wait_blocked(redis.port(), 1).await;
+    c.send(&cmd(&[b"PING", b"E1"])).await;
+    same("PING E1", &c.read_reply().await, b"$2\r\nE1\r\n");
+    same("PING E2", &c.call(&[b"PING", b"E2"]).await, b"$2\r\nE2\r\n");
+    same("GET", &c.call(&[b"GET", b"paused"]).await, b"$1\r\nv\r\n");
+}
+
 /// A client that sends its pipeline and half-closes (as `printf ... | nc`
 /// does) gets every reply, as from Redis, when keyward answers some of them
 /// itself behind a pinned connection's (QUIT, AUTH): only a blocking call

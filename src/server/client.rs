@@ -197,6 +197,7 @@ pub fn start(
         published_cmd: SmallVec::new(),
         hit_buf: BytesMut::new(),
         rd: None,
+        read_ahead: false,
     };
     let slot = ClientSlot(ctx, id);
     let reader = readers.spawn(async move {
@@ -272,6 +273,9 @@ struct Reader {
     hit_buf: BytesMut,
     /// The client's socket, read in `run` (set there).
     rd: Option<OwnedReadHalf>,
+    /// Requests were read into `buf` while waiting for a pinned
+    /// connection's replies (see `wait_owed`), not yet parsed.
+    read_ahead: bool,
 }
 
 impl Reader {
@@ -286,6 +290,17 @@ impl Reader {
             // quiet gives its pinned connection back without waiting for its
             // next request.
             self.maybe_release().await;
+            if std::mem::take(&mut self.read_ahead) {
+                // Requests read while the release waited: handle them now,
+                // not when the client next sends something.
+                self.read_at = Instant::now();
+                let before = self.seq;
+                self.process().await;
+                if self.seq > before {
+                    self.publish_info(self.seq - before);
+                }
+                continue;
+            }
             crate::resp::release_if_large(&mut self.buf, 4096);
             crate::resp::make_room(&mut self.buf, self.parser.need(), 4096);
             let Some(rd) = self.rd.as_mut() else { return };
@@ -681,6 +696,7 @@ impl Reader {
             &self.ctx.stats,
         );
         let command_timeout = self.ctx.config.command_timeout();
+        let mut read_ahead = false;
         let left = async {
             // Read on meanwhile, as Redis reads into its query buffer: a
             // close behind more requests is seen too (up to one request's
@@ -697,20 +713,21 @@ impl Reader {
                         return;
                     }
                     Ok(n) => {
+                        read_ahead = true;
                         stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                     }
                 }
             }
             std::future::pending::<()>().await
         };
-        tokio::select! {
+        let idle = tokio::select! {
             biased;
             _ = p.wait_idle() => true,
-            _ = left => {
-                self.closing = true;
-                false
-            }
-        }
+            _ = left => false,
+        };
+        self.read_ahead |= read_ahead;
+        self.closing |= !idle;
+        idle
     }
 
     /// Queue a batch sent to a pool, with the keys it writes.
