@@ -357,10 +357,7 @@ async fn database_and_subscriptions_are_carried_to_the_new_master() {
         "the SET in db 2 reached the replica",
         DEADLINE,
         || async move {
-            let r = blocking(|| {
-                redis_pipeline(replica_port, &[&[b"SELECT", b"2"], &[b"GET", b"carried"]])
-            });
-            r[1] == b"$1\r\nv\r\n"
+            blocking(|| redis_cmd_in(replica_port, "2", &[b"GET", b"carried"])) == b"$1\r\nv\r\n"
         },
     )
     .await;
@@ -379,9 +376,9 @@ async fn database_and_subscriptions_are_carried_to_the_new_master() {
         esc(&in_db.call(&[b"SET", b"after", b"w"]).await),
         esc(b"+OK\r\n")
     );
-    let r = blocking(|| redis_pipeline(replica_port, &[&[b"SELECT", b"2"], &[b"GET", b"after"]]));
+    let r = blocking(|| redis_cmd_in(replica_port, "2", &[b"GET", b"after"]));
     assert_eq!(
-        esc(&r[1]),
+        esc(&r),
         esc(b"$1\r\nw\r\n"),
         "the write went to db 2 of the new master"
     );

@@ -294,11 +294,7 @@ impl Reader {
                 // Requests read while the release waited: handle them now,
                 // not when the client next sends something.
                 self.read_at = Instant::now();
-                let before = self.seq;
-                self.process().await;
-                if self.seq > before {
-                    self.publish_info(self.seq - before);
-                }
+                self.process_read().await;
                 continue;
             }
             crate::resp::release_if_large(&mut self.buf, 4096);
@@ -363,11 +359,16 @@ impl Reader {
                         .fetch_add(n as u64, Ordering::Relaxed);
                 }
             }
-            let before = self.seq;
-            self.process().await;
-            if self.seq > before {
-                self.publish_info(self.seq - before);
-            }
+            self.process_read().await;
+        }
+    }
+
+    /// Handle what has been read, and show it in the client registry.
+    async fn process_read(&mut self) {
+        let before = self.seq;
+        self.process().await;
+        if self.seq > before {
+            self.publish_info(self.seq - before);
         }
     }
 
@@ -1082,9 +1083,9 @@ impl Reader {
                 }),
             );
         }
-        if expect > 0 && self.state.carryable() && !p.blocked() {
-            // A planned switchover waits for this reply before it pauses
-            // the master (see `topology::switchover`).
+        if expect > 0 && self.ctx.config.uses_sentinel() && self.state.carryable() && !p.blocked() {
+            // A planned switchover (Sentinel only) waits for this reply
+            // before it pauses the master (see `topology::switchover`).
             let count = self.ctx.carried_in_flight.clone();
             count.fetch_add(1, Ordering::AcqRel);
             p.on_reply(

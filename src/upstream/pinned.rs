@@ -101,6 +101,16 @@ impl std::fmt::Debug for AfterReply {
 }
 
 impl PinShared {
+    /// The reply numbered `at` (0: none marked) has not arrived yet. Only
+    /// the session sends, so `sent` is steady; a stale `outstanding` errs
+    /// towards true.
+    fn before_reply(&self, at: &AtomicU64) -> bool {
+        let at = at.load(Ordering::Acquire);
+        let sent = self.sent.load(Ordering::Acquire);
+        let answered = sent.saturating_sub(self.outstanding.load(Ordering::Acquire));
+        at != 0 && answered < at
+    }
+
     /// Is reply number `n` one to drop? (Numbers come in order.)
     fn swallows(&self, n: u64) -> bool {
         let mut s = self.swallow.lock().unwrap_or_else(|e| e.into_inner());
@@ -293,13 +303,9 @@ impl Pinned {
         self.shared.blocking_at.store(next, Ordering::Release);
     }
 
-    /// A blocking call's reply may still be owed (see `unconfirmed` on
-    /// the stale read).
+    /// A blocking call's reply may still be owed.
     pub fn blocked(&self) -> bool {
-        let at = self.shared.blocking_at.load(Ordering::Acquire);
-        let sent = self.shared.sent.load(Ordering::Acquire);
-        let answered = sent.saturating_sub(self.shared.outstanding.load(Ordering::Acquire));
-        at != 0 && answered < at
+        self.shared.before_reply(&self.shared.blocking_at)
     }
 
     /// The master this connection goes to has been replaced (or fenced):
@@ -396,13 +402,9 @@ impl Pinned {
 
     /// A request sent without a reply to come (under CLIENT REPLY OFF or
     /// SKIP) may not have run yet: no reply has arrived since it was sent.
-    /// Only this session sends, so `sent` is steady; a stale `outstanding`
-    /// errs towards true.
     pub fn unconfirmed(&self) -> bool {
-        let at = self.shared.silent_at.load(Ordering::Acquire);
-        let sent = self.shared.sent.load(Ordering::Acquire);
-        let answered = sent.saturating_sub(self.shared.outstanding.load(Ordering::Acquire));
-        at != 0 && answered < at && !self.shared.lost.load(Ordering::Acquire)
+        self.shared.before_reply(&self.shared.silent_at)
+            && !self.shared.lost.load(Ordering::Acquire)
     }
 
     /// Wait until no reply is owed (also once the connection has ended:
@@ -686,12 +688,18 @@ fn confirmation(frame: &[u8]) -> Option<(bool, i64)> {
         return None;
     }
     let mut e = elements(frame);
-    let name = string_of(e.next()?)?.to_ascii_lowercase();
-    let shard = match name.as_slice() {
-        b"subscribe" | b"unsubscribe" | b"psubscribe" | b"punsubscribe" => false,
-        b"ssubscribe" | b"sunsubscribe" => true,
-        _ => return None,
-    };
+    let name = string_of(e.next()?)?;
+    // Every RESP2 array reply on a dedicated connection comes here: compare
+    // in place rather than lower-case a copy.
+    let is = |n: &[u8]| name.eq_ignore_ascii_case(n);
+    let shard =
+        if is(b"subscribe") || is(b"unsubscribe") || is(b"psubscribe") || is(b"punsubscribe") {
+            false
+        } else if is(b"ssubscribe") || is(b"sunsubscribe") {
+            true
+        } else {
+            return None;
+        };
     let count = e.nth(1)?;
     let n = count.strip_prefix(b":")?.strip_suffix(b"\r\n")?;
     Some((shard, crate::resp::scan::parse_int(n)?))

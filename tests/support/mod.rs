@@ -47,7 +47,7 @@ pub use keyward::Keyward;
 pub use ports::free_port;
 pub use proc::{send_signal, tail};
 pub use raw::Raw;
-pub use redis::{redis_calls, redis_cmd, redis_pipeline, Redis};
+pub use redis::{redis_calls, redis_cmd, redis_cmd_in, redis_pipeline, Redis};
 pub use resp::{bulk, cmd, esc, frame_len, split_frames};
 pub use runtime::{blocking, within};
 pub use sentinel::*;

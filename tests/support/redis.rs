@@ -284,6 +284,13 @@ pub fn redis_cmd(port: u16, args: &[&[u8]]) -> Vec<u8> {
     redis_pipeline(port, &[args]).pop().expect("one reply")
 }
 
+/// `redis_cmd` in database `db` (SELECT first, on the same connection).
+pub fn redis_cmd_in(port: u16, db: &str, args: &[&[u8]]) -> Vec<u8> {
+    redis_pipeline(port, &[&[b"SELECT", db.as_bytes()], args])
+        .pop()
+        .expect("two replies")
+}
+
 /// Send several commands pipelined on one fresh connection and return their
 /// raw replies in order. Useful when a later command depends on connection
 /// state, e.g. `AUTH` then a command on a password-protected server.
