@@ -58,7 +58,7 @@ pub struct UpstreamConfig {
     /// Password sent with HELLO/AUTH on every upstream connection; empty for none.
     #[serde(serialize_with = "redact")]
     pub password: String,
-    /// Shared pipelined connections per RESP version. One by default: Redis
+    /// Shared pipelined connections per RESP version and database. One by default: Redis
     /// runs commands one at a time, and one connection carries the biggest
     /// batches (fewest syscalls and wake-ups on both sides).
     pub pool_size: usize,

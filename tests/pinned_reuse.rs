@@ -70,12 +70,14 @@ async fn a_reused_connection_starts_clean() {
     wait_ready(&kw, DEADLINE).await;
     let mut direct = Raw::connect(redis.port()).await;
 
-    // A: database 2, then back to 0 (the connection is given back).
+    // A: a transaction in database 2 (its connection is opened there and
+    // given back after EXEC).
     let mut a = Raw::connect(kw.port()).await;
     for (req, want) in [
         (&[&b"SELECT"[..], b"2"][..], &b"+OK\r\n"[..]),
-        (&[b"SET", b"only2", b"x"], b"+OK\r\n"),
-        (&[b"SELECT", b"0"], b"+OK\r\n"),
+        (&[b"MULTI"], b"+OK\r\n"),
+        (&[b"SET", b"only2", b"x"], b"+QUEUED\r\n"),
+        (&[b"EXEC"], b"*1\r\n+OK\r\n"),
     ] {
         assert_eq!(esc(&a.call(req).await), esc(want));
     }

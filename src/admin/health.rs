@@ -69,8 +69,8 @@ pub fn report(ctx: &Ctx) -> Health {
                         format!(
                             "{}: {} connections, {} requests in flight",
                             up.address(),
-                            live + up.pool3.live(),
-                            up.pool2.pending() + up.pool3.pending()
+                            up.live(),
+                            up.pending()
                         ),
                     )
                 }

@@ -53,7 +53,7 @@ pub fn instance_id(ctx: &Ctx) -> String {
 async fn call(ctx: &Ctx, args: &[&[u8]]) -> Result<OwnedFrame, String> {
     let mut out = BytesMut::new();
     reply::command(&mut out, args);
-    let rx = match ctx.send(Proto::Resp2, 0, &out, 1, None, 0).await {
+    let rx = match ctx.send(Proto::Resp2, 0, 0, &out, 1, None, 0).await {
         Ok(Sent::Queued(_, rx)) => rx,
         Ok(Sent::Moved(_)) => return Err("master changed".into()),
         Err(e) => return Err(e.resp_text()),

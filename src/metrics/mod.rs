@@ -219,8 +219,8 @@ pub fn render(ctx: &Ctx) -> Option<String> {
     }
     for (up, role) in nodes {
         let node = up.address().to_string();
-        let live = up.pool2.live() + up.pool3.live();
-        let inflight = up.pool2.pending() + up.pool3.pending();
+        let live = up.live();
+        let inflight = up.pending();
         metrics::gauge!(UPSTREAM_CONNECTIONS, "node" => node.clone(), "role" => role)
             .set(live as f64);
         metrics::gauge!(UPSTREAM_INFLIGHT, "node" => node.clone(), "role" => role)

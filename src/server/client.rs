@@ -81,7 +81,9 @@ enum Entry {
         rx: oneshot::Receiver<BatchResult>,
         req: Bytes,
         count: u32,
-        proto: Proto,
+        /// The pool it went to: RESP version and database (a failed read
+        /// is retried there).
+        route: (Proto, i64),
         /// What the batch writes, dropped from the near cache again when
         /// its reply arrives (see `cache::written`).
         written: Written,
@@ -178,7 +180,7 @@ pub fn start(
         local: BytesMut::new(),
         local_n: 0,
         run_count: 0,
-        target: Target::Pool(Proto::Resp2, 0),
+        target: Target::Pool(Proto::Resp2, 0, 0),
         closing: false,
         sampler: Sampler::new(id),
         run_replica: false,
@@ -213,8 +215,9 @@ pub fn start(
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
-    /// The shared pool of one RESP version in one upstream generation.
-    Pool(Proto, u64),
+    /// The shared pool of one RESP version and database in one upstream
+    /// generation.
+    Pool(Proto, i64, u64),
     Pinned,
 }
 
@@ -605,10 +608,14 @@ impl Reader {
             // Reads may be stale on a replica (that is the point of the
             // option) and need no ordering barrier against the master.
             let meter = Some(self.shared.meter.clone());
-            if let Some(rx) =
-                self.ctx
-                    .send_replica(self.proto, self.id as usize, &req, count, meter)
-            {
+            if let Some(rx) = self.ctx.send_replica(
+                self.proto,
+                self.state.db,
+                self.id as usize,
+                &req,
+                count,
+                meter,
+            ) {
                 self.push_pooled(rx, req, count, batch);
                 return;
             }
@@ -632,10 +639,11 @@ impl Reader {
         // bound for another connection than the last one (other RESP
         // version, pinned before, a new master) first waits for every
         // earlier reply, so it cannot overtake them.
+        let db = self.state.db;
         let mut generation = match self.target {
-            Target::Pool(p, g) if p == self.proto => g,
+            Target::Pool(p, d, g) if p == self.proto && d == db => g,
             _ => {
-                self.switch_to(Target::Pool(self.proto, 0)).await;
+                self.switch_to(Target::Pool(self.proto, db, 0)).await;
                 0
             }
         };
@@ -644,6 +652,7 @@ impl Reader {
                 .ctx
                 .send(
                     self.proto,
+                    db,
                     self.id as usize,
                     &req,
                     count,
@@ -653,11 +662,11 @@ impl Reader {
                 .await
             {
                 Ok(Sent::Queued(g, rx)) => {
-                    self.target = Target::Pool(self.proto, g);
+                    self.target = Target::Pool(self.proto, db, g);
                     break Ok(rx);
                 }
                 Ok(Sent::Moved(g)) => {
-                    self.switch_to(Target::Pool(self.proto, g)).await;
+                    self.switch_to(Target::Pool(self.proto, db, g)).await;
                     generation = g;
                 }
                 Err(e) => break Err(e),
@@ -747,15 +756,16 @@ impl Reader {
             rx,
             req,
             count,
-            proto: self.proto,
+            route: (self.proto, self.state.db),
             written,
             batch,
         });
     }
 
-    /// Is the last batch's route the shared pool for the current protocol?
+    /// Is the last batch's route the shared pool for the current protocol
+    /// and database?
     fn on_pool(&self) -> bool {
-        matches!(self.target, Target::Pool(p, _) if p == self.proto)
+        matches!(self.target, Target::Pool(p, d, _) if p == self.proto && d == self.state.db)
     }
 
     fn push(&mut self, e: Entry) {
@@ -963,6 +973,15 @@ impl Reader {
         .map_err(fail)?;
         p.drain_on(self.ctx.shutdown.clone());
         p.set_carry_any_loss(self.ctx.config.uses_sentinel());
+        if self.state.db != 0 {
+            // The client's database, before anything of its own.
+            let db = self.state.db.to_string();
+            let mut out = BytesMut::new();
+            reply::command(&mut out, &[b"SELECT", db.as_bytes()]);
+            p.send_swallowed(&out, 1)
+                .await
+                .map_err(|e| (ErrorKind::from(&e.kind), e.resp_text()))?;
+        }
         self.push(Entry::Relay(rx));
         self.pinned = Some(p);
         self.pinned_tx = Some(tx);
@@ -1016,15 +1035,6 @@ impl Reader {
             ),
         ];
         let Some(p) = &mut self.pinned else { return };
-        if self.state.db != 0 {
-            let db = self.state.db.to_string();
-            let mut out = BytesMut::new();
-            reply::command(&mut out, &[b"SELECT", db.as_bytes()]);
-            if p.send_swallowed(&out, 1).await.is_err() {
-                self.closing = true;
-                return;
-            }
-        }
         for (cmd, names) in kinds {
             if names.is_empty() {
                 continue;
@@ -1290,11 +1300,25 @@ impl Reader {
                     Some(n) if databases.is_some_and(|d| n >= d) => {
                         self.forward(req, frame).await
                     }
-                    Some(0) if self.pinned.is_none() && args.len() == 2 => {
+                    // A database Redis has: the client moves to that
+                    // database's shared pool (its next batch waits for the
+                    // replies of the previous pool's first, so nothing it
+                    // sent before is overtaken).
+                    Some(n)
+                        if n >= 0
+                            && args.len() == 2
+                            && self.pinned.is_none()
+                            && (n == 0 || databases.is_some()) =>
+                    {
+                        self.state.db = n;
+                        self.state.db_checked = true;
                         let mut out = BytesMut::new();
                         reply::simple(&mut out, "OK");
                         self.local_reply(out.freeze(), 1).await;
                     }
+                    // Whether the database exists is unknown (CONFIG GET
+                    // refused): Redis answers on a dedicated connection,
+                    // which the client keeps while it is not in db 0.
                     Some(n) if n >= 0 && args.len() == 2 => {
                         if self.ensure_pinned().await {
                             // Queued in MULTI it may never run (DISCARD,
@@ -1304,6 +1328,7 @@ impl Reader {
                             // shared pool and the near cache in the wrong db.
                             if n != 0 || !self.state.in_multi {
                                 self.state.db = n;
+                                self.state.db_checked = databases.is_some();
                             }
                             self.state.db_uncertain = self.state.in_multi;
                             let expect = self.state.replies_for_next();
@@ -1463,7 +1488,7 @@ impl Reader {
         loop {
             let rx = match self
                 .ctx
-                .send(self.proto, self.id as usize, frame, 1, None, 0)
+                .send(self.proto, 0, self.id as usize, frame, 1, None, 0)
                 .await?
             {
                 Sent::Queued(_, rx) => rx,
@@ -1624,7 +1649,7 @@ async fn write_loop(
                 rx,
                 req,
                 count,
-                proto,
+                route,
                 written,
                 batch,
             } => {
@@ -1635,7 +1660,7 @@ async fn write_loop(
                     // writes travel on different connections).
                     w.invalidate_after = Some((cache.clone(), written));
                 }
-                let ok = w.pooled(rx, req, count, proto, id, batch).await;
+                let ok = w.pooled(rx, req, count, route, id, batch).await;
                 shared.finish_entry(count);
                 ok
             }
@@ -1772,7 +1797,7 @@ impl Writer<'_> {
         mut rx: oneshot::Receiver<BatchResult>,
         req: Bytes,
         count: u32,
-        proto: Proto,
+        route: (Proto, i64),
         id: u64,
         batch: Batch,
     ) -> bool {
@@ -1804,7 +1829,7 @@ impl Writer<'_> {
             Ok(Replies { bytes, errors }) => (self.put(bytes).await, errors),
             Err(e) => {
                 let first_seq = batch.first_seq;
-                let ok = self.failed(ctx, e, &req, count, proto, id, first_seq).await;
+                let ok = self.failed(ctx, e, &req, count, route, id, first_seq).await;
                 (ok, std::mem::take(&mut self.errors))
             }
         };
@@ -1826,7 +1851,7 @@ impl Writer<'_> {
         e: crate::upstream::BatchError,
         req: &Bytes,
         count: u32,
-        proto: Proto,
+        route: (Proto, i64),
         id: u64,
         first_seq: u64,
     ) -> bool {
@@ -1872,7 +1897,7 @@ impl Writer<'_> {
                     if !self.flush().await {
                         return false;
                     }
-                    let ok = match self.retry(ctx, &frame, proto, id, readonly).await {
+                    let ok = match self.retry(ctx, &frame, route, id, readonly).await {
                         Ok(bytes) => self.put(bytes).await,
                         Err(mut e2) => {
                             // Both causes: the first (a timeout, a protocol
@@ -1918,7 +1943,7 @@ impl Writer<'_> {
         &self,
         ctx: &Ctx,
         frame: &[u8],
-        proto: Proto,
+        (proto, db): (Proto, i64),
         id: u64,
         readonly: bool,
     ) -> Result<Bytes, Error> {
@@ -1926,7 +1951,15 @@ impl Writer<'_> {
         let deadline = tokio::time::Instant::now() + hold;
         loop {
             let rx = match ctx
-                .send(proto, id as usize, frame, 1, Some(&self.shared.meter), 0)
+                .send(
+                    proto,
+                    db,
+                    id as usize,
+                    frame,
+                    1,
+                    Some(&self.shared.meter),
+                    0,
+                )
                 .await?
             {
                 Sent::Queued(_, rx) => rx,

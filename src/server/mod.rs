@@ -190,7 +190,8 @@ impl Ctx {
         )
     }
 
-    /// Send a batch to the current master's shared pool for `proto`.
+    /// Send a batch to the current master's shared pool for `proto` in
+    /// database `db`.
     ///
     /// `generation` is the upstream generation the caller's previous batch
     /// went to (0: any). If the master has changed since, nothing is sent
@@ -202,9 +203,11 @@ impl Ctx {
     /// at once either: the master may be failing over, so the tracker is
     /// asked to check it now and the batch waits, within `sentinel.hold_ms`,
     /// for a connection or a new master.
+    #[allow(clippy::too_many_arguments)]
     pub async fn send(
         &self,
         proto: Proto,
+        db: i64,
         sticky: usize,
         bytes: &[u8],
         count: u32,
@@ -218,7 +221,7 @@ impl Ctx {
             if generation != 0 && up.generation != generation {
                 return Ok(Sent::Moved(up.generation));
             }
-            let pool = up.pool(proto);
+            let pool = up.pool_in(proto, db);
             match pool.send(sticky, bytes, count, meter.cloned()) {
                 Ok(rx) => return Ok(Sent::Queued(up.generation, rx)),
                 Err(e) if e.kind == Kind::Unavailable => {
@@ -312,6 +315,7 @@ impl Ctx {
     pub fn send_replica(
         &self,
         proto: Proto,
+        db: i64,
         sticky: usize,
         bytes: &[u8],
         count: u32,
@@ -322,7 +326,7 @@ impl Ctx {
             return None;
         }
         let up = &replicas[sticky % replicas.len()];
-        up.pool(proto).send(sticky, bytes, count, meter).ok()
+        up.pool_in(proto, db).send(sticky, bytes, count, meter).ok()
     }
 
     /// Retire the current generation: nothing more is sent to it.

@@ -16,6 +16,9 @@ use crate::command::{ReplyMode, SubKind};
 #[derive(Debug, Default)]
 pub struct SessionState {
     pub db: i64,
+    /// `db` is known to exist (checked against Redis's `databases`), so
+    /// the shared pool of that database can serve the client.
+    pub db_checked: bool,
     /// A SELECT queued in MULTI may or may not have run (DISCARD,
     /// EXECABORT, a failed WATCH): `db` is a guess until the next SELECT
     /// outside MULTI, so the connection is neither given back nor carried.
@@ -54,9 +57,10 @@ impl SessionState {
             && !self.reply_off
     }
 
-    /// Nothing but (possibly) subscriptions ties the client to its connection.
+    /// Nothing but (possibly) subscriptions ties the client to its
+    /// connection: a database Redis has is served by its shared pool.
     fn no_connection_state(&self) -> bool {
-        self.db == 0 && !self.reply_skip && self.carryable()
+        (self.db == 0 || self.db_checked) && !self.reply_skip && self.carryable()
     }
 
     pub fn subs(&mut self, kind: SubKind) -> &mut HashSet<Bytes> {

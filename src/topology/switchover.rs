@@ -118,7 +118,7 @@ async fn steps(ctx: &Arc<Ctx>, old: &str, upstream: &Settings) -> Result<String,
     let deadline = Instant::now() + ctx.config.command_timeout();
     let carried = &ctx.carried_in_flight;
     if let Some(up) = ctx.upstream.load_full() {
-        while up.pool2.pending() + up.pool3.pending() + carried.load(Ordering::Acquire) > 0 {
+        while up.pending() + carried.load(Ordering::Acquire) > 0 {
             moved(ctx, old)?;
             if Instant::now() > deadline {
                 return Err(

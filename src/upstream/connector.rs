@@ -61,21 +61,45 @@ pub async fn handshake(stream: &mut TcpStream, s: &Settings, proto: Proto) -> Re
         (Proto::Resp2, true) => None,
     };
     if let Some(cmd) = hello {
-        let reply = tokio::time::timeout(s.connect_timeout, call(stream, &cmd))
-            .await
-            .map_err(|_| {
-                Error::upstream(
-                    Kind::Unavailable,
-                    format!("{}: handshake timed out", s.address),
-                )
-            })??;
-        if reply.first() == Some(&b'-') {
-            let text = String::from_utf8_lossy(&reply[1..]).trim_end().to_string();
-            return Err(Error::upstream(
-                Kind::Handshake,
-                format!("{}: {text}", s.address),
-            ));
-        }
+        setup_call(stream, s, &cmd, "handshake").await?;
+    }
+    Ok(())
+}
+
+/// Move a new connection to database `db` (a shared pool of that database).
+pub async fn select(stream: &mut TcpStream, s: &Settings, db: i64) -> Result<(), Error> {
+    let db = db.to_string();
+    setup_call(
+        stream,
+        s,
+        &[b"SELECT", db.as_bytes()],
+        &format!("SELECT {db}"),
+    )
+    .await
+}
+
+/// One step of setting a connection up, within the connect timeout: an
+/// error reply fails it as a handshake error naming the step.
+async fn setup_call(
+    stream: &mut TcpStream,
+    s: &Settings,
+    args: &[&[u8]],
+    step: &str,
+) -> Result<(), Error> {
+    let reply = tokio::time::timeout(s.connect_timeout, call(stream, args))
+        .await
+        .map_err(|_| {
+            Error::upstream(
+                Kind::Unavailable,
+                format!("{}: {step} timed out", s.address),
+            )
+        })??;
+    if reply.first() == Some(&b'-') {
+        let text = String::from_utf8_lossy(&reply[1..]).trim_end().to_string();
+        return Err(Error::upstream(
+            Kind::Handshake,
+            format!("{}: {step}: {text}", s.address),
+        ));
     }
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! One generation of upstream connections: the shared pools (RESP2 and
-//! RESP3) to one master, and the token that retires them.
+//! One generation of upstream connections: the shared pools to one master
+//! (RESP2 and RESP3 for database 0 from the start; those of other databases
+//! opened the first time a client uses one), and the token that retires them.
 //!
 //! When the master changes, or is fenced because a failover is under way, the
 //! whole generation is retired at once: its shared connections stop writing
@@ -8,8 +9,9 @@
 //! next verified master. Clients load the current generation per batch
 //! (DESIGN.md decision 4), so no request is sent to a retired one.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -26,6 +28,10 @@ pub struct Upstream {
     pub node: Arc<Node>,
     pub pool2: Arc<Pool>,
     pub pool3: Arc<Pool>,
+    /// Shared pools of databases other than 0, by RESP version and database
+    /// (DESIGN.md decision 3: the database is part of the pool key).
+    dbs: Mutex<HashMap<(Proto, i64), Arc<Pool>>>,
+    pool_size: usize,
     /// Cancelled when the generation is retired.
     pub retired: CancellationToken,
     /// Dedicated connections kept for reuse (dropped with the generation).
@@ -57,13 +63,15 @@ impl Upstream {
             errors: Default::default(),
         });
         let retired = CancellationToken::new();
-        let pool2 = Pool::start(node.clone(), Proto::Resp2, u.pool_size, retired.clone());
-        let pool3 = Pool::start(node.clone(), Proto::Resp3, u.pool_size, retired.clone());
+        let pool2 = Pool::start(node.clone(), Proto::Resp2, 0, u.pool_size, retired.clone());
+        let pool3 = Pool::start(node.clone(), Proto::Resp3, 0, u.pool_size, retired.clone());
         Arc::new(Upstream {
             generation,
             node,
             pool2,
             pool3,
+            dbs: Mutex::new(HashMap::new()),
+            pool_size: u.pool_size,
             retired,
             parked: Arc::new(Parked::new(u.max_idle_pinned)),
         })
@@ -75,6 +83,45 @@ impl Upstream {
             Proto::Resp2 => &self.pool2,
             Proto::Resp3 => &self.pool3,
         }
+    }
+
+    /// The shared pool for `proto` in database `db`, started on first use.
+    /// Callers pass only databases the upstream accepted (SELECT checked
+    /// against its `databases`), so there are at most that many per version.
+    pub fn pool_in(&self, proto: Proto, db: i64) -> Arc<Pool> {
+        if db == 0 {
+            return self.pool(proto).clone();
+        }
+        let mut dbs = self.dbs.lock().unwrap_or_else(|e| e.into_inner());
+        dbs.entry((proto, db))
+            .or_insert_with(|| {
+                Pool::start(
+                    self.node.clone(),
+                    proto,
+                    db,
+                    self.pool_size,
+                    self.retired.clone(),
+                )
+            })
+            .clone()
+    }
+
+    /// Every shared pool of this generation.
+    fn pools(&self) -> Vec<Arc<Pool>> {
+        let dbs = self.dbs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all = vec![self.pool2.clone(), self.pool3.clone()];
+        all.extend(dbs.values().cloned());
+        all
+    }
+
+    /// Requests in flight on every shared connection.
+    pub fn pending(&self) -> usize {
+        self.pools().iter().map(|p| p.pending()).sum()
+    }
+
+    /// Shared connections up now, in every database.
+    pub fn live(&self) -> usize {
+        self.pools().iter().map(|p| p.live()).sum()
     }
 
     pub fn address(&self) -> &str {

@@ -58,6 +58,9 @@ pub struct Node {
 
 pub struct Pool {
     pub proto: Proto,
+    /// The database every connection of the pool is in (SELECT after the
+    /// handshake when not 0).
+    pub db: i64,
     node: Arc<Node>,
     slots: Vec<ArcSwapOption<Conn>>,
     ever_connected: AtomicBool,
@@ -70,11 +73,13 @@ impl Pool {
     pub fn start(
         node: Arc<Node>,
         proto: Proto,
+        db: i64,
         size: usize,
         shutdown: CancellationToken,
     ) -> Arc<Pool> {
         let pool = Arc::new(Pool {
             proto,
+            db,
             node,
             slots: (0..size).map(|_| ArcSwapOption::empty()).collect(),
             ever_connected: AtomicBool::new(false),
@@ -235,8 +240,14 @@ async fn maintain(pool: Arc<Pool>, slot: usize, shutdown: CancellationToken) {
             // Learn the command table when it is missing, and again on every
             // reconnect of the first slot: a restarted upstream may be a new
             // version or have loaded modules.
-            if pool.proto == Proto::Resp2 && (slot == 0 || node.learned.table.load().is_none()) {
+            if pool.proto == Proto::Resp2
+                && pool.db == 0
+                && (slot == 0 || node.learned.table.load().is_none())
+            {
                 learn(&node, &mut stream).await?;
+            }
+            if pool.db != 0 {
+                connector::select(&mut stream, &node.settings, pool.db).await?;
             }
             Ok::<_, Error>(stream)
         };

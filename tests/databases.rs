@@ -1,0 +1,175 @@
+//! Clients in a database other than 0 share that database's pooled
+//! connections (DESIGN.md decision 3), as clients in database 0 do: SELECT
+//! costs no dedicated connection, state commands open one in the client's
+//! database, and every client sees only its own database.
+
+mod support;
+
+use support::*;
+
+const QUIET: &str = "[hotkeys]\nfleet = false\n[cache]\nmax_mb = 0\n";
+
+/// Redis's connections (from `CLIENT LIST`, asked on `direct`) in database
+/// `db`, not counting `direct` itself.
+async fn connections_in(direct: &mut Raw, db: u32) -> usize {
+    let list = direct.call(&[b"CLIENT", b"LIST"]).await;
+    String::from_utf8_lossy(&list)
+        .lines()
+        .filter(|l| l.contains(&format!(" db={db} ")) && !l.contains(" cmd=client|list "))
+        .count()
+}
+
+/// 60 clients spread over databases 1 to 4 with `upstream.max_pinned = 2`:
+/// each reads and writes its own database, and Redis sees one pooled
+/// connection per database and RESP version, not one per client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_in_other_databases_share_pooled_connections() {
+    let redis = Redis::start();
+    let kw = Keyward::start_for(&redis, &format!("max_pinned = 2\n{QUIET}"), &[]);
+    wait_ready(&kw, DEADLINE).await;
+
+    let mut clients = Vec::new();
+    for i in 0..60u32 {
+        let db = (i % 4 + 1).to_string();
+        let mut c = if (i / 4) % 2 == 0 {
+            Raw::connect(kw.port()).await
+        } else {
+            Raw::connect_resp3(kw.port()).await
+        };
+        assert_eq!(
+            esc(&c.call(&[b"SELECT", db.as_bytes()]).await),
+            esc(b"+OK\r\n"),
+            "client {i}: SELECT {db}"
+        );
+        clients.push((c, db));
+    }
+    for (i, (c, db)) in clients.iter_mut().enumerate() {
+        let key = format!("k{i}");
+        assert_eq!(
+            esc(&c.call(&[b"SET", key.as_bytes(), db.as_bytes()]).await),
+            esc(b"+OK\r\n")
+        );
+        let n = c.call(&[b"INCR", b"count"]).await;
+        assert!(
+            n.starts_with(b":"),
+            "client {i}: INCR in db {db}: {}",
+            esc(&n)
+        );
+    }
+    // Every client reads back its own key, in its own database.
+    for (i, (c, db)) in clients.iter_mut().enumerate() {
+        let key = format!("k{i}");
+        assert_eq!(
+            esc(&c.call(&[b"GET", key.as_bytes()]).await),
+            esc(&bulk(db.as_bytes()))
+        );
+        assert_eq!(
+            esc(&redis_cmd_in(redis.port(), db, &[b"GET", key.as_bytes()])),
+            esc(&bulk(db.as_bytes())),
+            "k{i} is in database {db} upstream"
+        );
+        assert_eq!(
+            esc(&redis.call(&[b"GET", key.as_bytes()])),
+            esc(b"$-1\r\n"),
+            "k{i} is not in database 0"
+        );
+    }
+    for db in ["1", "2", "3", "4"] {
+        assert_eq!(
+            esc(&redis_cmd_in(redis.port(), db, &[b"GET", b"count"])),
+            esc(&bulk(b"15")),
+            "15 clients counted in database {db}"
+        );
+    }
+    let mut direct = Raw::connect(redis.port()).await;
+    for db in 1..=4 {
+        // One RESP2 and one RESP3 pooled connection (pool_size = 1).
+        assert_eq!(connections_in(&mut direct, db).await, 2, "database {db}");
+    }
+    let m = metrics(&kw).await;
+    assert_eq!(
+        metric(
+            &m,
+            "keyward_limit_reached_total{limit=\"upstream.max_pinned\"}"
+        )
+        .unwrap_or(0.0),
+        0.0
+    );
+}
+
+/// A transaction and a blocking call from a client in database 3 run in
+/// database 3 on a dedicated connection, and the client is back on the
+/// database's shared pool afterwards (its connection given back, clean).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_commands_in_another_database_run_there() {
+    let redis = Redis::start();
+    let kw = Keyward::start_for(&redis, QUIET, &[]);
+    wait_ready(&kw, DEADLINE).await;
+    let mut c = Raw::connect(kw.port()).await;
+    for (req, want) in [
+        (&[&b"SELECT"[..], b"3"][..], &b"+OK\r\n"[..]),
+        (&[b"SET", b"a", b"1"], b"+OK\r\n"),
+        (&[b"MULTI"], b"+OK\r\n"),
+        (&[b"INCR", b"a"], b"+QUEUED\r\n"),
+        (&[b"GET", b"a"], b"+QUEUED\r\n"),
+        (&[b"EXEC"], b"*2\r\n:2\r\n$1\r\n2\r\n"),
+        (&[b"RPUSH", b"q", b"x"], b":1\r\n"),
+        (&[b"BLPOP", b"q", b"1"], b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n"),
+        (&[b"INCR", b"a"], b":3\r\n"),
+    ] {
+        assert_eq!(esc(&c.call(req).await), esc(want), "{}", esc(&cmd(req)));
+    }
+    assert_eq!(
+        esc(&redis_cmd_in(redis.port(), "3", &[b"GET", b"a"])),
+        esc(b"$1\r\n3\r\n")
+    );
+    assert_eq!(esc(&redis.call(&[b"EXISTS", b"a", b"q"])), esc(b":0\r\n"));
+    // Given back and RESET: kept for reuse in database 0.
+    wait_until("the dedicated connection given back", DEADLINE, || async {
+        metric(&metrics(&kw).await, "keyward_pinned_idle_connections") == Some(1.0)
+    })
+    .await;
+    // A second client's transaction reuses it and is in database 0.
+    let mut d = Raw::connect(kw.port()).await;
+    for (req, want) in [
+        (&[&b"MULTI"[..]][..], &b"+OK\r\n"[..]),
+        (&[b"GET", b"a"], b"+QUEUED\r\n"),
+        (&[b"EXEC"], b"*1\r\n$-1\r\n"),
+    ] {
+        assert_eq!(esc(&d.call(req).await), esc(want), "{}", esc(&cmd(req)));
+    }
+    // RESET takes the first client back to database 0.
+    assert_eq!(esc(&c.call(&[b"RESET"]).await), esc(b"+RESET\r\n"));
+    assert_eq!(esc(&c.call(&[b"GET", b"a"]).await), esc(b"$-1\r\n"));
+}
+
+/// SELECT answers as Redis does in every case, and a refused SELECT
+/// leaves the client where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn select_replies_match_redis() {
+    let redis = Redis::start();
+    let kw = Keyward::start_for(&redis, QUIET, &[]);
+    wait_ready(&kw, DEADLINE).await;
+    assert_eq!(
+        esc(&redis_cmd_in(redis.port(), "5", &[b"SET", b"where", b"5"])),
+        esc(b"+OK\r\n")
+    );
+    let mut direct = Raw::connect(redis.port()).await;
+    let mut c = Raw::connect(kw.port()).await;
+    let cases: [&[&[u8]]; 9] = [
+        &[b"SELECT", b"5"],
+        &[b"SELECT", b"16"],
+        &[b"SELECT", b"-1"],
+        &[b"SELECT", b"x"],
+        &[b"SELECT", b"05"],
+        &[b"SELECT"],
+        &[b"SELECT", b"1", b"2"],
+        &[b"GET", b"where"],
+        &[b"SELECT", b"0"],
+    ];
+    for req in cases {
+        let want = direct.call(req).await;
+        assert_eq!(esc(&c.call(req).await), esc(&want), "{}", esc(&cmd(req)));
+    }
+    assert_eq!(esc(&c.call(&[b"GET", b"where"]).await), esc(b"$-1\r\n"));
+}
