@@ -258,6 +258,80 @@ async fn swapdb_and_flushdb_through_keyward_are_read_at_once() {
     load.stop().await;
 }
 
+/// A hot key is cached per database: a client in database 1 gets database
+/// 1's value from the cache while one in database 0 gets database 0's, and
+/// writes in database 1 (through keyward, or straight to Redis) are seen
+/// there at once while database 0's entry stays cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_keys_are_cached_per_database() {
+    let redis = Redis::start();
+    let mut direct = hk_in_two_databases(&redis).await;
+    let kw = Keyward::start_for(&redis, &config(MAX_TTL_LONG), &[]);
+    let load = HotLoad::start(kw.port(), &[&[b"GET", b"hk"]]).await;
+    wait_cache_hits(&kw).await;
+    let mut zero = Raw::connect(kw.port()).await;
+    let mut one = Raw::connect(kw.port()).await;
+    assert_eq!(esc(&one.call(&[b"SELECT", b"1"]).await), esc(b"+OK\r\n"));
+    let get: &[&[u8]] = &[b"GET", b"hk"];
+    assert_eq!(
+        esc(&cached_reply(&kw, &load, &mut one, get).await),
+        esc(&bulk(b"db1"))
+    );
+    assert_eq!(
+        esc(&cached_reply(&kw, &load, &mut zero, get).await),
+        esc(&bulk(b"db0"))
+    );
+    assert_eq!(
+        esc(&cached_reply(&kw, &load, &mut one, &[b"MGET", b"hk"]).await),
+        esc(b"*1\r\n$3\r\ndb1\r\n")
+    );
+
+    // Through keyward in database 1: read back at once, then cached again.
+    assert_eq!(
+        esc(&one.call(&[b"SET", b"hk", b"new1"]).await),
+        esc(b"+OK\r\n")
+    );
+    assert_eq!(esc(&one.call(get).await), esc(&bulk(b"new1")));
+    assert_eq!(
+        esc(&cached_reply(&kw, &load, &mut one, get).await),
+        esc(&bulk(b"new1"))
+    );
+    assert_eq!(
+        esc(&cached_reply(&kw, &load, &mut zero, get).await),
+        esc(&bulk(b"db0"))
+    );
+
+    // Straight to Redis in database 1: an invalidation, seen within 200 ms.
+    assert_eq!(
+        esc(&direct.call(&[b"SET", b"hk", b"ext1"]).await),
+        esc(b"+OK\r\n")
+    );
+    let acked = Instant::now();
+    let seen = time_until_get(
+        &mut one,
+        b"hk",
+        &bulk(b"ext1"),
+        acked,
+        Duration::from_secs(2),
+    )
+    .await
+    .map(|(took, _)| took);
+    assert!(
+        seen.is_some_and(|took| took < Duration::from_millis(200)),
+        "database 1's external write seen after {seen:?}"
+    );
+    assert_eq!(
+        esc(&cached_reply(&kw, &load, &mut one, get).await),
+        esc(&bulk(b"ext1"))
+    );
+    assert_eq!(
+        esc(&redis.call(&[b"GET", b"hk"])),
+        esc(&bulk(b"db0")),
+        "database 0 untouched"
+    );
+    load.stop().await;
+}
+
 /// A write straight to Redis (not through keyward) reaches the cache as a
 /// tracking invalidation: keyward serves the new value within milliseconds,
 /// far sooner than the entry's lifetime.

@@ -2,8 +2,9 @@
 //! served by keyward itself and kept coherent with Redis's client-side
 //! caching (DESIGN.md decision 7).
 //!
-//! Only keys the hot-key detector calls hot are cached, in db 0, for the
-//! commands listed in `cacheable`. A miss on a hot key is forwarded as usual
+//! Only keys the hot-key detector calls hot are cached, in every database
+//! (by `store_key`: database and request bytes), for the commands listed in
+//! `cacheable`. A miss on a hot key is forwarded as usual
 //! and starts one fill (single flight) on the tracking connection; a write
 //! through keyward drops the key before it is forwarded, so a client always
 //! reads its own writes. Entries live `min(PTTL, cache.max_ttl_ms)`. MGET is
@@ -55,6 +56,56 @@ fn cacheable(name: &[u8], argc: usize) -> bool {
     }
 }
 
+/// How the store names a request read in database `db`: its bytes in
+/// database 0; in another, `SELECT db` followed by them, which is also what
+/// the fill sends (and it selects database 0 again after).
+pub fn store_key(db: i64, frame: &[u8], out: &mut BytesMut) {
+    if db != 0 {
+        let n = db.to_string();
+        reply::command(out, &[b"SELECT", n.as_bytes()]);
+    }
+    out.extend_from_slice(frame);
+}
+
+/// The database of a store key and where its command starts; `None` if
+/// the bytes are not one `SELECT n` (n > 0) followed by one request, or
+/// one request alone (say, a warm-up list edited by hand).
+pub fn split_store_key(request: &[u8]) -> Option<(i64, usize)> {
+    use crate::resp::request::{Parsed, RequestParser};
+    let limits = crate::resp::Limits {
+        max_bulk: request.len(),
+        max_request: request.len(),
+    };
+    let mut parser = RequestParser::new();
+    let Ok(Some(Parsed::Request(first))) = parser.parse(request, &limits) else {
+        return None;
+    };
+    let is_select = first.args.len() == 2 && first.arg(request, 0) == b"SELECT";
+    let (db, at) = match is_select {
+        true => {
+            let n = std::str::from_utf8(first.arg(request, 1))
+                .ok()?
+                .parse::<i64>()
+                .ok()?;
+            (n, first.consumed)
+        }
+        false => (0, 0),
+    };
+    if is_select && db <= 0 {
+        return None;
+    }
+    let rest = &request[at..];
+    let mut parser = RequestParser::new();
+    match parser.parse(rest, &limits) {
+        Ok(Some(Parsed::Request(r)))
+            if r.consumed == rest.len() && cacheable(r.arg(rest, 0), r.args.len()) =>
+        {
+            Some((db, at))
+        }
+        _ => None,
+    }
+}
+
 impl NearCache {
     /// The cache and the receiving end of its fill queue (for the tracking task).
     pub fn new(config: CacheConfig) -> (Arc<NearCache>, mpsc::Receiver<Fill>) {
@@ -77,11 +128,13 @@ impl NearCache {
     /// a key that was hot when filled; keys that cool down are dropped when
     /// the hot set changes, so a hit needs no hot-set lookup.
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     pub fn lookup(
         &self,
         hot: &Detector,
         args: &[&[u8]],
         frame: &[u8],
+        db: i64,
         proto: Proto,
         now: Instant,
         out: &mut BytesMut,
@@ -91,12 +144,19 @@ impl NearCache {
             return false;
         }
         if args[0].eq_ignore_ascii_case(b"mget") {
-            return self.lookup_mget(hot, &args[1..], proto, now, out);
+            return self.lookup_mget(hot, &args[1..], db, proto, now, out);
         }
         if !cacheable(args[0], args.len()) {
             return false;
         }
-        if self.store.get_into(frame, proto, now, out) {
+        let mut named = BytesMut::new();
+        let request: &[u8] = if db == 0 {
+            frame
+        } else {
+            store_key(db, frame, &mut named);
+            &named
+        };
+        if self.store.get_into(request, proto, now, out) {
             self.store.hits.fetch_add(1, Relaxed);
             return true;
         }
@@ -106,7 +166,7 @@ impl NearCache {
         self.store.misses.fetch_add(1, Relaxed);
         self.fill(
             Bytes::copy_from_slice(args[1]),
-            Bytes::copy_from_slice(frame),
+            Bytes::copy_from_slice(request),
         );
         false
     }
@@ -119,6 +179,7 @@ impl NearCache {
         &self,
         hot: &Detector,
         keys: &[&[u8]],
+        db: i64,
         proto: Proto,
         now: Instant,
         out: &mut BytesMut,
@@ -136,7 +197,9 @@ impl NearCache {
             let at = out.len();
             let cached = [b"GET".as_slice(), b"get"].iter().any(|name| {
                 frame.clear();
-                reply::command(&mut frame, &[name, k]);
+                let mut get = BytesMut::new();
+                reply::command(&mut get, &[name, k]);
+                store_key(db, &get, &mut frame);
                 self.store.get_into(&frame, proto, now, out)
             });
             if !cached {
@@ -158,19 +221,25 @@ impl NearCache {
         self.store.misses.fetch_add(1, Relaxed);
         for i in missing {
             frame.clear();
-            reply::command(&mut frame, &[b"GET", keys[i]]);
+            let mut get = BytesMut::new();
+            reply::command(&mut get, &[b"GET", keys[i]]);
+            store_key(db, &get, &mut frame);
             self.fill(Bytes::copy_from_slice(keys[i]), frame.split().freeze());
         }
         false
     }
 
-    /// Start a fill of `request` on `key` unless one is in flight; false if
-    /// none was started.
+    /// Start a fill of `request` (a store key) on `key` unless one is in
+    /// flight; false if none was started.
     pub fn fill(&self, key: Bytes, request: Bytes) -> bool {
+        let Some((db, _)) = split_store_key(&request) else {
+            return false;
+        };
         if let Some(ticket) = self.store.begin_fill(&key, &request) {
             let fill = Fill {
                 key,
                 request: request.clone(),
+                selects: db != 0,
                 ticket,
             };
             if self.fills.try_send(fill).is_err() {
@@ -245,5 +314,34 @@ mod tests {
         assert!(!cacheable(b"TTL", 2));
         assert!(!cacheable(b"SRANDMEMBER", 2));
         assert!(!cacheable(b"SET", 3));
+    }
+
+    #[test]
+    fn store_keys_name_the_database() {
+        let mut get = BytesMut::new();
+        reply::command(&mut get, &[b"GET", b"k"]);
+        let mut k0 = BytesMut::new();
+        store_key(0, &get, &mut k0);
+        assert_eq!(k0, get);
+        assert_eq!(split_store_key(&k0), Some((0, 0)));
+        let mut k3 = BytesMut::new();
+        store_key(3, &get, &mut k3);
+        assert_eq!(
+            &k3[..],
+            b"*2\r\n$6\r\nSELECT\r\n$1\r\n3\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
+        );
+        assert_eq!(split_store_key(&k3), Some((3, 23)));
+        // Not what keyward saves: refused, never sent on the tracking link.
+        let mut two = k0.clone();
+        two.extend_from_slice(&get);
+        assert_eq!(split_store_key(&two), None);
+        let mut set = BytesMut::new();
+        reply::command(&mut set, &[b"SET", b"k", b"v"]);
+        assert_eq!(split_store_key(&set), None);
+        let mut sel0 = BytesMut::new();
+        reply::command(&mut sel0, &[b"SELECT", b"0"]);
+        sel0.extend_from_slice(&get);
+        assert_eq!(split_store_key(&sel0), None);
+        assert_eq!(split_store_key(b"*2\r\n$3\r\nGET"), None);
     }
 }

@@ -2,7 +2,10 @@
 //! `CLIENT TRACKING ON OPTIN`, carrying every fill and every invalidation.
 //!
 //! A fill is `CLIENT CACHING YES`, `MULTI`, `PTTL key`, the command, `EXEC`
-//! on this connection. Its single reader handles replies and invalidation
+//! on this connection; in another database than 0, `CLIENT CACHING YES`,
+//! `MULTI`, `SELECT n`, the command, `PTTL key`, `SELECT 0`, `EXEC` (Redis
+//! tracks keys by name in every database, so invalidations need no
+//! database). Its single reader handles replies and invalidation
 //! pushes in wire order (the rueidis model): Redis sends an invalidation for
 //! a key only after the read that tracked it, so no fill can land after its
 //! own invalidation. The link is pinged every `cache.ping_ms`; a missed
@@ -31,12 +34,27 @@ use crate::upstream::connector;
 /// A fill asked for by the data path.
 pub struct Fill {
     pub key: Bytes,
+    /// The store key: the request, after `SELECT n` in a database other than 0.
     pub request: Bytes,
+    /// `request` starts with `SELECT n`.
+    pub selects: bool,
     pub ticket: Ticket,
 }
 
+impl Fill {
+    /// Replies the fill gets: CACHING, MULTI, one QUEUED per command in
+    /// the transaction, EXEC.
+    fn replies(&self) -> u8 {
+        if self.selects {
+            7
+        } else {
+            5
+        }
+    }
+}
+
 enum Pending {
-    /// A fill: five replies (CACHING, MULTI, PTTL queued, command queued, EXEC).
+    /// A fill, and how many of its replies are in.
     Fill(Fill, u8),
     Ping(Instant),
 }
@@ -183,8 +201,14 @@ async fn session(
                 let mut out = BytesMut::new();
                 reply::command(&mut out, &[b"CLIENT", b"CACHING", b"YES"]);
                 reply::command(&mut out, &[b"MULTI"]);
-                reply::command(&mut out, &[b"PTTL", &fill.key]);
-                out.extend_from_slice(&fill.request);
+                if fill.selects {
+                    out.extend_from_slice(&fill.request);
+                    reply::command(&mut out, &[b"PTTL", &fill.key]);
+                    reply::command(&mut out, &[b"SELECT", b"0"]);
+                } else {
+                    reply::command(&mut out, &[b"PTTL", &fill.key]);
+                    out.extend_from_slice(&fill.request);
+                }
                 reply::command(&mut out, &[b"EXEC"]);
                 if let Err(e) = wr.write_all(&out).await {
                     cache.store.abandon_fill(&fill.request);
@@ -244,9 +268,9 @@ fn on_frame(cache: &NearCache, pending: &mut VecDeque<Pending>, frame: Bytes) ->
         Some(Pending::Ping(_)) => {
             pending.pop_front();
         }
-        Some(Pending::Fill(_, seen)) => {
+        Some(Pending::Fill(fill, seen)) => {
             *seen += 1;
-            if *seen == 5 {
+            if *seen == fill.replies() {
                 let Some(Pending::Fill(fill, _)) = pending.pop_front() else {
                     unreachable!()
                 };
@@ -263,11 +287,20 @@ fn on_frame(cache: &NearCache, pending: &mut VecDeque<Pending>, frame: Bytes) ->
     Ok(())
 }
 
-/// The EXEC reply of a fill: `*2` [PTTL, the command's reply].
+/// The EXEC reply of a fill: `*2` [PTTL, the command's reply], or in
+/// another database `*4` [+OK, the command's reply, PTTL, +OK].
 fn land(cache: &NearCache, fill: Fill, exec: &Bytes) {
     let mut parts = elements(exec);
-    let (Some(pttl), Some(reply), true) = (parts.next(), parts.next(), exec.first() == Some(&b'*'))
-    else {
+    let parts = match fill.selects {
+        // A SELECT that failed (the database is gone) ran the command in
+        // database 0: nothing to cache.
+        true => match (parts.next(), parts.next(), parts.next()) {
+            (Some(b"+OK\r\n"), Some(reply), Some(pttl)) => Some((pttl, reply)),
+            _ => None,
+        },
+        false => parts.next().zip(parts.next()),
+    };
+    let (Some((pttl, reply)), true) = (parts, exec.first() == Some(&b'*')) else {
         cache.store.abandon_fill(&fill.request);
         return;
     };

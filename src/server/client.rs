@@ -503,7 +503,6 @@ impl Reader {
                 if let (Some(cache), Some(d)) = (cache, &self.ctx.hotkeys) {
                     if class == Class::Forward
                         && self.pinned.is_none()
-                        && self.state.db == 0
                         && self.pending_written.is_empty()
                         && self.shared.writes_in_flight.load(Ordering::Acquire) == 0
                     {
@@ -513,7 +512,15 @@ impl Reader {
                             &mut self.hit_buf
                         };
                         let before = out.len();
-                        hit = cache.lookup(d, &args, frame, self.proto, self.read_at, out);
+                        hit = cache.lookup(
+                            d,
+                            &args,
+                            frame,
+                            self.state.db,
+                            self.proto,
+                            self.read_at,
+                            out,
+                        );
                         // A cached WRONGTYPE is an error reply all the same.
                         hit_error = hit && out.get(before) == Some(&b'-');
                     }
