@@ -6,8 +6,13 @@
 //! the store has an epoch bumped by every flush. A fill records both when it
 //! starts and lands only if neither moved, so a fill that raced a write or a
 //! flush is dropped instead of resurrecting an old value.
+//!
+//! The bookkeeping is bounded by what is cached and in flight: a key's
+//! record goes once it has no entry and no fill in flight (its sequence
+//! matters only to a fill), and the eviction order is compacted when
+//! invalidated entries have left more stale positions than live ones.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -26,6 +31,8 @@ struct Entry {
     resp2: Option<Bytes>,
     expires: Instant,
     size: usize,
+    /// Its position in `order` (a request cached again gets a new one).
+    stamp: u64,
 }
 
 #[derive(Default)]
@@ -33,12 +40,52 @@ struct Inner {
     entries: HashMap<Bytes, Entry, ahash::RandomState>,
     /// Requests cached per key, and the key's invalidation sequence.
     keys: HashMap<Bytes, (u64, Vec<Bytes>), ahash::RandomState>,
-    /// Insertion order, for eviction (oldest first).
-    order: VecDeque<Bytes>,
+    /// Insertion order, for eviction (oldest first): (request, stamp);
+    /// positions whose entry is gone or newer are skipped.
+    order: VecDeque<(Bytes, u64)>,
+    next_stamp: u64,
     bytes: usize,
     epoch: u64,
-    /// Requests with a fill in flight (single flight).
-    inflight: HashSet<Bytes>,
+    /// Requests with a fill in flight (single flight), and their keys.
+    inflight: HashMap<Bytes, Bytes, ahash::RandomState>,
+    /// Fills in flight per key.
+    inflight_keys: HashMap<Bytes, u32, ahash::RandomState>,
+}
+
+impl Inner {
+    /// The fill of `request` ended (landed, voided or abandoned).
+    fn end_fill(&mut self, request: &[u8]) {
+        let Some(key) = self.inflight.remove(request) else {
+            return;
+        };
+        if let Some(n) = self.inflight_keys.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.inflight_keys.remove(&key);
+            }
+        }
+        self.forget_if_unused(&key);
+    }
+
+    /// Drop `key`'s record when it has no entry and no fill in flight.
+    fn forget_if_unused(&mut self, key: &[u8]) {
+        if self.inflight_keys.contains_key(key) {
+            return;
+        }
+        if self.keys.get(key).is_some_and(|(_, r)| r.is_empty()) {
+            self.keys.remove(key);
+        }
+    }
+
+    /// Rebuild `order` from the live entries once most of it is stale.
+    fn compact_order(&mut self) {
+        if self.order.len() <= 2 * self.entries.len() + 64 {
+            return;
+        }
+        let entries = &self.entries;
+        self.order
+            .retain(|(r, stamp)| entries.get(r).is_some_and(|e| e.stamp == *stamp));
+    }
 }
 
 /// A fill's view of the store when it started.
@@ -177,10 +224,11 @@ impl Store {
     /// Start a fill of `request` (on `key`) unless one is in flight.
     pub fn begin_fill(&self, key: &Bytes, request: &Bytes) -> Option<Ticket> {
         let mut inner = self.lock();
-        if inner.inflight.contains(request) || inner.entries.contains_key(request) {
+        if inner.inflight.contains_key(request) || inner.entries.contains_key(request) {
             return None;
         }
-        inner.inflight.insert(request.clone());
+        inner.inflight.insert(request.clone(), key.clone());
+        *inner.inflight_keys.entry(key.clone()).or_insert(0) += 1;
         let seq = inner.keys.get(key).map(|k| k.0).unwrap_or(0);
         let ticket = Ticket {
             seq,
@@ -193,7 +241,7 @@ impl Store {
     /// A fill ended without a reply to store.
     pub fn abandon_fill(&self, request: &[u8]) {
         let mut inner = self.lock();
-        inner.inflight.remove(request);
+        inner.end_fill(request);
         self.refresh_active(&inner);
     }
 
@@ -208,8 +256,8 @@ impl Store {
         ttl: Duration,
     ) -> bool {
         let mut inner = self.lock();
-        inner.inflight.remove(&request);
         let seq = inner.keys.get(&key).map(|k| k.0).unwrap_or(0);
+        inner.end_fill(&request);
         if seq != ticket.seq || inner.epoch != ticket.epoch || ttl.is_zero() {
             self.fills_voided.fetch_add(1, Ordering::Relaxed);
             self.refresh_active(&inner);
@@ -227,16 +275,20 @@ impl Store {
         }
         // Make room, oldest first.
         while inner.bytes + size > self.budget {
-            let Some(old) = inner.order.pop_front() else {
+            let Some((old, stamp)) = inner.order.pop_front() else {
                 break;
             };
-            if let Some(k) = inner.entries.get(&old).map(|e| e.key.clone()) {
+            let live = inner.entries.get(&old).filter(|e| e.stamp == stamp);
+            if let Some(k) = live.map(|e| e.key.clone()) {
                 remove(&mut inner, &old, &k);
                 crate::metrics::Limit::CacheMaxMb.reached();
             }
         }
         inner.bytes += size;
-        inner.order.push_back(request.clone());
+        let stamp = inner.next_stamp;
+        inner.next_stamp += 1;
+        inner.order.push_back((request.clone(), stamp));
+        inner.compact_order();
         inner
             .keys
             .entry(key.clone())
@@ -251,6 +303,7 @@ impl Store {
                 resp2,
                 expires: Instant::now() + ttl,
                 size,
+                stamp,
             },
         );
         self.fills.fetch_add(1, Ordering::Relaxed);
@@ -268,13 +321,12 @@ impl Store {
                 std::mem::take(requests)
             }
             None => {
-                if inner.inflight.is_empty() {
-                    return;
+                if inner.inflight_keys.contains_key(key) {
+                    // A fill is in flight for it: remember the bump.
+                    inner
+                        .keys
+                        .insert(Bytes::copy_from_slice(key), (1, Vec::new()));
                 }
-                // A fill may be in flight for it: remember the bump.
-                inner
-                    .keys
-                    .insert(Bytes::copy_from_slice(key), (1, Vec::new()));
                 return;
             }
         };
@@ -283,6 +335,8 @@ impl Store {
                 inner.bytes -= e.size;
             }
         }
+        inner.forget_if_unused(key);
+        inner.compact_order();
         self.refresh_active(&inner);
     }
 
@@ -293,6 +347,7 @@ impl Store {
         let mut inner = self.lock();
         inner.epoch += 1;
         inner.inflight.clear();
+        inner.inflight_keys.clear();
         inner.entries.clear();
         inner.keys.clear();
         inner.order.clear();
@@ -335,14 +390,20 @@ impl Store {
         let mut inner = self.lock();
         let gone: Vec<Bytes> = inner.keys.keys().filter(|k| !keep(k)).cloned().collect();
         for k in gone {
-            if let Some((_, requests)) = inner.keys.remove(&k) {
-                for r in requests {
-                    if let Some(e) = inner.entries.remove(&r) {
-                        inner.bytes -= e.size;
-                    }
+            let Some((seq, requests)) = inner.keys.remove(&k) else {
+                continue;
+            };
+            for r in requests {
+                if let Some(e) = inner.entries.remove(&r) {
+                    inner.bytes -= e.size;
                 }
             }
+            if inner.inflight_keys.contains_key(&k) {
+                // A fill in flight keeps comparing against this sequence.
+                inner.keys.insert(k, (seq, Vec::new()));
+            }
         }
+        inner.compact_order();
         self.refresh_active(&inner);
     }
 }
@@ -354,6 +415,7 @@ fn remove(inner: &mut Inner, request: &[u8], key: &Bytes) {
     if let Some((_, requests)) = inner.keys.get_mut(key) {
         requests.retain(|r| r.as_ref() != request);
     }
+    inner.forget_if_unused(key);
 }
 
 #[cfg(test)]
@@ -428,6 +490,65 @@ mod tests {
         s.flush(FlushReason::Start);
         assert!(!s.complete_fill(k, r.clone(), t, b(":1\r\n"), Duration::from_secs(5)));
         assert!(get(&s, &r, Proto::Resp3, Instant::now()).is_none());
+    }
+
+    /// Invalidated and refilled over and over, written keys never cached:
+    /// the bookkeeping stays the size of what is cached.
+    #[test]
+    fn bookkeeping_stays_bounded() {
+        let s = Store::new(1 << 20);
+        let (k, r) = (b("k"), b("req"));
+        for i in 0..10_000 {
+            let t = s.begin_fill(&k, &r).unwrap();
+            // Writes to other keys, some while the fill is in flight.
+            s.invalidate(format!("other{i}").as_bytes());
+            assert!(s.complete_fill(k.clone(), r.clone(), t, b(":1\r\n"), Duration::from_secs(5)));
+            s.invalidate(b"k");
+        }
+        let t = s.begin_fill(&k, &r).unwrap();
+        assert!(s.complete_fill(k.clone(), r.clone(), t, b(":1\r\n"), Duration::from_secs(5)));
+        let inner = s.lock();
+        assert!(
+            inner.order.len() <= 2 * inner.entries.len() + 65,
+            "order: {}",
+            inner.order.len()
+        );
+        assert_eq!(inner.keys.len(), 1, "only the cached key has a record");
+        assert!(inner.inflight.is_empty() && inner.inflight_keys.is_empty());
+        drop(inner);
+        // A key invalidated while its own fill is in flight keeps its bump.
+        let t = s.begin_fill(&b("j"), &b("rj")).unwrap();
+        s.invalidate(b"j");
+        assert!(!s.complete_fill(b("j"), b("rj"), t, b(":1\r\n"), Duration::from_secs(5)));
+        assert_eq!(s.lock().keys.len(), 1, "the voided fill's record is gone");
+    }
+
+    /// An entry cached again is evicted by its new position, not the old one.
+    #[test]
+    fn a_refilled_entry_is_evicted_by_its_new_age() {
+        let s = Store::new(2 * (OVERHEAD + 40));
+        let fill = |k: &str, r: &str| {
+            let t = s.begin_fill(&b(k), &b(r)).unwrap();
+            assert!(s.complete_fill(b(k), b(r), t, b(":1\r\n"), Duration::from_secs(5)));
+        };
+        fill("a", "ra");
+        fill("b", "rb");
+        s.invalidate(b"a");
+        fill("a", "ra");
+        // Full: the oldest live entry is b, not the refilled a.
+        fill("c", "rc");
+        assert!(
+            get(&s, b"ra", Proto::Resp3, Instant::now()).is_some(),
+            "a kept"
+        );
+        assert!(
+            get(&s, b"rb", Proto::Resp3, Instant::now()).is_none(),
+            "b evicted"
+        );
+        assert!(
+            get(&s, b"rc", Proto::Resp3, Instant::now()).is_some(),
+            "c kept"
+        );
     }
 
     #[test]
