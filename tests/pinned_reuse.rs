@@ -149,3 +149,87 @@ async fn max_idle_pinned_zero_closes_connections_given_back() {
     assert_eq!(connections_received(&mut direct).await - before, 5);
     assert_eq!(idle_pinned(&kw).await, 0.0);
 }
+
+/// The integer of a `:n` reply.
+fn int_reply(r: &[u8]) -> i64 {
+    std::str::from_utf8(r)
+        .ok()
+        .and_then(|s| s.strip_prefix(':'))
+        .and_then(|s| s.trim_end().parse().ok())
+        .unwrap_or_else(|| panic!("not an integer reply: {}", esc(r)))
+}
+
+/// A connection whose id its client learned (CLIENT ID, here a tracking
+/// REDIRECT target) or that ran CLIENT TRACKING is closed when given back,
+/// not reused: the tracking client learns its target is gone
+/// (`tracking-redir-broken`, as with Redis), and a new client neither
+/// inherits the target's invalidations nor the keys another client had
+/// tracked on that connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_tied_to_tracking_are_not_reused() {
+    let redis = Redis::start();
+    let kw = Keyward::start_for(&redis, QUIET, &[]);
+    wait_ready(&kw, DEADLINE).await;
+    let mut direct = Raw::connect(redis.port()).await;
+
+    // X is the redirect target of Y's tracking.
+    let mut x = Raw::connect(kw.port()).await;
+    let x_id = int_reply(&x.call(&[b"CLIENT", b"ID"]).await);
+    x.send(&cmd(&[b"SUBSCRIBE", b"__redis__:invalidate"])).await;
+    assert!(x.read_reply().await.starts_with(b"*3\r\n$9\r\nsubscribe"));
+    let mut y = Raw::connect_resp3(kw.port()).await;
+    let id = x_id.to_string();
+    assert_eq!(
+        esc(&y
+            .call(&[b"CLIENT", b"TRACKING", b"ON", b"REDIRECT", id.as_bytes()])
+            .await),
+        esc(b"+OK\r\n")
+    );
+    assert_eq!(esc(&y.call(&[b"GET", b"rl1"]).await), esc(b"_\r\n"));
+    drop(x);
+    let redis_port = redis.port();
+    wait_until("the target's connection closed at Redis", DEADLINE, || {
+        let id = id.clone();
+        async move {
+            let mut d = Raw::connect(redis_port).await;
+            d.call(&[b"CLIENT", b"LIST", b"ID", id.as_bytes()]).await == b"$0\r\n\r\n"
+        }
+    })
+    .await;
+    // Z may get any connection, but never the target's.
+    let mut z = Raw::connect(kw.port()).await;
+    let z_id = int_reply(&z.call(&[b"CLIENT", b"ID"]).await);
+    assert_ne!(z_id, x_id, "the redirect target's connection was reused");
+    z.send(&cmd(&[b"SUBSCRIBE", b"__redis__:invalidate"])).await;
+    assert!(z.read_reply().await.starts_with(b"*3\r\n$9\r\nsubscribe"));
+    assert_eq!(
+        esc(&direct.call(&[b"SET", b"rl1", b"v1"]).await),
+        esc(b"+OK\r\n")
+    );
+    let broken = format!(">2\r\n$21\r\ntracking-redir-broken\r\n:{x_id}\r\n");
+    assert_eq!(esc(&y.read_reply().await), esc(broken.as_bytes()));
+    assert_eq!(
+        esc(&z.call(&[b"PING"]).await),
+        esc(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n")
+    );
+
+    // T tracks tr1 and leaves; U, tracking too, never read tr1.
+    let mut t = Raw::connect_resp3(kw.port()).await;
+    assert_eq!(
+        esc(&t.call(&[b"CLIENT", b"TRACKING", b"ON"]).await),
+        esc(b"+OK\r\n")
+    );
+    assert_eq!(esc(&t.call(&[b"GET", b"tr1"]).await), esc(b"_\r\n"));
+    drop(t);
+    let mut u = Raw::connect_resp3(kw.port()).await;
+    assert_eq!(
+        esc(&u.call(&[b"CLIENT", b"TRACKING", b"ON"]).await),
+        esc(b"+OK\r\n")
+    );
+    assert_eq!(
+        esc(&direct.call(&[b"SET", b"tr1", b"v1"]).await),
+        esc(b"+OK\r\n")
+    );
+    // An invalidation of tr1 would come before the PONG.
+    assert_eq!(esc(&u.call(&[b"PING"]).await), esc(b"+PONG\r\n"));
+}

@@ -1352,7 +1352,15 @@ impl Reader {
                         Class::Multi => self.state.in_multi = true,
                         Class::Watch if !self.state.in_multi => self.state.watching = true,
                         Class::Monitor => self.state.monitor = true,
-                        Class::ClientState => self.state.client_state = true,
+                        Class::ClientState => {
+                            self.state.client_state = true;
+                            let sub = args.get(1).map(|s| s.to_ascii_lowercase());
+                            if let (Some(b"id" | b"info" | b"tracking"), Some(p)) =
+                                (sub.as_deref(), &mut self.pinned)
+                            {
+                                p.not_for_reuse();
+                            }
+                        }
                         Class::Blocking if !self.state.in_multi => {
                             if let Some(p) = &self.pinned {
                                 p.blocking_next();

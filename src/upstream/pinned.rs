@@ -190,6 +190,9 @@ pub struct Pinned {
     /// A CLIENT REPLY SKIP was sent and no request since: Redis will
     /// silence the next one it gets (see `spend_skip`).
     skip_pending: bool,
+    /// Closed rather than kept for the next client when given back (see
+    /// `not_for_reuse`).
+    single_use: bool,
 }
 
 impl Pinned {
@@ -254,6 +257,7 @@ impl Pinned {
             retired: upstream.retired.clone(),
             drain_on: None,
             skip_pending: false,
+            single_use: false,
             shared,
             proto,
             _permit: permit,
@@ -419,7 +423,10 @@ impl Pinned {
     /// upstream has closed its side.
     pub async fn release(mut self) {
         self.shared.releasing.store(true, Ordering::Release);
-        let keep = self.parked.enabled() && self.idle() && !self.retired.is_cancelled();
+        let keep = self.parked.enabled()
+            && self.idle()
+            && !self.retired.is_cancelled()
+            && !self.single_use;
         // Both are there until release or drop takes them.
         let halves = match keep {
             true => self.relay.take().zip(self.wr.take()),
@@ -442,6 +449,17 @@ impl Pinned {
         if let Some(wr) = self.wr.as_mut() {
             let _ = wr.shutdown().await;
         }
+    }
+
+    /// Close the connection when it is given back instead of keeping it for
+    /// another client: Redis ties state to the connection's id that RESET
+    /// does not clear (the keys CLIENT TRACKING recorded, whose
+    /// invalidations would reach the next client), or the client learned
+    /// that id (CLIENT ID, CLIENT INFO) and may have named it as another
+    /// connection's tracking REDIRECT target, which must see the target
+    /// go (`tracking-redir-broken`) rather than a stranger take its place.
+    pub fn not_for_reuse(&mut self) {
+        self.single_use = true;
     }
 
     /// Keep the connection through keyward's shutdown while replies are
