@@ -119,6 +119,65 @@ async fn reads_never_go_back_in_time() {
     assert!(hits > 0, "the race never exercised the cache");
 }
 
+/// A writer straight on Redis increments a hot key as fast as it can (four
+/// INCRs pipelined at a time) while clients read it through keyward, one
+/// request at a time and pipelined, for three seconds: no client ever reads
+/// a value older than one it has already read, as with one connection to
+/// Redis (a fill that read the key before a write must not be served after
+/// the client has seen that write in a reply forwarded to Redis).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_never_reads_a_value_older_than_one_it_has_read() {
+    let redis = Redis::start();
+    let kw = Keyward::start_for(&redis, FAST_HOTKEYS, &[]);
+    assert_eq!(esc(&redis.call(&[b"SET", b"mono", b"0"])), esc(b"+OK\r\n"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let (stop, port) = (stop.clone(), redis.port());
+        async move {
+            let mut raw = Raw::connect(port).await;
+            let four = cmd(&[b"INCR", b"mono"]).repeat(4);
+            while !stop.load(Ordering::Acquire) {
+                raw.send(&four).await;
+                raw.read_replies(4).await;
+            }
+        }
+    });
+    let mut readers = Vec::new();
+    for depth in [1usize, 1, 8] {
+        let (stop, port) = (stop.clone(), kw.port());
+        readers.push(tokio::spawn(async move {
+            let mut raw = Raw::connect(port).await;
+            let batch = cmd(&[b"GET", b"mono"]).repeat(depth);
+            let (mut last, mut reads) = (0u64, 0u64);
+            while !stop.load(Ordering::Acquire) {
+                raw.send(&batch).await;
+                for r in raw.read_replies(depth).await {
+                    let got = int_of(&r).expect("a number");
+                    assert!(got >= last, "read {got} after having read {last} on this connection (pipeline depth {depth})");
+                    last = got;
+                    reads += 1;
+                }
+            }
+            reads
+        }));
+    }
+    wait_until("cache hits on the key", DEADLINE, || async {
+        cache_hits(kw.admin_port()) > 0
+    })
+    .await;
+    let hits_before = cache_hits(kw.admin_port());
+    tokio::time::sleep(Duration::from_secs(3)).await; // the race's duration, not a synchronisation
+    stop.store(true, Ordering::Release);
+    writer.await.unwrap();
+    let mut reads = 0;
+    for r in readers {
+        reads += r.await.unwrap();
+    }
+    let hits = cache_hits(kw.admin_port()) - hits_before;
+    eprintln!("monotonic: {reads} reads, {hits} cache hits");
+    assert!(hits > 0, "the race never exercised the cache");
+}
+
 /// PEXPIRE straight on Redis: once Redis has expired the key, keyward does
 /// not serve it from the cache.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,6 +29,24 @@ use crate::resp::{reply, Proto};
 use store::Store;
 use tracking::Fill;
 
+/// What `NearCache::lookup` found for a request.
+pub enum Lookup {
+    /// Answered from the cache (the reply is in `out`).
+    Hit,
+    /// A read of hot keys that goes to Redis. Its reply is to be shown to
+    /// `NearCache::observe` with these: the store key of the request, or for
+    /// MGET each key's GET (as `GET` and `get`, the two spellings cached).
+    Miss(Miss),
+    /// Nothing the cache answers.
+    Pass,
+}
+
+/// A forwarded read of hot keys (see `Lookup::Miss`).
+pub struct Miss {
+    pub requests: Vec<Bytes>,
+    pub mget: bool,
+}
+
 pub struct NearCache {
     pub config: CacheConfig,
     pub store: Store,
@@ -121,9 +139,11 @@ impl NearCache {
         (Arc::new(cache), rx)
     }
 
-    /// Append the cached reply for this request to `out` and return true
-    /// if there is one; on a miss for a hot key, a fill starts in the
-    /// background. `now` is when the request was read (entries expire
+    /// Append the cached reply for this request to `out` if there is one
+    /// (`Lookup::Hit`); on a miss for a hot key, a fill starts in the
+    /// background. With `serve` false (the client has a write or a read of
+    /// these keys in flight) nothing is answered or filled, only the miss
+    /// reported. `now` is when the request was read (entries expire
     /// against it, so a hit costs no clock read). An entry exists only for
     /// a key that was hot when filled; keys that cool down are dropped when
     /// the hot set changes, so a hit needs no hot-set lookup.
@@ -138,16 +158,17 @@ impl NearCache {
         proto: Proto,
         now: Instant,
         out: &mut BytesMut,
-    ) -> bool {
+        serve: bool,
+    ) -> Lookup {
         use std::sync::atomic::Ordering::Relaxed;
         if hot.hot_now.load(Relaxed) == 0 || args.len() < 2 {
-            return false;
+            return Lookup::Pass;
         }
         if args[0].eq_ignore_ascii_case(b"mget") {
-            return self.lookup_mget(hot, &args[1..], db, proto, now, out);
+            return self.lookup_mget(hot, &args[1..], db, proto, now, out, serve);
         }
         if !cacheable(args[0], args.len()) {
-            return false;
+            return Lookup::Pass;
         }
         let mut named = BytesMut::new();
         let request: &[u8] = if db == 0 {
@@ -156,25 +177,51 @@ impl NearCache {
             store_key(db, frame, &mut named);
             &named
         };
-        if self.store.get_into(request, proto, now, out) {
+        if serve && self.store.get_into(request, proto, now, out) {
             self.store.hits.fetch_add(1, Relaxed);
-            return true;
+            return Lookup::Hit;
         }
         if !hot.is_hot(args[1]) {
-            return false;
+            return Lookup::Pass;
         }
+        let request = Bytes::copy_from_slice(request);
         self.store.misses.fetch_add(1, Relaxed);
-        self.fill(
-            Bytes::copy_from_slice(args[1]),
-            Bytes::copy_from_slice(request),
-        );
-        false
+        if serve {
+            self.fill(Bytes::copy_from_slice(args[1]), request.clone());
+        }
+        Lookup::Miss(Miss {
+            requests: vec![request],
+            mget: false,
+        })
+    }
+
+    /// A reply Redis gave to a read that `lookup` reported as a miss, in
+    /// the client's protocol. Redis may have run it after a write whose
+    /// invalidation has not reached keyward yet, and the client has seen
+    /// it: a cached reply or a fill in flight that differs could be older
+    /// and must not be served to the client after it.
+    pub fn observe(&self, miss: &Miss, proto: Proto, reply: &[u8]) {
+        if !miss.mget {
+            if let Some(r) = miss.requests.first() {
+                self.store.observed(r, proto, reply);
+            }
+            return;
+        }
+        if reply.first() != Some(&b'*') {
+            return;
+        }
+        for (value, pair) in crate::resp::scan::elements(reply).zip(miss.requests.chunks(2)) {
+            for r in pair {
+                self.store.observed(r, proto, value);
+            }
+        }
     }
 
     /// MGET, served per key: when every key is hot and its `GET` reply is
     /// cached, the replies are put together as Redis would (a key holding
     /// another type is a null in MGET, not an error). Otherwise the missing
     /// keys' `GET`s are filled for next time and MGET goes to Redis.
+    #[allow(clippy::too_many_arguments)]
     fn lookup_mget(
         &self,
         hot: &Detector,
@@ -183,10 +230,30 @@ impl NearCache {
         proto: Proto,
         now: Instant,
         out: &mut BytesMut,
-    ) -> bool {
+        serve: bool,
+    ) -> Lookup {
         use std::sync::atomic::Ordering::Relaxed;
         if !keys.iter().all(|k| hot.is_hot(k)) {
-            return false;
+            return Lookup::Pass;
+        }
+        let get_of = |name: &[u8], k: &[u8]| {
+            let (mut get, mut named) = (BytesMut::new(), BytesMut::new());
+            reply::command(&mut get, &[name, k]);
+            store_key(db, &get, &mut named);
+            named.freeze()
+        };
+        let miss = || {
+            Lookup::Miss(Miss {
+                requests: keys
+                    .iter()
+                    .flat_map(|k| [get_of(b"GET", k), get_of(b"get", k)])
+                    .collect(),
+                mget: true,
+            })
+        };
+        if !serve {
+            self.store.misses.fetch_add(1, Relaxed);
+            return miss();
         }
         let start = out.len();
         reply::array(out, keys.len());
@@ -215,7 +282,7 @@ impl NearCache {
         }
         if missing.is_empty() {
             self.store.hits.fetch_add(1, Relaxed);
-            return true;
+            return Lookup::Hit;
         }
         out.truncate(start);
         self.store.misses.fetch_add(1, Relaxed);
@@ -226,7 +293,7 @@ impl NearCache {
             store_key(db, &get, &mut frame);
             self.fill(Bytes::copy_from_slice(keys[i]), frame.split().freeze());
         }
-        false
+        miss()
     }
 
     /// Start a fill of `request` (a store key) on `key` unless one is in

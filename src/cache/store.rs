@@ -46,25 +46,38 @@ struct Inner {
     next_stamp: u64,
     bytes: usize,
     epoch: u64,
-    /// Requests with a fill in flight (single flight), and their keys.
-    inflight: HashMap<Bytes, Bytes, ahash::RandomState>,
+    /// Requests with a fill in flight (single flight).
+    inflight: HashMap<Bytes, Flight, ahash::RandomState>,
     /// Fills in flight per key.
     inflight_keys: HashMap<Bytes, u32, ahash::RandomState>,
 }
 
+/// A fill in flight.
+struct Flight {
+    key: Bytes,
+    /// What Redis answered a client's read of the same request meanwhile.
+    seen: Seen,
+}
+
+enum Seen {
+    Nothing,
+    Reply(Proto, Bytes),
+    /// Two different replies: the value changed during the fill.
+    Differing,
+}
+
 impl Inner {
     /// The fill of `request` ended (landed, voided or abandoned).
-    fn end_fill(&mut self, request: &[u8]) {
-        let Some(key) = self.inflight.remove(request) else {
-            return;
-        };
-        if let Some(n) = self.inflight_keys.get_mut(&key) {
+    fn end_fill(&mut self, request: &[u8]) -> Option<Flight> {
+        let flight = self.inflight.remove(request)?;
+        if let Some(n) = self.inflight_keys.get_mut(&flight.key) {
             *n -= 1;
             if *n == 0 {
-                self.inflight_keys.remove(&key);
+                self.inflight_keys.remove(&flight.key);
             }
         }
-        self.forget_if_unused(&key);
+        self.forget_if_unused(&flight.key);
+        Some(flight)
     }
 
     /// Drop `key`'s record when it has no entry and no fill in flight.
@@ -227,7 +240,13 @@ impl Store {
         if inner.inflight.contains_key(request) || inner.entries.contains_key(request) {
             return None;
         }
-        inner.inflight.insert(request.clone(), key.clone());
+        inner.inflight.insert(
+            request.clone(),
+            Flight {
+                key: key.clone(),
+                seen: Seen::Nothing,
+            },
+        );
         *inner.inflight_keys.entry(key.clone()).or_insert(0) += 1;
         let seq = inner.keys.get(key).map(|k| k.0).unwrap_or(0);
         let ticket = Ticket {
@@ -257,13 +276,21 @@ impl Store {
     ) -> bool {
         let mut inner = self.lock();
         let seq = inner.keys.get(&key).map(|k| k.0).unwrap_or(0);
-        inner.end_fill(&request);
-        if seq != ticket.seq || inner.epoch != ticket.epoch || ttl.is_zero() {
+        let seen = inner.end_fill(&request).map(|f| f.seen);
+        let resp2 = super::resp3::to_resp2(&resp3);
+        // A client read the request on Redis during the fill and got
+        // another reply: one of the two is older, maybe the fill's.
+        let differs = match &seen {
+            Some(Seen::Differing) => true,
+            Some(Seen::Reply(Proto::Resp3, r)) => *r != resp3,
+            Some(Seen::Reply(Proto::Resp2, r)) => resp2.as_ref().is_some_and(|r2| r2 != r),
+            _ => false,
+        };
+        if seq != ticket.seq || inner.epoch != ticket.epoch || ttl.is_zero() || differs {
             self.fills_voided.fetch_add(1, Ordering::Relaxed);
             self.refresh_active(&inner);
             return false;
         }
-        let resp2 = super::resp3::to_resp2(&resp3);
         let size = OVERHEAD
             + request.len()
             + key.len()
@@ -309,6 +336,34 @@ impl Store {
         self.fills.fetch_add(1, Ordering::Relaxed);
         self.refresh_active(&inner);
         true
+    }
+
+    /// Redis answered `reply` (in `proto`) to a client's read of `request`
+    /// (see `NearCache::observe`): a cached reply that differs is dropped,
+    /// and a fill in flight lands only if it read the same.
+    pub fn observed(&self, request: &[u8], proto: Proto, reply: &[u8]) {
+        let mut inner = self.lock();
+        if let Some(e) = inner.entries.get(request) {
+            let cached = match proto {
+                Proto::Resp3 => Some(&e.resp3),
+                // No RESP2 form: RESP2 clients are never served this entry.
+                Proto::Resp2 => e.resp2.as_ref(),
+            };
+            if cached.is_some_and(|c| c.as_ref() != reply) {
+                let key = e.key.clone();
+                remove(&mut inner, request, &key);
+                self.invalidations.fetch_add(1, Ordering::Relaxed);
+                self.refresh_active(&inner);
+            }
+        }
+        if let Some(f) = inner.inflight.get_mut(request) {
+            f.seen = match std::mem::replace(&mut f.seen, Seen::Nothing) {
+                Seen::Nothing => Seen::Reply(proto, Bytes::copy_from_slice(reply)),
+                Seen::Reply(p, r) if p == proto && r == reply => Seen::Reply(p, r),
+                // Replies in two protocols are not compared: void to be safe.
+                _ => Seen::Differing,
+            };
+        }
     }
 
     /// `key` changed: drop its replies and void fills in flight for it.
@@ -549,6 +604,34 @@ mod tests {
             get(&s, b"rc", Proto::Resp3, Instant::now()).is_some(),
             "c kept"
         );
+    }
+
+    /// A client's read answered by Redis during a fill: the fill lands only
+    /// if it read the same; a cached reply that differs is dropped.
+    #[test]
+    fn a_read_seen_elsewhere_decides_a_fill_and_an_entry() {
+        let s = Store::new(1 << 20);
+        let (k, r) = (b("k"), b("req"));
+        let t = s.begin_fill(&k, &r).unwrap();
+        s.observed(&r, Proto::Resp2, b":2\r\n");
+        assert!(!s.complete_fill(k.clone(), r.clone(), t, b(":1\r\n"), Duration::from_secs(5)));
+        let t = s.begin_fill(&k, &r).unwrap();
+        s.observed(&r, Proto::Resp3, b":2\r\n");
+        assert!(s.complete_fill(k.clone(), r.clone(), t, b(":2\r\n"), Duration::from_secs(5)));
+        s.observed(&r, Proto::Resp2, b":2\r\n");
+        assert!(
+            get(&s, &r, Proto::Resp3, Instant::now()).is_some(),
+            "same reply: kept"
+        );
+        s.observed(&r, Proto::Resp2, b":3\r\n");
+        assert!(
+            get(&s, &r, Proto::Resp3, Instant::now()).is_none(),
+            "dropped"
+        );
+        let t = s.begin_fill(&k, &r).unwrap();
+        s.observed(&r, Proto::Resp2, b":2\r\n");
+        s.observed(&r, Proto::Resp2, b":3\r\n");
+        assert!(!s.complete_fill(k, r, t, b(":3\r\n"), Duration::from_secs(5)));
     }
 
     #[test]

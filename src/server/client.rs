@@ -37,6 +37,7 @@ use super::registry::ClientInfo;
 use super::state::SessionState;
 use super::{Ctx, Sent};
 use crate::cache::written::{changes_databases, Written};
+use crate::cache::Lookup;
 use crate::command::class::route;
 use crate::command::keys::{for_each_key, for_each_written_key};
 use crate::command::table::flags;
@@ -87,6 +88,8 @@ enum Entry {
         /// What the batch writes, dropped from the near cache again when
         /// its reply arrives (see `cache::written`).
         written: Written,
+        /// Its reads of hot keys, whose replies the near cache is shown.
+        hot: Vec<HotRead>,
         batch: Batch,
     },
     /// Everything a pinned connection sends, until it is released.
@@ -110,9 +113,40 @@ struct Shared {
     /// that may run on the tracking connection before the write does, and
     /// a later read could be answered with what that fill read.
     writes_in_flight: AtomicUsize,
+    /// Keys of this client's reads of hot keys sent to Redis whose replies
+    /// the writer has not handled yet (`hot_reads_n` of them): its reads
+    /// of those keys skip the near cache until then, so it never gets a
+    /// cached value older than what Redis has just told it.
+    hot_reads: std::sync::Mutex<Vec<Bytes>>,
+    hot_reads_n: AtomicUsize,
 }
 
 impl Shared {
+    /// A read of one of `keys` sent to Redis is not answered yet.
+    fn hot_reads_busy(&self, keys: &[&[u8]]) -> bool {
+        if self.hot_reads_n.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let list = self.hot_reads.lock().unwrap_or_else(|e| e.into_inner());
+        keys.iter().any(|k| list.iter().any(|h| h.as_ref() == *k))
+    }
+
+    fn begin_hot_read(&self, keys: &[Bytes]) {
+        let mut list = self.hot_reads.lock().unwrap_or_else(|e| e.into_inner());
+        list.extend(keys.iter().cloned());
+        self.hot_reads_n.store(list.len(), Ordering::Release);
+    }
+
+    fn end_hot_read(&self, keys: &[Bytes]) {
+        let mut list = self.hot_reads.lock().unwrap_or_else(|e| e.into_inner());
+        for k in keys {
+            if let Some(i) = list.iter().position(|h| h == k) {
+                list.swap_remove(i);
+            }
+        }
+        self.hot_reads_n.store(list.len(), Ordering::Release);
+    }
+
     fn finish_entry(&self, requests: u32) {
         if requests > 0 {
             self.permits.add_permits(requests as usize);
@@ -156,6 +190,8 @@ pub fn start(
         drained: Notify::new(),
         permits: Semaphore::new(ctx.config.server.max_pending_requests),
         writes_in_flight: AtomicUsize::new(0),
+        hot_reads: Default::default(),
+        hot_reads_n: AtomicUsize::new(0),
     });
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = writers.spawn(write_loop(
@@ -191,6 +227,7 @@ pub fn start(
         read_at: Instant::now(),
         family: Family::Other,
         run_tally: Tally::default(),
+        run_hot: Vec::new(),
         run_first_seq: 0,
         local_tally: Tally::default(),
         local_errors: Vec::new(),
@@ -262,6 +299,8 @@ struct Reader {
     family: Family,
     /// Families of the run bound for the pool, and its first request id.
     run_tally: Tally,
+    /// The run's reads of hot keys that the near cache did not answer.
+    run_hot: Vec<HotRead>,
     run_first_seq: u64,
     /// Families of the local replies not yet handed to the writer, which
     /// of them are errors, and the first one's request id.
@@ -445,6 +484,7 @@ impl Reader {
             // `hit_buf` until the run is sent.
             let mut hit = false;
             let mut hit_error = false;
+            let mut hot_read: Option<HotRead> = None;
             let class = {
                 let frame: &[u8] = match &req.inline {
                     Some(f) => f,
@@ -499,20 +539,27 @@ impl Reader {
                         written.everything(&cache.store);
                     }
                 }
-                // A hit on a hot key is answered here, in order.
+                // A hit on a hot key is answered here, in order. Not while
+                // the client's own writes, or its reads of the same keys,
+                // are in flight: it must not read an older value than
+                // they will show it.
                 if let (Some(cache), Some(d)) = (cache, &self.ctx.hotkeys) {
-                    if class == Class::Forward
-                        && self.pinned.is_none()
-                        && self.pending_written.is_empty()
-                        && self.shared.writes_in_flight.load(Ordering::Acquire) == 0
-                    {
+                    if class == Class::Forward && self.pinned.is_none() && args.len() >= 2 {
+                        let keys: &[&[u8]] = if args[0].eq_ignore_ascii_case(b"mget") {
+                            &args[1..]
+                        } else {
+                            &args[1..2]
+                        };
+                        let serve = self.pending_written.is_empty()
+                            && self.shared.writes_in_flight.load(Ordering::Acquire) == 0
+                            && !self.shared.hot_reads_busy(keys);
                         let out = if self.run_count == 0 {
                             &mut self.local
                         } else {
                             &mut self.hit_buf
                         };
                         let before = out.len();
-                        hit = cache.lookup(
+                        match cache.lookup(
                             d,
                             &args,
                             frame,
@@ -520,9 +567,22 @@ impl Reader {
                             self.proto,
                             self.read_at,
                             out,
-                        );
-                        // A cached WRONGTYPE is an error reply all the same.
-                        hit_error = hit && out.get(before) == Some(&b'-');
+                            serve,
+                        ) {
+                            Lookup::Hit => {
+                                hit = true;
+                                // A cached WRONGTYPE is an error reply all the same.
+                                hit_error = out.get(before) == Some(&b'-');
+                            }
+                            Lookup::Miss(miss) => {
+                                hot_read = Some(HotRead {
+                                    index: 0,
+                                    keys: keys.iter().map(|k| Bytes::copy_from_slice(k)).collect(),
+                                    miss,
+                                });
+                            }
+                            Lookup::Pass => {}
+                        }
                     }
                 }
                 // With read_from = "replica", read-only commands go to a replica.
@@ -558,6 +618,11 @@ impl Reader {
                 off += req.consumed;
                 if self.run_count == 0 {
                     self.run_first_seq = self.seq;
+                }
+                if let Some(mut h) = hot_read {
+                    h.index = self.run_count;
+                    self.shared.begin_hot_read(&h.keys);
+                    self.run_hot.push(h);
                 }
                 self.run_count += 1;
                 self.run_tally.push(self.family);
@@ -759,12 +824,14 @@ impl Reader {
         if !written.is_empty() {
             self.shared.writes_in_flight.fetch_add(1, Ordering::AcqRel);
         }
+        let hot = std::mem::take(&mut self.run_hot);
         self.push(Entry::Pooled {
             rx,
             req,
             count,
             route: (self.proto, self.state.db),
             written,
+            hot,
             batch,
         });
     }
@@ -1666,6 +1733,7 @@ async fn write_loop(
                 count,
                 route,
                 written,
+                hot,
                 batch,
             } => {
                 if let Some(cache) = ctx.cache.as_ref().filter(|_| !written.is_empty()) {
@@ -1675,7 +1743,7 @@ async fn write_loop(
                     // writes travel on different connections).
                     w.invalidate_after = Some((cache.clone(), written));
                 }
-                let ok = w.pooled(rx, req, count, route, id, batch).await;
+                let ok = w.pooled(rx, req, count, route, id, batch, hot).await;
                 shared.finish_entry(count);
                 ok
             }
@@ -1697,6 +1765,27 @@ async fn write_loop(
     }
     w.flush().await;
     let _ = wr.shutdown().await;
+}
+
+/// A read of hot keys in a pooled batch that the near cache did not answer.
+struct HotRead {
+    /// Its place in the batch.
+    index: u32,
+    keys: SmallVec<[Bytes; 1]>,
+    miss: crate::cache::Miss,
+}
+
+/// The `n`th reply frame of a batch's replies.
+fn nth_frame(bytes: &[u8], n: u32) -> Option<&[u8]> {
+    let mut off = 0;
+    for i in 0..=n {
+        let end = crate::resp::Scanner::new().next(&bytes[off..]).ok()??;
+        if i == n {
+            return Some(&bytes[off..off + end]);
+        }
+        off += end;
+    }
+    None
 }
 
 /// A batch whose replies are queued, waiting for the write that sends
@@ -1807,6 +1896,7 @@ impl Writer<'_> {
         self.put_local(&text).await
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn pooled(
         &mut self,
         mut rx: oneshot::Receiver<BatchResult>,
@@ -1815,6 +1905,7 @@ impl Writer<'_> {
         route: (Proto, i64),
         id: u64,
         batch: Batch,
+        hot: Vec<HotRead>,
     ) -> bool {
         let ctx = self.ctx;
         let res = match rx.try_recv() {
@@ -1839,6 +1930,15 @@ impl Writer<'_> {
         if let Some((cache, written)) = self.invalidate_after.take() {
             written.replied(&cache.store);
             self.shared.writes_in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+        // Before the client can see these replies (and read again).
+        for h in &hot {
+            if let (Ok(r), Some(cache)) = (&res, &ctx.cache) {
+                if let Some(reply) = nth_frame(&r.bytes, h.index) {
+                    cache.observe(&h.miss, route.0, reply);
+                }
+            }
+            self.shared.end_hot_read(&h.keys);
         }
         let (ok, errors) = match res {
             Ok(Replies { bytes, errors }) => (self.put(bytes).await, errors),
