@@ -47,6 +47,10 @@ pub struct ServerConfig {
     pub idle_timeout_secs: u64,
     /// On SIGTERM, how long in-flight replies may take before connections close.
     pub shutdown_grace_ms: u64,
+    /// A client that has closed its sending side still gets the replies it
+    /// is owed, unless it takes none of them for this long: then it is
+    /// closed (until then it counts against `max_clients`).
+    pub drain_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -226,6 +230,7 @@ impl Default for Config {
                 max_reply_bytes: 1024 * 1024 * 1024,
                 idle_timeout_secs: 0,
                 shutdown_grace_ms: 5_000,
+                drain_timeout_ms: 10_000,
             },
             upstream: UpstreamConfig {
                 address: "127.0.0.1:6379".into(),
@@ -328,7 +333,8 @@ impl Config {
         if self.server.threads == 0 || self.server.threads > 256 {
             p.push("server.threads: must be between 1 and 256".into());
         }
-        let positive: [(&str, u64); 11] = [
+        let positive: [(&str, u64); 12] = [
+            ("server.drain_timeout_ms", self.server.drain_timeout_ms),
             ("server.max_clients", self.server.max_clients as u64),
             ("server.max_bulk_bytes", self.server.max_bulk_bytes as u64),
             (
@@ -469,6 +475,9 @@ impl Config {
                     }
                     ("server", "shutdown_grace_ms") => {
                         set_num(&mut s.server.shutdown_grace_ms, &name, v, problems)
+                    }
+                    ("server", "drain_timeout_ms") => {
+                        set_num(&mut s.server.drain_timeout_ms, &name, v, problems)
                     }
                     ("upstream", "address") => set_str(&mut s.upstream.address, &name, v, problems),
                     ("upstream", "username") => {

@@ -124,6 +124,60 @@ async fn max_clients_rejects_the_extra_client_and_frees_slots() {
     );
 }
 
+/// Clients that pipeline big replies, close their sending side and never
+/// read still count against `server.max_clients` while they hold their
+/// replies, and are closed once they take none for
+/// `server.drain_timeout_ms` (counted in `keyward_limit_reached_total`):
+/// their slots and memory come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_closed_clients_that_do_not_read_count_and_are_closed() {
+    const VALUE: usize = 1024 * 1024;
+    let redis = Redis::start();
+    let kw = Keyward::start_for(
+        &redis,
+        "[server]\nmax_clients = 3\ndrain_timeout_ms = 500\n",
+        &[],
+    );
+    wait_ready(&kw, DEADLINE).await;
+    assert_eq!(
+        esc(&redis.call(&[b"SET", b"big", &vec![b'v'; VALUE]])),
+        esc(b"+OK\r\n")
+    );
+    let mut hogs = Vec::new();
+    for _ in 0..3 {
+        let mut hog = Raw::connect(kw.port()).await;
+        hog.send(&cmd(&[b"GET", b"big"]).repeat(32)).await;
+        hog.shutdown_write().await;
+        hogs.push(hog);
+    }
+    // 32 MiB each cannot all sit in socket buffers: they hold their slots.
+    let mut fourth = Raw::connect(kw.port()).await;
+    assert_eq!(
+        esc(&fourth.read_to_close().await),
+        esc(MAX_CLIENTS_ERR),
+        "a fourth client while three half-closed ones hold their replies"
+    );
+    let since = Instant::now();
+    wait_until(
+        "the three closed by server.drain_timeout_ms",
+        DEADLINE,
+        || async { limit_reached(&kw, "server.drain_timeout_ms").await == 3.0 },
+    )
+    .await;
+    assert!(
+        since.elapsed() >= Duration::from_millis(250),
+        "closed {:?} after the fourth was refused, before drain_timeout_ms = 500",
+        since.elapsed()
+    );
+    let mut next = Raw::connect(kw.port()).await;
+    assert_eq!(esc(&next.call(&[b"PING"]).await), esc(b"+PONG\r\n"));
+    // Each hog got part of its replies, then the close.
+    for mut hog in hogs {
+        let got = within(DEADLINE, "the hog's close", hog.read_to_close()).await;
+        assert!(got.len() < 32 * (VALUE + 16), "a hog got all its replies");
+    }
+}
+
 /// `server.max_request_bytes = 1024`: a 2 KiB SET is a protocol error that
 /// names the limit, and that client is closed; another client carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -54,9 +54,12 @@ pub enum Limit {
     AdminIdleTimeout,
     /// A dedicated connection given back was closed: enough are kept.
     MaxIdlePinned,
+    /// A client that closed its sending side closed: it took no reply for
+    /// too long.
+    DrainTimeout,
 }
 
-const LIMITS: usize = 18;
+const LIMITS: usize = 19;
 
 static REACHED: [AtomicU64; LIMITS] = [const { AtomicU64::new(0) }; LIMITS];
 
@@ -80,6 +83,7 @@ impl Limit {
         Limit::AdminMaxConnections,
         Limit::AdminIdleTimeout,
         Limit::MaxIdlePinned,
+        Limit::DrainTimeout,
     ];
 
     /// The config key of the bound: the metric's label.
@@ -103,6 +107,7 @@ impl Limit {
             Limit::AdminMaxConnections => "admin.max_connections",
             Limit::AdminIdleTimeout => "admin.idle_timeout_secs",
             Limit::MaxIdlePinned => "upstream.max_idle_pinned",
+            Limit::DrainTimeout => "server.drain_timeout_ms",
         }
     }
 

@@ -19,7 +19,7 @@
 //! counts error replies by position, and puts slow pooled batches in the
 //! slow log. Requests are numbered per connection (`req` in log lines).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -119,6 +119,21 @@ struct Shared {
     /// cached value older than what Redis has just told it.
     hot_reads: std::sync::Mutex<Vec<Bytes>>,
     hot_reads_n: AtomicUsize,
+    /// The reader has ended (the client closed its sending side, QUIT, a
+    /// protocol error): from then on a write that makes no progress for
+    /// `server.drain_timeout_ms` closes the client.
+    reader_gone: AtomicBool,
+    gone: Notify,
+}
+
+/// Tells the writer the reader has ended, however it ends.
+struct ReaderGone(Arc<Shared>);
+
+impl Drop for ReaderGone {
+    fn drop(&mut self) {
+        self.0.reader_gone.store(true, Ordering::Release);
+        self.0.gone.notify_one();
+    }
 }
 
 impl Shared {
@@ -192,16 +207,21 @@ pub fn start(
         writes_in_flight: AtomicUsize::new(0),
         hot_reads: Default::default(),
         hot_reads_n: AtomicUsize::new(0),
+        reader_gone: AtomicBool::new(false),
+        gone: Notify::new(),
     });
+    // The client counts (server.max_clients, the clients gauge, the
+    // registry) until both halves are done: a client that half-closes
+    // still holds its socket and the replies it is owed.
+    let slot = Arc::new(ClientSlot(ctx.clone(), id));
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer = writers.spawn(write_loop(
-        ctx.clone(),
-        shared.clone(),
-        rx,
-        wr,
-        id,
-        info.clone(),
-    ));
+    let writer = writers.spawn({
+        let (ctx, shared, info, slot) = (ctx.clone(), shared.clone(), info.clone(), slot.clone());
+        async move {
+            let _slot = slot;
+            write_loop(ctx, shared, rx, wr, id, info).await
+        }
+    });
     let mut reader = Reader {
         ctx: ctx.clone(),
         id,
@@ -238,9 +258,10 @@ pub fn start(
         rd: None,
         read_ahead: false,
     };
-    let slot = ClientSlot(ctx, id);
+    let gone = ReaderGone(shared.clone());
     let reader = readers.spawn(async move {
         let _slot = slot;
+        let _gone = gone;
         reader.run(rd).await;
         if let Some(p) = reader.pinned.take() {
             drop(reader);
@@ -1788,6 +1809,43 @@ fn nth_frame(bytes: &[u8], n: u32) -> Option<&[u8]> {
     None
 }
 
+/// Write all of `bytes` to the client; false if it is gone. Once the
+/// reader has ended, a client that takes none of them for
+/// `server.drain_timeout_ms` counts as gone (it half-closed and does not
+/// read: Redis would have dropped it at once).
+async fn write_out(w: &mut Writer<'_>, bytes: &[u8]) -> bool {
+    let (wr, shared, ctx) = (&mut *w.wr, w.shared, w.ctx);
+    let drain = Duration::from_millis(ctx.config.server.drain_timeout_ms);
+    let mut off = 0;
+    while off < bytes.len() {
+        let written = if shared.reader_gone.load(Ordering::Acquire) {
+            match tokio::time::timeout(drain, wr.write(&bytes[off..])).await {
+                Ok(r) => r,
+                Err(_) => {
+                    Limit::DrainTimeout.reached();
+                    tracing::info!(
+                        conn = w.info.id,
+                        drain_timeout_ms = ctx.config.server.drain_timeout_ms,
+                        "client closed its side and takes no replies; closing it"
+                    );
+                    return false;
+                }
+            }
+        } else {
+            tokio::select! {
+                r = wr.write(&bytes[off..]) => r,
+                // Bound the rest of this write too.
+                _ = shared.gone.notified() => continue,
+            }
+        };
+        match written {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => off += n,
+        }
+    }
+    true
+}
+
 /// A batch whose replies are queued, waiting for the write that sends
 /// them to record its latency.
 struct Observed {
@@ -1823,12 +1881,13 @@ impl Writer<'_> {
             self.record();
             return true;
         }
-        let ok = self.wr.write_all(&self.out).await.is_ok();
-        self.shared.meter.sub(self.out.len());
-        self.sent(self.out.len());
-        self.out.clear();
-        if self.out.capacity() > 4 * WRITE_FLUSH {
-            self.out = BytesMut::new();
+        let mut out = std::mem::take(&mut self.out);
+        let ok = write_out(self, &out).await;
+        self.shared.meter.sub(out.len());
+        self.sent(out.len());
+        out.clear();
+        if out.capacity() <= 4 * WRITE_FLUSH {
+            self.out = out;
         }
         self.record();
         ok
@@ -1863,7 +1922,7 @@ impl Writer<'_> {
             if !self.flush().await {
                 return false;
             }
-            let ok = self.wr.write_all(&bytes).await.is_ok();
+            let ok = write_out(self, &bytes).await;
             self.shared.meter.sub(bytes.len());
             self.sent(bytes.len());
             return ok;
