@@ -590,3 +590,53 @@ async fn a_reply_declaring_a_terabyte_is_not_allocated() {
     );
     assert!(kw.is_running(), "keyward exited:\n{}", kw.log());
 }
+
+/// A stopped Redis (SIGSTOP) with `upstream.command_timeout_ms = 400`: a
+/// transaction's EXEC and a WATCH on a new dedicated connection get an
+/// error naming the timeout instead of hanging, and the clients are closed
+/// (their connection state is gone), while a blocked BLPOP, which may wait
+/// for ever, is left alone and gets its item once Redis runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_upstream_fails_dedicated_connections_but_not_blocked_calls() {
+    let redis = Redis::start();
+    let kw = Keyward::start_for(&redis, "command_timeout_ms = 400\n", &[]);
+    wait_ready_status(&kw, 200, DEADLINE).await;
+    let pid = redis.pid().expect("redis pid");
+
+    let mut multi = Raw::connect(kw.port()).await;
+    assert_eq!(multi.call(&[b"MULTI"]).await, b"+OK\r\n");
+    assert_eq!(multi.call(&[b"SET", b"k", b"v"]).await, b"+QUEUED\r\n");
+    let mut blocked = Raw::connect(kw.port()).await;
+    blocked.send(&cmd(&[b"BLPOP", b"q", b"0"])).await;
+    wait_until("BLPOP blocked at Redis", DEADLINE, || async {
+        String::from_utf8_lossy(&redis.call(&[b"INFO", b"clients"])).contains("blocked_clients:1")
+    })
+    .await;
+
+    blocking(|| send_signal(pid, "STOP"));
+    let mut watch = Raw::connect(kw.port()).await;
+    for (name, conn, req) in [
+        ("EXEC", &mut multi, &[&b"EXEC"[..]][..]),
+        ("WATCH", &mut watch, &[b"WATCH", b"k"]),
+    ] {
+        let started = Instant::now();
+        let reply = within(Duration::from_secs(3), name, conn.call(req)).await;
+        let text = String::from_utf8_lossy(&reply).to_string();
+        assert!(
+            text.starts_with("-") && text.contains("command_timeout_ms"),
+            "{name}: {}",
+            esc(&reply)
+        );
+        eprintln!("{name} failed after {:?}: {text}", started.elapsed());
+        assert!(
+            within(DEADLINE, "the close", conn.is_closed()).await,
+            "{name}'s client is closed"
+        );
+    }
+    blocking(|| send_signal(pid, "CONT"));
+    assert_eq!(esc(&redis.call(&[b"LPUSH", b"q", b"x"])), esc(b":1\r\n"));
+    assert_eq!(
+        esc(&blocked.read_reply().await),
+        esc(b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n")
+    );
+}

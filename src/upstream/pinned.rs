@@ -89,6 +89,20 @@ pub struct PinShared {
     /// Notified by a release that keeps the connection: the relay hands
     /// its read half back instead of reading on.
     park: Notify,
+    /// When replies were last owed with none owed before, or last arrived
+    /// (`now_ms`): owed replies that make no progress for the command
+    /// timeout mean a hung upstream (see `relay`).
+    progress_ms: AtomicU64,
+    /// Notified when replies become owed with none owed before.
+    owed: Notify,
+}
+
+/// Milliseconds on a monotonic clock, for `PinShared::progress_ms`.
+fn now_ms() -> u64 {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    BASE.get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
 }
 
 /// An action waiting for a reply.
@@ -232,6 +246,7 @@ impl Pinned {
             tx,
             meter,
             settings.address.clone(),
+            settings.command_timeout,
         );
         let retired = upstream.retired.clone();
         let watcher = shared.clone();
@@ -288,7 +303,10 @@ impl Pinned {
         if expect == 0 {
             self.shared.silent_at.store(sent + 1, Ordering::Release);
         }
-        self.shared.outstanding.fetch_add(expect, Ordering::AcqRel);
+        if self.shared.outstanding.fetch_add(expect, Ordering::AcqRel) == 0 && expect > 0 {
+            self.shared.progress_ms.store(now_ms(), Ordering::Release);
+            self.shared.owed.notify_one();
+        }
         let Some(wr) = self.wr.as_mut() else {
             return Err(Error::upstream(Kind::NotSent, "pinned connection closed"));
         };
@@ -504,7 +522,19 @@ async fn relay(
     tx: mpsc::Sender<PinMsg>,
     meter: Arc<Meter>,
     address: String,
+    command_timeout: std::time::Duration,
 ) -> ReadBack {
+    // Owed replies that make no progress for the command timeout (Redis
+    // stopped, a lost network) fail the connection as on a shared one,
+    // unless a blocking call is among them: it may wait for ever. The time
+    // left, or None while nothing is owed or a blocking call is.
+    let timeout_ms = command_timeout.as_millis() as u64;
+    let time_left = |shared: &PinShared| {
+        let watched = shared.outstanding.load(Ordering::Acquire) > 0
+            && !shared.before_reply(&shared.blocking_at);
+        let since = now_ms().saturating_sub(shared.progress_ms.load(Ordering::Acquire));
+        watched.then(|| timeout_ms.saturating_sub(since))
+    };
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut scanner = Scanner::new();
     // Replies received, counted from the start (see `PinShared::sent`).
@@ -514,8 +544,29 @@ async fn relay(
     let error = loop {
         crate::resp::release_if_large(&mut buf, 8 * 1024);
         crate::resp::make_room(&mut buf, scanner.need(), 8 * 1024);
+        let left = time_left(&shared);
+        let watchdog = async {
+            match left {
+                Some(ms) => tokio::time::sleep(std::time::Duration::from_millis(ms + 1)).await,
+                None => std::future::pending().await,
+            }
+        };
         let read = tokio::select! {
             r = rd.read_buf(&mut buf) => r,
+            // Owed replies from none: the watchdog's time starts.
+            _ = shared.owed.notified() => continue,
+            _ = watchdog => {
+                if time_left(&shared).is_none_or(|ms| ms > 0) {
+                    continue;
+                }
+                break Error::upstream(
+                    Kind::Timeout,
+                    format!(
+                        "{address}: no reply for {} ms (upstream.command_timeout_ms)",
+                        command_timeout.as_millis()
+                    ),
+                );
+            }
             _ = shared.park.notified() => {
                 // Released to be kept: hand the read half back if nothing
                 // is owed or half-read (else dropping it closes the socket).
@@ -536,7 +587,7 @@ async fn relay(
             Err(e) => {
                 break Error::upstream(Kind::OutcomeUnknown, format!("{address}: read failed: {e}"))
             }
-            Ok(_) => {}
+            Ok(_) => shared.progress_ms.store(now_ms(), Ordering::Release),
         }
         let mut start = 0;
         let mut bad = None;
