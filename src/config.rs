@@ -364,6 +364,45 @@ impl Config {
                 p.push(format!("{name}: must be greater than 0"));
             }
         }
+        // Durations past a year are surely mistakes, and near u64::MAX they
+        // overflow the clock.
+        const YEAR_MS: u64 = 365 * 24 * 3600 * 1000;
+        let durations_ms: [(&str, u64); 17] = [
+            (
+                "server.idle_timeout_secs",
+                self.server.idle_timeout_secs.saturating_mul(1000),
+            ),
+            ("server.shutdown_grace_ms", self.server.shutdown_grace_ms),
+            ("server.drain_timeout_ms", self.server.drain_timeout_ms),
+            (
+                "upstream.connect_timeout_ms",
+                self.upstream.connect_timeout_ms,
+            ),
+            (
+                "upstream.command_timeout_ms",
+                self.upstream.command_timeout_ms,
+            ),
+            ("upstream.backoff_min_ms", self.upstream.backoff_min_ms),
+            ("upstream.backoff_max_ms", self.upstream.backoff_max_ms),
+            ("sentinel.poll_ms", self.sentinel.poll_ms),
+            ("sentinel.suspect_poll_ms", self.sentinel.suspect_poll_ms),
+            ("sentinel.ping_ms", self.sentinel.ping_ms),
+            ("sentinel.hold_ms", self.sentinel.hold_ms),
+            ("sentinel.timeout_ms", self.sentinel.timeout_ms),
+            ("hotkeys.window_ms", self.hotkeys.window_ms),
+            ("cache.max_ttl_ms", self.cache.max_ttl_ms),
+            ("cache.ping_ms", self.cache.ping_ms),
+            ("cache.warmup_ready_ms", self.cache.warmup_ready_ms),
+            (
+                "admin.idle_timeout_secs",
+                self.admin.idle_timeout_secs.saturating_mul(1000),
+            ),
+        ];
+        for (name, ms) in durations_ms {
+            if ms > YEAR_MS {
+                p.push(format!("{name}: at most a year"));
+            }
+        }
         if self.upstream.pool_size > 64 {
             p.push("upstream.pool_size: at most 64".into());
         }
@@ -717,6 +756,21 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle} in {text}");
         }
+    }
+
+    #[test]
+    fn durations_past_a_year_are_refused() {
+        let err = Config::from_toml(
+            "[admin]\nidle_timeout_secs = 9223372036854775807\n[cache]\nmax_ttl_ms = 31536000001\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("admin.idle_timeout_secs: at most a year"),
+            "{err}"
+        );
+        assert!(err.contains("cache.max_ttl_ms: at most a year"), "{err}");
+        Config::from_toml("[cache]\nmax_ttl_ms = 31536000000\n").unwrap();
     }
 
     #[test]

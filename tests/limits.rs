@@ -790,6 +790,37 @@ async fn admin_connections_are_bounded_and_quiet_ones_closed() {
     );
     assert!(limit_reached(&kw, "admin.max_connections").await >= 1.0);
     assert_eq!(limit_reached(&kw, "admin.idle_timeout_secs").await, 4.0);
+
+    // A request dripped a byte every 200 ms is never quiet, but it is not
+    // finished within idle_timeout_secs of its first byte: closed all the
+    // same, and the port answers again.
+    let mut drip = Raw::connect(kw.admin_port()).await;
+    let started = Instant::now();
+    let closed = loop {
+        if started.elapsed() > DEADLINE {
+            break false;
+        }
+        if drip.stream().write_all(b"X").await.is_err()
+            || drip.is_closed_within(Duration::from_millis(200)).await
+        {
+            break true;
+        }
+    };
+    assert!(
+        closed,
+        "a dripped request kept its admin connection for {DEADLINE:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "the dripped request was closed after {:?}, before idle_timeout_secs = 1",
+        started.elapsed()
+    );
+    assert_eq!(limit_reached(&kw, "admin.idle_timeout_secs").await, 5.0);
+    let (status, _) = blocking({
+        let port = kw.admin_port();
+        move || http_get(port, "/live")
+    });
+    assert_eq!(status, 200);
 }
 
 /// `upstream.max_inflight = 3`, counted in requests: with Redis paused, one

@@ -1,9 +1,11 @@
 //! The admin port's listener, bounded: at most `admin.max_connections`
 //! connections at once (one more is closed as soon as it is accepted), and
-//! a connection that neither sends nor takes a byte for
-//! `admin.idle_timeout_secs` is closed. Without these, connections that
-//! open and go quiet (a half-sent request) would hold file descriptors
-//! until keyward had none left for Redis clients.
+//! a connection is closed when `admin.idle_timeout_secs` pass without a
+//! byte of reply since its request began (or since it opened, or since its
+//! last reply, with nothing sent): quiet connections, and requests dripped
+//! a byte at a time, cannot hold slots. Without these, such connections
+//! would keep the admin port (health probes, metrics) unreachable and hold
+//! file descriptors until keyward had none left for Redis clients.
 
 use std::future::Future;
 use std::io;
@@ -60,6 +62,7 @@ impl axum::serve::Listener for Bounded {
                 stream,
                 idle: self.idle,
                 deadline: Box::pin(tokio::time::sleep(self.idle)),
+                in_request: false,
                 _slot: slot,
             };
             return (conn, addr);
@@ -75,21 +78,38 @@ impl axum::serve::Listener for Bounded {
 pub struct Conn {
     stream: TcpStream,
     idle: Duration,
-    /// Moved forward whenever a byte goes either way.
+    /// Moved forward by reply bytes, and by the first request byte after
+    /// a reply (a request's later bytes do not move it).
     deadline: Pin<Box<Sleep>>,
+    /// Request bytes came since the last reply bytes.
+    in_request: bool,
     _slot: OwnedSemaphorePermit,
 }
 
 impl Conn {
-    fn progressed(&mut self) {
-        self.deadline.as_mut().reset(Instant::now() + self.idle);
+    fn progressed(&mut self, reply: bool) {
+        if !reply && self.in_request {
+            return;
+        }
+        self.in_request = !reply;
+        // Far enough when `idle` is beyond the clock's range.
+        let now = Instant::now();
+        let at = now
+            .checked_add(self.idle)
+            .unwrap_or(now + Duration::from_secs(365 * 24 * 3600));
+        self.deadline.as_mut().reset(at);
     }
 
     /// An I/O poll's result: progress moves the deadline; pending I/O is
-    /// an error once the connection has been quiet too long.
-    fn watch<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+    /// an error once the deadline has passed.
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<T>>,
+        reply: bool,
+    ) -> Poll<io::Result<T>> {
         if r.is_ready() {
-            self.progressed();
+            self.progressed(reply);
             return r;
         }
         match self.deadline.as_mut().poll(cx) {
@@ -110,7 +130,7 @@ impl AsyncRead for Conn {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.stream).poll_read(cx, buf);
-        this.watch(cx, r)
+        this.watch(cx, r, false)
     }
 }
 
@@ -122,7 +142,7 @@ impl AsyncWrite for Conn {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.stream).poll_write(cx, buf);
-        this.watch(cx, r)
+        this.watch(cx, r, true)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -140,7 +160,7 @@ impl AsyncWrite for Conn {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
-        this.watch(cx, r)
+        this.watch(cx, r, true)
     }
 
     fn is_write_vectored(&self) -> bool {
