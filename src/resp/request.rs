@@ -102,7 +102,7 @@ impl RequestParser {
             return Ok(None);
         }
         if self.pos == 0 && buf[0] != b'*' {
-            return parse_inline(buf);
+            return parse_inline(buf, limits);
         }
         let r = self.parse_multibulk(buf, limits);
         if !matches!(r, Ok(None)) {
@@ -233,7 +233,7 @@ fn trim_cr(line: &[u8]) -> &[u8] {
 }
 
 /// An inline command: one line, split like Redis's `sdssplitargs`.
-fn parse_inline(buf: &[u8]) -> Result<Option<Parsed>, ProtocolError> {
+fn parse_inline(buf: &[u8], limits: &Limits) -> Result<Option<Parsed>, ProtocolError> {
     // Redis finds the end of an inline line with strchr, which stops at a
     // NUL byte: a line with a NUL before its newline never ends, and only the
     // 64 KiB limit answers it. Do exactly the same.
@@ -247,10 +247,27 @@ fn parse_inline(buf: &[u8]) -> Result<Option<Parsed>, ProtocolError> {
         }
         return Ok(None);
     };
+    // keyward's own bounds hold for inline requests too (they are set
+    // below Redis's when an operator lowers them).
+    if nl + 1 > limits.max_request {
+        return Err(ProtocolError::over(
+            Limit::MaxRequestBytes,
+            format!(
+                "request larger than the limit of {} bytes (max_request_bytes)",
+                limits.max_request
+            ),
+        ));
+    }
     let words = split_args(trim_cr(&buf[..nl]))
         .ok_or_else(|| ProtocolError::new("unbalanced quotes in request"))?;
     if words.is_empty() {
         return Ok(Some(Parsed::Skip(nl + 1)));
+    }
+    if words.iter().any(|w| w.len() > limits.max_bulk) {
+        return Err(ProtocolError::over(
+            Limit::MaxBulkBytes,
+            "invalid bulk length",
+        ));
     }
     let mut out = BytesMut::with_capacity(nl + 16 * words.len());
     let mut args = Args::new();
@@ -496,5 +513,16 @@ mod tests {
         let mut p = RequestParser::new();
         let err = p.parse(b"*2\r\n$3\r\nSET\r\n$40\r\n", &limits).unwrap_err();
         assert!(err.to_string().contains("max_request_bytes"));
+        // Inline requests too: the whole line, then each word.
+        let long = format!("SET k {}\r\n", "v".repeat(60));
+        let err = p.parse(long.as_bytes(), &limits).unwrap_err();
+        assert!(err.to_string().contains("max_request_bytes"), "{err}");
+        let limits = Limits {
+            max_bulk: 10,
+            max_request: 1000,
+        };
+        let err = p.parse(long.as_bytes(), &limits).unwrap_err();
+        assert_eq!(err.to_string(), "Protocol error: invalid bulk length");
+        assert!(p.parse(b"SET k 0123456789\r\n", &limits).unwrap().is_some());
     }
 }
