@@ -168,13 +168,7 @@ impl RequestParser {
             let start = cr + 2;
             let end = start + len;
             if end + 2 > limits.max_request {
-                return Err(ProtocolError::over(
-                    Limit::MaxRequestBytes,
-                    format!(
-                        "request larger than the limit of {} bytes (max_request_bytes)",
-                        limits.max_request
-                    ),
-                ));
+                return Err(too_large(limits));
             }
             if buf.len() < end + 2 {
                 self.need = end + 2;
@@ -250,13 +244,7 @@ fn parse_inline(buf: &[u8], limits: &Limits) -> Result<Option<Parsed>, ProtocolE
     // keyward's own bounds hold for inline requests too (they are set
     // below Redis's when an operator lowers them).
     if nl + 1 > limits.max_request {
-        return Err(ProtocolError::over(
-            Limit::MaxRequestBytes,
-            format!(
-                "request larger than the limit of {} bytes (max_request_bytes)",
-                limits.max_request
-            ),
-        ));
+        return Err(too_large(limits));
     }
     let words = split_args(trim_cr(&buf[..nl]))
         .ok_or_else(|| ProtocolError::new("unbalanced quotes in request"))?;
@@ -287,6 +275,17 @@ fn parse_inline(buf: &[u8], limits: &Limits) -> Result<Option<Parsed>, ProtocolE
         inline: Some(out.freeze()),
         args,
     })))
+}
+
+/// A request over `server.max_request_bytes`.
+fn too_large(limits: &Limits) -> ProtocolError {
+    ProtocolError::over(
+        Limit::MaxRequestBytes,
+        format!(
+            "request larger than the limit of {} bytes (max_request_bytes)",
+            limits.max_request
+        ),
+    )
 }
 
 fn put_header(out: &mut BytesMut, kind: u8, n: usize) {
