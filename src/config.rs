@@ -38,7 +38,9 @@ pub struct ServerConfig {
     /// Largest whole request (Redis's client-query-buffer-limit).
     pub max_request_bytes: usize,
     /// Requests a client may have waiting for replies; past it keyward stops
-    /// reading that client until replies drain.
+    /// reading that client until replies drain. Well below
+    /// `upstream.max_inflight`, so one client pipelining as fast as it can
+    /// (`redis-cli --pipe`) cannot fill a shared connection for the others.
     pub max_pending_requests: usize,
     /// Reply bytes waiting for a client that does not read; past it the client
     /// is disconnected (Redis's client-output-buffer-limit).
@@ -48,8 +50,8 @@ pub struct ServerConfig {
     /// On SIGTERM, how long in-flight replies may take before connections close.
     pub shutdown_grace_ms: u64,
     /// A client that has closed its sending side still gets the replies it
-    /// is owed, unless it takes none of them for this long: then it is
-    /// closed (until then it counts against `max_clients`).
+    /// is owed, unless a write to it makes no progress for this long: then
+    /// it is closed (until then it counts against `max_clients`).
     pub drain_timeout_ms: u64,
 }
 
@@ -226,11 +228,11 @@ impl Default for Config {
                 max_clients: 10_000,
                 max_bulk_bytes: 512 * 1024 * 1024,
                 max_request_bytes: 1024 * 1024 * 1024,
-                max_pending_requests: 100_000,
+                max_pending_requests: 10_000,
                 max_reply_bytes: 1024 * 1024 * 1024,
                 idle_timeout_secs: 0,
                 shutdown_grace_ms: 5_000,
-                drain_timeout_ms: 10_000,
+                drain_timeout_ms: 30_000,
             },
             upstream: UpstreamConfig {
                 address: "127.0.0.1:6379".into(),

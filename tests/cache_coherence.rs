@@ -142,18 +142,60 @@ async fn a_client_never_reads_a_value_older_than_one_it_has_read() {
             }
         }
     });
+    // Each reader sends its batch over and over: GETs one at a time and
+    // pipelined, reads the cache does not answer (SUBSTR, EVAL_RO) between
+    // GETs, and a read on a dedicated connection (CLIENT SETNAME holds one
+    // until RESET) before GETs on the shared one.
+    let get = cmd(&[b"GET", b"mono"]);
+    let batches: Vec<(&str, Vec<u8>)> = vec![
+        ("GET", get.clone()),
+        ("GET x8", get.repeat(8)),
+        (
+            "SUBSTR, GET",
+            [cmd(&[b"SUBSTR", b"mono", b"0", b"-1"]), get.clone()].concat(),
+        ),
+        (
+            "EVAL_RO, GET",
+            [
+                cmd(&[
+                    b"EVAL_RO",
+                    b"return redis.call('get', KEYS[1])",
+                    b"1",
+                    b"mono",
+                ]),
+                get.clone(),
+            ]
+            .concat(),
+        ),
+        (
+            "SETNAME, GET, RESET, GET",
+            [
+                cmd(&[b"CLIENT", b"SETNAME", b"x"]),
+                get.clone(),
+                cmd(&[b"RESET"]),
+                get.clone(),
+            ]
+            .concat(),
+        ),
+    ];
     let mut readers = Vec::new();
-    for depth in [1usize, 1, 8] {
+    for (name, batch) in batches {
         let (stop, port) = (stop.clone(), kw.port());
+        let n = split_frames(&batch).expect("requests").len();
         readers.push(tokio::spawn(async move {
             let mut raw = Raw::connect(port).await;
-            let batch = cmd(&[b"GET", b"mono"]).repeat(depth);
             let (mut last, mut reads) = (0u64, 0u64);
             while !stop.load(Ordering::Acquire) {
                 raw.send(&batch).await;
-                for r in raw.read_replies(depth).await {
+                for r in raw.read_replies(n).await {
+                    if !r.starts_with(b"$") {
+                        continue; // +OK, +RESET
+                    }
                     let got = int_of(&r).expect("a number");
-                    assert!(got >= last, "read {got} after having read {last} on this connection (pipeline depth {depth})");
+                    assert!(
+                        got >= last,
+                        "read {got} after having read {last} on this connection ({name})"
+                    );
                     last = got;
                     reads += 1;
                 }

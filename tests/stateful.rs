@@ -1863,6 +1863,37 @@ async fn a_half_closed_pipeline_behind_a_pinned_connection_gets_every_reply() {
     }
 }
 
+/// A client on a dedicated connection (CLIENT SETNAME holds one) that
+/// pipelines 8 MiB of replies and half-closes gets all of them: keyward
+/// waits for them before it gives the connection up (Redis drops what it
+/// has not sent yet when its client closes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_closed_client_on_a_dedicated_connection_gets_big_replies() {
+    let (redis, kw) = setup().await;
+    let value = vec![b'v'; 1024 * 1024];
+    same(
+        "SET big",
+        &redis.call(&[b"SET", b"big", &value]),
+        b"+OK\r\n",
+    );
+    let mut c = Raw::connect(kw.port()).await;
+    let mut frames = cmd(&[b"CLIENT", b"SETNAME", b"x"]);
+    for _ in 0..8 {
+        frames.extend(cmd(&[b"GET", b"big"]));
+    }
+    frames.extend(cmd(&[b"PING"]));
+    c.send(&frames).await;
+    c.shutdown_write().await;
+    let got = c.read_to_close().await;
+    let mut want = b"+OK\r\n".to_vec();
+    for _ in 0..8 {
+        want.extend(bulk(&value));
+    }
+    want.extend(b"+PONG\r\n");
+    assert_eq!(got.len(), want.len(), "bytes received");
+    assert!(got == want, "the replies differ");
+}
+
 /// Redis 7.0 answers `MULTI; CLIENT REPLY SKIP; EXEC` with an array header
 /// and no element, a reply that never completes. A client that half-closes
 /// behind it (keyward waits for it before answering HELLO) is let go after

@@ -640,3 +640,45 @@ async fn a_stopped_upstream_fails_dedicated_connections_but_not_blocked_calls() 
         esc(b"*2\r\n$1\r\nq\r\n$1\r\nx\r\n")
     );
 }
+
+/// Redis answers `SUBSCRIBE a b` from a user without channel permissions
+/// with one error, where keyward expects two confirmations. With
+/// `upstream.command_timeout_ms = 300` the dedicated connection's watchdog
+/// finds Redis still answering on the shared connection, so the client is
+/// not cut off: a second later it is served as by Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_redis_never_sends_does_not_cut_off_a_live_client() {
+    let redis = Redis::start();
+    assert_eq!(
+        esc(&redis.call(&[
+            b"ACL",
+            b"SETUSER",
+            b"app",
+            b"on",
+            b">pw",
+            b"~*",
+            b"+@all",
+            b"resetchannels"
+        ])),
+        esc(b"+OK\r\n")
+    );
+    let kw = Keyward::start_for(
+        &redis,
+        "username = \"app\"\npassword = \"pw\"\ncommand_timeout_ms = 300\n",
+        &[],
+    );
+    wait_ready_status(&kw, 200, DEADLINE).await;
+    let mut direct = Raw::connect(redis.port()).await;
+    assert_eq!(direct.call(&[b"AUTH", b"app", b"pw"]).await, b"+OK\r\n");
+    let mut c = Raw::connect(kw.port()).await;
+    let sub: &[&[u8]] = &[b"SUBSCRIBE", b"a", b"b"];
+    let want = direct.call(sub).await;
+    assert!(want.starts_with(b"-NOPERM"), "{}", esc(&want));
+    assert_eq!(esc(&c.call(sub).await), esc(&want));
+    // Quiet for more than the command timeout and the watchdog's probe:
+    // the scenario's length, not a synchronisation.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let ping = direct.call(&[b"PING"]).await;
+    assert_eq!(esc(&c.call(&[b"PING"]).await), esc(&ping));
+    assert_eq!(esc(&c.call(&[b"SET", b"k", b"v"]).await), esc(b"+OK\r\n"));
+}

@@ -41,6 +41,22 @@ pub enum Lookup {
     Pass,
 }
 
+/// How a client asks the cache (see `NearCache::lookup`).
+#[derive(Clone, Copy)]
+pub struct Ask {
+    pub db: i64,
+    pub proto: Proto,
+    /// When the request was read: entries expire against it, so a hit
+    /// costs no clock read.
+    pub now: Instant,
+    /// False while the client has a write, or a read of these keys, in
+    /// flight: nothing is answered or filled, only the miss reported.
+    pub serve: bool,
+    /// When the client last got a reply from Redis that read these keys
+    /// other than through the cache: only fills begun after it are served.
+    pub seen: Option<Instant>,
+}
+
 /// A forwarded read of hot keys (see `Lookup::Miss`).
 pub struct Miss {
     pub requests: Vec<Bytes>,
@@ -141,31 +157,31 @@ impl NearCache {
 
     /// Append the cached reply for this request to `out` if there is one
     /// (`Lookup::Hit`); on a miss for a hot key, a fill starts in the
-    /// background. With `serve` false (the client has a write or a read of
-    /// these keys in flight) nothing is answered or filled, only the miss
-    /// reported. `now` is when the request was read (entries expire
-    /// against it, so a hit costs no clock read). An entry exists only for
-    /// a key that was hot when filled; keys that cool down are dropped when
-    /// the hot set changes, so a hit needs no hot-set lookup.
+    /// background (see `Ask` for when neither happens). An entry exists
+    /// only for a key that was hot when filled; keys that cool down are
+    /// dropped when the hot set changes, so a hit needs no hot-set lookup.
     #[inline]
-    #[allow(clippy::too_many_arguments)]
     pub fn lookup(
         &self,
         hot: &Detector,
         args: &[&[u8]],
         frame: &[u8],
-        db: i64,
-        proto: Proto,
-        now: Instant,
+        ask: &Ask,
         out: &mut BytesMut,
-        serve: bool,
     ) -> Lookup {
         use std::sync::atomic::Ordering::Relaxed;
+        let Ask {
+            db,
+            proto,
+            now,
+            serve,
+            seen,
+        } = *ask;
         if hot.hot_now.load(Relaxed) == 0 || args.len() < 2 {
             return Lookup::Pass;
         }
         if args[0].eq_ignore_ascii_case(b"mget") {
-            return self.lookup_mget(hot, &args[1..], db, proto, now, out, serve);
+            return self.lookup_mget(hot, &args[1..], ask, out);
         }
         if !cacheable(args[0], args.len()) {
             return Lookup::Pass;
@@ -177,7 +193,7 @@ impl NearCache {
             store_key(db, frame, &mut named);
             &named
         };
-        if serve && self.store.get_into(request, proto, now, out) {
+        if serve && self.store.get_into_after(request, proto, now, seen, out) {
             self.store.hits.fetch_add(1, Relaxed);
             return Lookup::Hit;
         }
@@ -221,18 +237,15 @@ impl NearCache {
     /// cached, the replies are put together as Redis would (a key holding
     /// another type is a null in MGET, not an error). Otherwise the missing
     /// keys' `GET`s are filled for next time and MGET goes to Redis.
-    #[allow(clippy::too_many_arguments)]
-    fn lookup_mget(
-        &self,
-        hot: &Detector,
-        keys: &[&[u8]],
-        db: i64,
-        proto: Proto,
-        now: Instant,
-        out: &mut BytesMut,
-        serve: bool,
-    ) -> Lookup {
+    fn lookup_mget(&self, hot: &Detector, keys: &[&[u8]], ask: &Ask, out: &mut BytesMut) -> Lookup {
         use std::sync::atomic::Ordering::Relaxed;
+        let Ask {
+            db,
+            proto,
+            now,
+            serve,
+            seen,
+        } = *ask;
         if !keys.iter().all(|k| hot.is_hot(k)) {
             return Lookup::Pass;
         }
@@ -267,7 +280,7 @@ impl NearCache {
                 let mut get = BytesMut::new();
                 reply::command(&mut get, &[name, k]);
                 store_key(db, &get, &mut frame);
-                self.store.get_into(&frame, proto, now, out)
+                self.store.get_into_after(&frame, proto, now, seen, out)
             });
             if !cached {
                 missing.push(i);

@@ -33,6 +33,8 @@ struct Entry {
     size: usize,
     /// Its position in `order` (a request cached again gets a new one).
     stamp: u64,
+    /// When its fill began: it read the key no earlier.
+    begun: Instant,
 }
 
 #[derive(Default)]
@@ -106,6 +108,8 @@ impl Inner {
 pub struct Ticket {
     seq: u64,
     epoch: u64,
+    /// When the fill began (before it was sent).
+    begun: Instant,
 }
 
 pub struct Store {
@@ -211,10 +215,27 @@ impl Store {
     /// fresh at `now` (copied under the lock: no reference count traffic
     /// on the hit path).
     pub fn get_into(&self, request: &[u8], proto: Proto, now: Instant, out: &mut BytesMut) -> bool {
+        self.get_into_after(request, proto, now, None, out)
+    }
+
+    /// `get_into`, but only a reply whose fill began after `seen` (when
+    /// the client got a reply from Redis that read the key: an older fill
+    /// may have read an older value).
+    pub fn get_into_after(
+        &self,
+        request: &[u8],
+        proto: Proto,
+        now: Instant,
+        seen: Option<Instant>,
+        out: &mut BytesMut,
+    ) -> bool {
         let mut inner = self.lock();
         let Some(e) = inner.entries.get(request) else {
             return false;
         };
+        if seen.is_some_and(|s| e.begun <= s) {
+            return false;
+        }
         if e.expires <= now {
             let key = e.key.clone();
             remove(&mut inner, request, &key);
@@ -252,6 +273,7 @@ impl Store {
         let ticket = Ticket {
             seq,
             epoch: inner.epoch,
+            begun: Instant::now(),
         };
         self.refresh_active(&inner);
         Some(ticket)
@@ -331,6 +353,7 @@ impl Store {
                 expires: Instant::now() + ttl,
                 size,
                 stamp,
+                begun: ticket.begun,
             },
         );
         self.fills.fetch_add(1, Ordering::Relaxed);
@@ -604,6 +627,22 @@ mod tests {
             get(&s, b"rc", Proto::Resp3, Instant::now()).is_some(),
             "c kept"
         );
+    }
+
+    /// A reply a client got from Redis after a fill began hides that
+    /// fill's reply from the client.
+    #[test]
+    fn a_fill_older_than_what_a_client_saw_is_not_served_to_it() {
+        let s = Store::new(1 << 20);
+        let (k, r) = (b("k"), b("req"));
+        let before = Instant::now() - Duration::from_micros(1);
+        let t = s.begin_fill(&k, &r).unwrap();
+        let seen = Instant::now();
+        assert!(s.complete_fill(k.clone(), r.clone(), t, b(":1\r\n"), Duration::from_secs(5)));
+        let mut out = BytesMut::new();
+        assert!(!s.get_into_after(&r, Proto::Resp3, Instant::now(), Some(seen), &mut out));
+        assert!(s.get_into_after(&r, Proto::Resp3, Instant::now(), Some(before), &mut out));
+        assert!(s.get_into(&r, Proto::Resp3, Instant::now(), &mut out));
     }
 
     /// A client's read answered by Redis during a fill: the fill lands only

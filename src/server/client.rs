@@ -119,6 +119,12 @@ struct Shared {
     /// cached value older than what Redis has just told it.
     hot_reads: std::sync::Mutex<Vec<Bytes>>,
     hot_reads_n: AtomicUsize,
+    /// Hot keys this client has read from Redis other than through the
+    /// near cache (a command the cache does not answer, a dedicated
+    /// connection), and when the reply came (`seen_n` of them): cached
+    /// replies whose fills began before are not served to it.
+    seen: std::sync::Mutex<std::collections::HashMap<Bytes, Instant>>,
+    seen_n: AtomicUsize,
     /// The reader has ended (the client closed its sending side, QUIT, a
     /// protocol error): from then on a write that makes no progress for
     /// `server.drain_timeout_ms` closes the client.
@@ -150,6 +156,32 @@ impl Shared {
         let mut list = self.hot_reads.lock().unwrap_or_else(|e| e.into_inner());
         list.extend(keys.iter().cloned());
         self.hot_reads_n.store(list.len(), Ordering::Release);
+    }
+
+    /// The latest time one of `keys` was `seen`.
+    fn seen_for(&self, keys: &[&[u8]]) -> Option<Instant> {
+        if self.seen_n.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        keys.iter().filter_map(|k| seen.get(*k).copied()).max()
+    }
+
+    /// Replies reading `keys` came from Redis now. Times older than any
+    /// cached reply can be (`keep`) are dropped as the map grows.
+    fn mark_seen(&self, keys: &[Bytes], keep: Duration) {
+        if keys.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= 64 {
+            seen.retain(|_, at| now.duration_since(*at) < keep);
+        }
+        for k in keys {
+            seen.insert(k.clone(), now);
+        }
+        self.seen_n.store(seen.len(), Ordering::Release);
     }
 
     fn end_hot_read(&self, keys: &[Bytes]) {
@@ -207,6 +239,8 @@ pub fn start(
         writes_in_flight: AtomicUsize::new(0),
         hot_reads: Default::default(),
         hot_reads_n: AtomicUsize::new(0),
+        seen: Default::default(),
+        seen_n: AtomicUsize::new(0),
         reader_gone: AtomicBool::new(false),
         gone: Notify::new(),
     });
@@ -248,6 +282,7 @@ pub fn start(
         family: Family::Other,
         run_tally: Tally::default(),
         run_hot: Vec::new(),
+        pinned_reads: Vec::new(),
         run_first_seq: 0,
         local_tally: Tally::default(),
         local_errors: Vec::new(),
@@ -322,6 +357,9 @@ struct Reader {
     run_tally: Tally,
     /// The run's reads of hot keys that the near cache did not answer.
     run_hot: Vec<HotRead>,
+    /// Hot keys read on the pinned connection: `seen` once it is given up
+    /// (every reply is in by then).
+    pinned_reads: Vec<Bytes>,
     run_first_seq: u64,
     /// Families of the local replies not yet handed to the writer, which
     /// of them are errors, and the first one's request id.
@@ -410,6 +448,13 @@ impl Reader {
                     // REPLY OFF): a request behind it says when that is.
                     if self.pinned.as_ref().is_some_and(|p| !p.blocked()) {
                         self.confirm_silent().await;
+                        // And every reply before the connection is given up:
+                        // Redis drops what it has not sent yet when its
+                        // client closes (within the command timeout).
+                        if let Some(p) = &self.pinned {
+                            let t = self.ctx.config.command_timeout();
+                            let _ = tokio::time::timeout(t, p.wait_idle()).await;
+                        }
                     }
                     return;
                 }
@@ -527,12 +572,21 @@ impl Reader {
                 // A sampled GET or SET needs no table lookup to find its key.
                 let key_is_second = sampled && routed.key_is_second;
                 // One command-table lookup, only when something needs it.
-                let info =
-                    if (sampled && !key_is_second) || cache_active || self.ctx.read_from_replica {
-                        table.as_deref().and_then(|t| t.get(args[0]))
-                    } else {
-                        None
-                    };
+                let hot_now = cache.is_some()
+                    && self
+                        .ctx
+                        .hotkeys
+                        .as_ref()
+                        .is_some_and(|d| d.hot_now.load(Ordering::Relaxed) > 0);
+                let info = if (sampled && !key_is_second)
+                    || cache_active
+                    || hot_now
+                    || self.ctx.read_from_replica
+                {
+                    table.as_deref().and_then(|t| t.get(args[0]))
+                } else {
+                    None
+                };
                 if let (Some(d), true) = (&self.ctx.hotkeys, sampled) {
                     if key_is_second {
                         d.record(args[1]);
@@ -564,32 +618,29 @@ impl Reader {
                 // the client's own writes, or its reads of the same keys,
                 // are in flight: it must not read an older value than
                 // they will show it.
-                if let (Some(cache), Some(d)) = (cache, &self.ctx.hotkeys) {
+                if let (Some(cache), Some(d), true) = (cache, &self.ctx.hotkeys, hot_now) {
                     if class == Class::Forward && self.pinned.is_none() && args.len() >= 2 {
                         let keys: &[&[u8]] = if args[0].eq_ignore_ascii_case(b"mget") {
                             &args[1..]
                         } else {
                             &args[1..2]
                         };
-                        let serve = self.pending_written.is_empty()
-                            && self.shared.writes_in_flight.load(Ordering::Acquire) == 0
-                            && !self.shared.hot_reads_busy(keys);
+                        let ask = crate::cache::Ask {
+                            db: self.state.db,
+                            proto: self.proto,
+                            now: self.read_at,
+                            serve: self.pending_written.is_empty()
+                                && self.shared.writes_in_flight.load(Ordering::Acquire) == 0
+                                && !self.shared.hot_reads_busy(keys),
+                            seen: self.shared.seen_for(keys),
+                        };
                         let out = if self.run_count == 0 {
                             &mut self.local
                         } else {
                             &mut self.hit_buf
                         };
                         let before = out.len();
-                        match cache.lookup(
-                            d,
-                            &args,
-                            frame,
-                            self.state.db,
-                            self.proto,
-                            self.read_at,
-                            out,
-                            serve,
-                        ) {
+                        match cache.lookup(d, &args, frame, &ask, out) {
                             Lookup::Hit => {
                                 hit = true;
                                 // A cached WRONGTYPE is an error reply all the same.
@@ -599,10 +650,43 @@ impl Reader {
                                 hot_read = Some(HotRead {
                                     index: 0,
                                     keys: keys.iter().map(|k| Bytes::copy_from_slice(k)).collect(),
-                                    miss,
+                                    miss: Some(miss),
                                 });
                             }
                             Lookup::Pass => {}
+                        }
+                    }
+                    // Any other read of hot keys: while it is at Redis this
+                    // client's reads of them skip the cache, and once it is
+                    // answered, fills begun before are not served to it.
+                    if class == Class::Forward && hot_read.is_none() && !hit {
+                        if let Some(info) = info.map(|i| i.sub(args.get(1).copied())) {
+                            if !info.writes {
+                                let mut keys: SmallVec<[Bytes; 1]> = SmallVec::new();
+                                for_each_key(
+                                    info,
+                                    args.len(),
+                                    |i| args[i],
+                                    |k| {
+                                        if d.is_hot(k) && !keys.iter().any(|h| h.as_ref() == k) {
+                                            keys.push(Bytes::copy_from_slice(k));
+                                        }
+                                    },
+                                );
+                                if !keys.is_empty() && self.pinned.is_some() {
+                                    for k in keys {
+                                        if !self.pinned_reads.contains(&k) {
+                                            self.pinned_reads.push(k);
+                                        }
+                                    }
+                                } else if !keys.is_empty() {
+                                    hot_read = Some(HotRead {
+                                        index: 0,
+                                        keys,
+                                        miss: None,
+                                    });
+                                }
+                            }
                         }
                     }
                 }
@@ -987,6 +1071,18 @@ impl Reader {
         }
     }
 
+    /// The pinned connection is given up, its replies all in (or lost):
+    /// the hot keys read on it are `seen` now.
+    fn pinned_reads_seen(&mut self) {
+        if self.pinned_reads.is_empty() {
+            return;
+        }
+        let keys = std::mem::take(&mut self.pinned_reads);
+        if let Some(cache) = &self.ctx.cache {
+            self.shared.mark_seen(&keys, seen_keep(cache));
+        }
+    }
+
     /// Give the pinned connection back when nothing ties the client to it.
     async fn maybe_release(&mut self) {
         let Some(p) = &self.pinned else { return };
@@ -999,6 +1095,7 @@ impl Reader {
         let p = self.pinned.take().expect("checked");
         self.pinned_tx = None;
         p.release().await;
+        self.pinned_reads_seen();
         tracing::trace!(conn = self.id, "pinned connection released");
     }
 
@@ -1092,6 +1189,7 @@ impl Reader {
     async fn on_pinned_lost(&mut self) {
         let Some(p) = self.pinned.take() else { return };
         self.pinned_tx = None;
+        self.pinned_reads_seen();
         if !p.carried_over() {
             self.closing = true;
             return;
@@ -1378,6 +1476,7 @@ impl Reader {
                 if let Some(p) = self.pinned.take() {
                     self.pinned_tx = None;
                     p.release().await;
+                    self.pinned_reads_seen();
                 }
                 self.state = SessionState::default();
                 self.multi_written = Written::default();
@@ -1793,7 +1892,15 @@ struct HotRead {
     /// Its place in the batch.
     index: u32,
     keys: SmallVec<[Bytes; 1]>,
-    miss: crate::cache::Miss,
+    /// A request the cache answers: its reply is compared with the cache's.
+    /// `None`: another read of the keys, whose reply is only `seen`.
+    miss: Option<crate::cache::Miss>,
+}
+
+/// How long a client's `seen` time can matter: longer than any cached
+/// reply lives after its fill began.
+fn seen_keep(cache: &crate::cache::NearCache) -> Duration {
+    Duration::from_millis(cache.config.max_ttl_ms) + Duration::from_secs(10)
 }
 
 /// The `n`th reply frame of a batch's replies.
@@ -1992,10 +2099,14 @@ impl Writer<'_> {
         }
         // Before the client can see these replies (and read again).
         for h in &hot {
-            if let (Ok(r), Some(cache)) = (&res, &ctx.cache) {
-                if let Some(reply) = nth_frame(&r.bytes, h.index) {
-                    cache.observe(&h.miss, route.0, reply);
+            match (&h.miss, &res, &ctx.cache) {
+                (Some(miss), Ok(r), Some(cache)) => {
+                    if let Some(reply) = nth_frame(&r.bytes, h.index) {
+                        cache.observe(miss, route.0, reply);
+                    }
                 }
+                (None, _, Some(cache)) => self.shared.mark_seen(&h.keys, seen_keep(cache)),
+                _ => {}
             }
             self.shared.end_hot_read(&h.keys);
         }

@@ -246,7 +246,10 @@ impl Pinned {
             tx,
             meter,
             settings.address.clone(),
-            settings.command_timeout,
+            Watchdog {
+                timeout: settings.command_timeout,
+                pool: upstream.pool2.clone(),
+            },
         );
         let retired = upstream.retired.clone();
         let watcher = shared.clone();
@@ -522,12 +525,17 @@ async fn relay(
     tx: mpsc::Sender<PinMsg>,
     meter: Arc<Meter>,
     address: String,
-    command_timeout: std::time::Duration,
+    watchdog: Watchdog,
 ) -> ReadBack {
     // Owed replies that make no progress for the command timeout (Redis
     // stopped, a lost network) fail the connection as on a shared one,
-    // unless a blocking call is among them: it may wait for ever. The time
-    // left, or None while nothing is owed or a blocking call is.
+    // unless a blocking call is among them (it may wait for ever) or Redis
+    // still answers a PING on the shared connection (a slow script, or a
+    // reply keyward expected that Redis never sends: say one error for a
+    // whole SUBSCRIBE refused): then the client keeps its connection, as
+    // it would against Redis. The time left, or None while nothing is owed
+    // or a blocking call is.
+    let command_timeout = watchdog.timeout;
     let timeout_ms = command_timeout.as_millis() as u64;
     let time_left = |shared: &PinShared| {
         let watched = shared.outstanding.load(Ordering::Acquire) > 0
@@ -545,7 +553,7 @@ async fn relay(
         crate::resp::release_if_large(&mut buf, 8 * 1024);
         crate::resp::make_room(&mut buf, scanner.need(), 8 * 1024);
         let left = time_left(&shared);
-        let watchdog = async {
+        let timer = async {
             match left {
                 Some(ms) => tokio::time::sleep(std::time::Duration::from_millis(ms + 1)).await,
                 None => std::future::pending().await,
@@ -555,8 +563,12 @@ async fn relay(
             r = rd.read_buf(&mut buf) => r,
             // Owed replies from none: the watchdog's time starts.
             _ = shared.owed.notified() => continue,
-            _ = watchdog => {
+            _ = timer => {
                 if time_left(&shared).is_none_or(|ms| ms > 0) {
+                    continue;
+                }
+                if watchdog.node_answers().await {
+                    shared.progress_ms.store(now_ms(), Ordering::Release);
                     continue;
                 }
                 break Error::upstream(
@@ -721,6 +733,23 @@ async fn relay(
         shared.lost_notify.notify_waiters();
     }
     None
+}
+
+/// The relay's check for a hung upstream.
+struct Watchdog {
+    timeout: std::time::Duration,
+    /// The shared connection to the same node, to ask whether it answers.
+    pool: Arc<super::pool::Pool>,
+}
+
+impl Watchdog {
+    /// Does the node answer a PING within the command timeout?
+    async fn node_answers(&self) -> bool {
+        let Ok(rx) = self.pool.send(0, b"*1\r\n$4\r\nPING\r\n", 1, None) else {
+            return false;
+        };
+        matches!(tokio::time::timeout(self.timeout, rx).await, Ok(Ok(Ok(_))))
+    }
 }
 
 /// Does this frame answer a request (as opposed to a push)?
