@@ -332,6 +332,28 @@ async fn hot_keys_are_cached_per_database() {
     load.stop().await;
 }
 
+/// A client that also reads a hot key with commands the cache does not
+/// answer (TTL, here) is still served from the cache: after each such
+/// read its GETs wait only for the tracking connection to sync (a PING),
+/// not for the entry to expire (30 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_the_cache_does_not_answer_do_not_stop_hits() {
+    let redis = Redis::start();
+    assert_eq!(esc(&redis.call(&[b"SET", b"hk", b"v"])), esc(b"+OK\r\n"));
+    let kw = Keyward::start_for(&redis, &config(MAX_TTL_LONG), &[]);
+    let load = HotLoad::start(kw.port(), &[&[b"GET", b"hk"]]).await;
+    wait_cache_hits(&kw).await;
+    let mut c = Raw::connect(kw.port()).await;
+    for _ in 0..20 {
+        assert_eq!(esc(&c.call(&[b"TTL", b"hk"]).await), esc(b":-1\r\n"));
+        assert_eq!(
+            esc(&cached_reply(&kw, &load, &mut c, &[b"GET", b"hk"]).await),
+            esc(&bulk(b"v"))
+        );
+    }
+    load.stop().await;
+}
+
 /// A write straight to Redis (not through keyward) reaches the cache as a
 /// tracking invalidation: keyward serves the new value within milliseconds,
 /// far sooner than the entry's lifetime.

@@ -143,8 +143,8 @@ async fn a_client_never_reads_a_value_older_than_one_it_has_read() {
         }
     });
     // Each reader sends its batch over and over: GETs one at a time and
-    // pipelined, reads the cache does not answer (SUBSTR, EVAL_RO) between
-    // GETs, and a read on a dedicated connection (CLIENT SETNAME holds one
+    // pipelined, reads the cache does not answer (SUBSTR, EVAL_RO) or
+    // another cached request (GETRANGE) between GETs, and a read on a dedicated connection (CLIENT SETNAME holds one
     // until RESET) before GETs on the shared one.
     let get = cmd(&[b"GET", b"mono"]);
     let batches: Vec<(&str, Vec<u8>)> = vec![
@@ -153,6 +153,10 @@ async fn a_client_never_reads_a_value_older_than_one_it_has_read() {
         (
             "SUBSTR, GET",
             [cmd(&[b"SUBSTR", b"mono", b"0", b"-1"]), get.clone()].concat(),
+        ),
+        (
+            "GETRANGE, GET",
+            [cmd(&[b"GETRANGE", b"mono", b"0", b"-1"]), get.clone()].concat(),
         ),
         (
             "EVAL_RO, GET",

@@ -71,6 +71,9 @@ pub struct NearCache {
     pub link_up: std::sync::atomic::AtomicBool,
     /// Warm-up has finished (or there was nothing to warm).
     pub warm: std::sync::atomic::AtomicBool,
+    /// A client asked for the tracking link to sync (see `want_sync`).
+    pub sync_wanted: std::sync::atomic::AtomicBool,
+    pub sync: tokio::sync::Notify,
 }
 
 /// Commands whose reply depends only on one key's value (and not on time).
@@ -151,6 +154,8 @@ impl NearCache {
             fills: tx,
             link_up: std::sync::atomic::AtomicBool::new(false),
             warm: std::sync::atomic::AtomicBool::new(false),
+            sync_wanted: std::sync::atomic::AtomicBool::new(false),
+            sync: tokio::sync::Notify::new(),
         };
         (Arc::new(cache), rx)
     }
@@ -309,6 +314,17 @@ impl NearCache {
         miss()
     }
 
+    /// A client got a reply from Redis reading hot keys, and is served
+    /// only fills begun after it until the tracking link has synced: ask
+    /// for that sync now (a PING; at most one on its way) rather than at
+    /// the next `cache.ping_ms` tick.
+    pub fn want_sync(&self) {
+        use std::sync::atomic::Ordering::AcqRel;
+        if !self.sync_wanted.swap(true, AcqRel) {
+            self.sync.notify_one();
+        }
+    }
+
     /// Start a fill of `request` (a store key) on `key` unless one is in
     /// flight; false if none was started.
     pub fn fill(&self, key: Bytes, request: Bytes) -> bool {
@@ -325,7 +341,7 @@ impl NearCache {
             if self.fills.try_send(fill).is_err() {
                 // Queue full (cache.max_fills_in_flight): no fill this time.
                 crate::metrics::Limit::CacheMaxFillsInFlight.reached();
-                self.store.abandon_fill(&request);
+                self.store.abandon_fill(&request, ticket);
                 return false;
             }
             return true;

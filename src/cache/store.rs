@@ -13,7 +13,7 @@
 //! invalidated entries have left more stale positions than live ones.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -56,6 +56,9 @@ struct Inner {
 
 /// A fill in flight.
 struct Flight {
+    /// The ticket's number: only that fill ends it (one begun before a
+    /// flush may end after a new one of the same request began).
+    id: u64,
     key: Bytes,
     /// What Redis answered a client's read of the same request meanwhile.
     seen: Seen,
@@ -69,8 +72,12 @@ enum Seen {
 }
 
 impl Inner {
-    /// The fill of `request` ended (landed, voided or abandoned).
-    fn end_fill(&mut self, request: &[u8]) -> Option<Flight> {
+    /// The fill of `request` with ticket number `id` ended (landed,
+    /// voided or abandoned).
+    fn end_fill(&mut self, request: &[u8], id: u64) -> Option<Flight> {
+        if self.inflight.get(request).is_none_or(|f| f.id != id) {
+            return None;
+        }
         let flight = self.inflight.remove(request)?;
         if let Some(n) = self.inflight_keys.get_mut(&flight.key) {
             *n -= 1;
@@ -110,6 +117,7 @@ pub struct Ticket {
     epoch: u64,
     /// When the fill began (before it was sent).
     begun: Instant,
+    id: u64,
 }
 
 pub struct Store {
@@ -127,6 +135,13 @@ pub struct Store {
     pub invalidations: AtomicUsize,
     /// Flushes, by reason (see `FlushReason`).
     pub flushes: [AtomicUsize; FlushReason::COUNT],
+    /// Nanoseconds after `base` at which the latest request on the
+    /// tracking connection whose reply has been handled was sent: every
+    /// invalidation Redis queued for writes before then has been applied
+    /// (Redis sends them to that connection ahead of the reply).
+    synced_ns: AtomicU64,
+    base: Instant,
+    next_ticket: AtomicU64,
 }
 
 /// Why the whole cache was dropped (a bounded metric label).
@@ -178,6 +193,9 @@ impl Store {
             fills_voided: AtomicUsize::new(0),
             invalidations: AtomicUsize::new(0),
             flushes: Default::default(),
+            synced_ns: AtomicU64::new(0),
+            base: Instant::now(),
+            next_ticket: AtomicU64::new(1),
         }
     }
 
@@ -218,9 +236,24 @@ impl Store {
         self.get_into_after(request, proto, now, None, out)
     }
 
-    /// `get_into`, but only a reply whose fill began after `seen` (when
-    /// the client got a reply from Redis that read the key: an older fill
-    /// may have read an older value).
+    /// The reply to a request sent on the tracking connection at `sent`
+    /// has been handled.
+    pub fn synced(&self, sent: Instant) {
+        let ns = sent.saturating_duration_since(self.base).as_nanos() as u64;
+        self.synced_ns.fetch_max(ns, Ordering::AcqRel);
+    }
+
+    /// Has the tracking connection handled a reply to a request sent
+    /// after `t`?
+    pub fn synced_after(&self, t: Instant) -> bool {
+        let ns = t.saturating_duration_since(self.base).as_nanos() as u64;
+        self.synced_ns.load(Ordering::Acquire) > ns
+    }
+
+    /// `get_into`, but not a reply whose fill began before `seen` (when
+    /// the client got a reply from Redis that read the key: that fill may
+    /// have read an older value) unless the tracking connection has synced
+    /// since (any invalidation that older value would get has been applied).
     pub fn get_into_after(
         &self,
         request: &[u8],
@@ -233,7 +266,7 @@ impl Store {
         let Some(e) = inner.entries.get(request) else {
             return false;
         };
-        if seen.is_some_and(|s| e.begun <= s) {
+        if seen.is_some_and(|s| e.begun <= s && !self.synced_after(s)) {
             return false;
         }
         if e.expires <= now {
@@ -261,9 +294,11 @@ impl Store {
         if inner.inflight.contains_key(request) || inner.entries.contains_key(request) {
             return None;
         }
+        let id = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         inner.inflight.insert(
             request.clone(),
             Flight {
+                id,
                 key: key.clone(),
                 seen: Seen::Nothing,
             },
@@ -274,15 +309,16 @@ impl Store {
             seq,
             epoch: inner.epoch,
             begun: Instant::now(),
+            id,
         };
         self.refresh_active(&inner);
         Some(ticket)
     }
 
     /// A fill ended without a reply to store.
-    pub fn abandon_fill(&self, request: &[u8]) {
+    pub fn abandon_fill(&self, request: &[u8], ticket: Ticket) {
         let mut inner = self.lock();
-        inner.end_fill(request);
+        inner.end_fill(request, ticket.id);
         self.refresh_active(&inner);
     }
 
@@ -298,7 +334,7 @@ impl Store {
     ) -> bool {
         let mut inner = self.lock();
         let seq = inner.keys.get(&key).map(|k| k.0).unwrap_or(0);
-        let seen = inner.end_fill(&request).map(|f| f.seen);
+        let seen = inner.end_fill(&request, ticket.id).map(|f| f.seen);
         let resp2 = super::resp3::to_resp2(&resp3);
         // A client read the request on Redis during the fill and got
         // another reply: one of the two is older, maybe the fill's.
@@ -629,8 +665,30 @@ mod tests {
         );
     }
 
+    /// A fill begun before a flush ends after a new fill of the same
+    /// request began: it does not end the new one, which still sees a
+    /// write made meanwhile.
+    #[test]
+    fn an_old_fill_does_not_end_a_newer_one() {
+        let s = Store::new(1 << 20);
+        let (k, r) = (b("k"), b("req"));
+        let t1 = s.begin_fill(&k, &r).unwrap();
+        s.flush(FlushReason::Command);
+        let t2 = s.begin_fill(&k, &r).unwrap();
+        assert!(!s.complete_fill(
+            k.clone(),
+            r.clone(),
+            t1,
+            b(":1\r\n"),
+            Duration::from_secs(5)
+        ));
+        s.invalidate(b"k");
+        assert!(!s.complete_fill(k, r.clone(), t2, b(":1\r\n"), Duration::from_secs(5)));
+        assert!(get(&s, &r, Proto::Resp3, Instant::now()).is_none());
+    }
+
     /// A reply a client got from Redis after a fill began hides that
-    /// fill's reply from the client.
+    /// fill's reply from the client, until the tracking connection syncs.
     #[test]
     fn a_fill_older_than_what_a_client_saw_is_not_served_to_it() {
         let s = Store::new(1 << 20);
@@ -643,6 +701,8 @@ mod tests {
         assert!(!s.get_into_after(&r, Proto::Resp3, Instant::now(), Some(seen), &mut out));
         assert!(s.get_into_after(&r, Proto::Resp3, Instant::now(), Some(before), &mut out));
         assert!(s.get_into(&r, Proto::Resp3, Instant::now(), &mut out));
+        s.synced(Instant::now());
+        assert!(s.get_into_after(&r, Proto::Resp3, Instant::now(), Some(seen), &mut out));
     }
 
     /// A client's read answered by Redis during a fill: the fill lands only

@@ -54,8 +54,10 @@ impl Fill {
 }
 
 enum Pending {
-    /// A fill, and how many of its replies are in.
-    Fill(Fill, u8),
+    /// A fill, how many of its replies are in, and when it was sent.
+    Fill(Fill, u8, Instant),
+    /// A PING (every `cache.ping_ms`, or a sync a client asked for) and
+    /// when it was sent.
     Ping(Instant),
 }
 
@@ -106,7 +108,7 @@ pub async fn run(ctx: Arc<Ctx>, cache: Arc<NearCache>, mut fills: mpsc::Receiver
 /// Fills queued while the link is down are abandoned.
 fn drain(cache: &NearCache, fills: &mut mpsc::Receiver<Fill>) {
     while let Ok(f) = fills.try_recv() {
-        cache.store.abandon_fill(&f.request);
+        cache.store.abandon_fill(&f.request, f.ticket);
     }
 }
 
@@ -159,6 +161,22 @@ async fn session(
     let mut tick = tokio::time::interval(ping);
     let mut hot = ctx.hotkeys.as_ref().map(|d| d.subscribe());
     loop {
+        // A client waits for the link to sync (see `NearCache::want_sync`):
+        // a PING, unless one is on its way; once it is answered, every
+        // invalidation queued before it has been applied.
+        if cache.sync_wanted.load(std::sync::atomic::Ordering::Acquire)
+            && !pending.iter().any(|p| matches!(p, Pending::Ping(_)))
+        {
+            cache
+                .sync_wanted
+                .store(false, std::sync::atomic::Ordering::Release);
+            let mut out = BytesMut::new();
+            reply::command(&mut out, &[b"PING"]);
+            if let Err(e) = wr.write_all(&out).await {
+                return Some(e.to_string());
+            }
+            pending.push_back(Pending::Ping(Instant::now()));
+        }
         let hot_changed = async {
             match &mut hot {
                 Some(rx) => rx.changed().await.is_ok(),
@@ -167,6 +185,7 @@ async fn session(
         };
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return None,
+            _ = cache.sync.notified() => {}
             _ = changed.changed() => {
                 if ctx.current().map(|u| u.generation) != Some(generation) {
                     return Some(TOPOLOGY_CHANGED.into());
@@ -195,7 +214,7 @@ async fn session(
                 // link's session ends and the next one serves the fills.
                 let installed = ctx.upstream.load().as_ref().map(|u| u.generation);
                 if installed != Some(generation) {
-                    cache.store.abandon_fill(&fill.request);
+                    cache.store.abandon_fill(&fill.request, fill.ticket);
                     return Some(TOPOLOGY_CHANGED.into());
                 }
                 let mut out = BytesMut::new();
@@ -211,10 +230,10 @@ async fn session(
                 }
                 reply::command(&mut out, &[b"EXEC"]);
                 if let Err(e) = wr.write_all(&out).await {
-                    cache.store.abandon_fill(&fill.request);
+                    cache.store.abandon_fill(&fill.request, fill.ticket);
                     return Some(e.to_string());
                 }
-                pending.push_back(Pending::Fill(fill, 0));
+                pending.push_back(Pending::Fill(fill, 0, Instant::now()));
             }
             r = rd.read_buf(&mut buf) => {
                 match r {
@@ -265,16 +284,18 @@ fn on_frame(cache: &NearCache, pending: &mut VecDeque<Pending>, frame: Bytes) ->
         return Ok(());
     }
     match pending.front_mut() {
-        Some(Pending::Ping(_)) => {
+        Some(Pending::Ping(at)) => {
+            cache.store.synced(*at);
             pending.pop_front();
         }
-        Some(Pending::Fill(fill, seen)) => {
+        Some(Pending::Fill(fill, seen, _)) => {
             *seen += 1;
             if *seen == fill.replies() {
-                let Some(Pending::Fill(fill, _)) = pending.pop_front() else {
+                let Some(Pending::Fill(fill, _, sent)) = pending.pop_front() else {
                     unreachable!()
                 };
                 land(cache, fill, &frame);
+                cache.store.synced(sent);
             }
         }
         None => {
@@ -301,7 +322,7 @@ fn land(cache: &NearCache, fill: Fill, exec: &Bytes) {
         false => parts.next().zip(parts.next()),
     };
     let (Some((pttl, reply)), true) = (parts, exec.first() == Some(&b'*')) else {
-        cache.store.abandon_fill(&fill.request);
+        cache.store.abandon_fill(&fill.request, fill.ticket);
         return;
     };
     let pttl = parse_int(&pttl[1..pttl.len() - 2]).unwrap_or(-2);
@@ -322,7 +343,7 @@ fn land(cache: &NearCache, fill: Fill, exec: &Bytes) {
         if !error {
             crate::metrics::Limit::CacheMaxReplyBytes.reached();
         }
-        cache.store.abandon_fill(&fill.request);
+        cache.store.abandon_fill(&fill.request, fill.ticket);
         return;
     }
     let offset = reply.as_ptr() as usize - exec.as_ptr() as usize;

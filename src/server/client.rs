@@ -167,12 +167,15 @@ impl Shared {
         keys.iter().filter_map(|k| seen.get(*k).copied()).max()
     }
 
-    /// Replies reading `keys` came from Redis now. Times older than any
-    /// cached reply can be (`keep`) are dropped as the map grows.
-    fn mark_seen(&self, keys: &[Bytes], keep: Duration) {
+    /// Replies reading `keys` came from Redis now: until the tracking link
+    /// has synced, fills begun before are not served to this client. Times
+    /// older than any cached reply can be are dropped as the map grows.
+    fn mark_seen(&self, keys: &[Bytes], cache: &crate::cache::NearCache) {
         if keys.is_empty() {
             return;
         }
+        cache.want_sync();
+        let keep = seen_keep(cache);
         let now = Instant::now();
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         if seen.len() >= 64 {
@@ -674,12 +677,17 @@ impl Reader {
                                     },
                                 );
                                 if !keys.is_empty() && self.pinned.is_some() {
-                                    for k in keys {
-                                        if !self.pinned_reads.contains(&k) {
-                                            self.pinned_reads.push(k);
+                                    for k in &keys {
+                                        if !self.pinned_reads.contains(k) {
+                                            self.pinned_reads.push(k.clone());
                                         }
                                     }
-                                } else if !keys.is_empty() {
+                                }
+                                // A clean pinned connection may be given up
+                                // before this request is sent, which then
+                                // goes to the shared pool: track it there too.
+                                if !keys.is_empty() && (self.pinned.is_none() || self.state.clean())
+                                {
                                     hot_read = Some(HotRead {
                                         index: 0,
                                         keys,
@@ -1079,7 +1087,7 @@ impl Reader {
         }
         let keys = std::mem::take(&mut self.pinned_reads);
         if let Some(cache) = &self.ctx.cache {
-            self.shared.mark_seen(&keys, seen_keep(cache));
+            self.shared.mark_seen(&keys, cache);
         }
     }
 
@@ -2098,23 +2106,30 @@ impl Writer<'_> {
             self.shared.writes_in_flight.fetch_sub(1, Ordering::AcqRel);
         }
         // Before the client can see these replies (and read again).
-        for h in &hot {
-            match (&h.miss, &res, &ctx.cache) {
-                (Some(miss), Ok(r), Some(cache)) => {
-                    if let Some(reply) = nth_frame(&r.bytes, h.index) {
-                        cache.observe(miss, route.0, reply);
-                    }
+        // Redis's replies to reads of hot keys: compared with the cache's
+        // own reply to the same request, and the keys `seen` (other cached
+        // requests on them may be older). A failed batch's are `seen` once
+        // its retries are answered too.
+        if let (Ok(r), Some(cache)) = (&res, &ctx.cache) {
+            for h in &hot {
+                if let (Some(miss), Some(reply)) = (&h.miss, nth_frame(&r.bytes, h.index)) {
+                    cache.observe(miss, route.0, reply);
                 }
-                (None, _, Some(cache)) => self.shared.mark_seen(&h.keys, seen_keep(cache)),
-                _ => {}
+                self.shared.mark_seen(&h.keys, cache);
+                self.shared.end_hot_read(&h.keys);
             }
-            self.shared.end_hot_read(&h.keys);
         }
         let (ok, errors) = match res {
             Ok(Replies { bytes, errors }) => (self.put(bytes).await, errors),
             Err(e) => {
                 let first_seq = batch.first_seq;
                 let ok = self.failed(ctx, e, &req, count, route, id, first_seq).await;
+                for h in &hot {
+                    if let Some(cache) = &ctx.cache {
+                        self.shared.mark_seen(&h.keys, cache);
+                    }
+                    self.shared.end_hot_read(&h.keys);
+                }
                 (ok, std::mem::take(&mut self.errors))
             }
         };
