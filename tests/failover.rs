@@ -328,10 +328,11 @@ async fn master_killed_writes_resume_after_promotion() {
     );
 }
 
-/// Clients whose own upstream connection holds only a database or
-/// subscriptions ride through a crashed master: keyward opens a connection
-/// to the new master, selects the database and subscribes again, and the
-/// clients go on, on the same connections, without an error.
+/// Clients in a database (on its shared connections) and clients whose own
+/// upstream connection holds only a database and subscriptions ride through
+/// a crashed master: keyward opens a connection to the new master, selects
+/// the database and subscribes again, and the clients go on, on the same
+/// connections, without an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_and_subscriptions_are_carried_to_the_new_master() {
     let (mut master, replica, sentinels, kw) = sentinel_stack(500).await;
@@ -350,6 +351,16 @@ async fn database_and_subscriptions_are_carried_to_the_new_master() {
     assert_eq!(
         esc(&subscriber.call(&[b"SUBSCRIBE", b"news"]).await),
         esc(b"*3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n")
+    );
+    // RESP3: subscribed in database 2 and still reading there.
+    let mut sub_in_db = Raw::connect_resp3(kw.port()).await;
+    assert_eq!(
+        esc(&sub_in_db.call(&[b"SELECT", b"2"]).await),
+        esc(b"+OK\r\n")
+    );
+    assert_eq!(
+        esc(&sub_in_db.call(&[b"SUBSCRIBE", b"news3"]).await),
+        esc(b">3\r\n$9\r\nsubscribe\r\n$5\r\nnews3\r\n:1\r\n")
     );
     // The write is on the replica before the master goes.
     let replica_port = replica.port();
@@ -396,6 +407,20 @@ async fn database_and_subscriptions_are_carried_to_the_new_master() {
     assert_eq!(
         esc(&subscriber.read_reply().await),
         esc(b"*3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$5\r\nhello\r\n")
+    );
+    wait_until("a message on news3 is received", DEADLINE, || async move {
+        let r = blocking(|| redis_cmd(replica_port, &[b"PUBLISH", b"news3", b"hi"]));
+        r == b":1\r\n"
+    })
+    .await;
+    assert_eq!(
+        esc(&sub_in_db.read_reply().await),
+        esc(b">3\r\n$7\r\nmessage\r\n$5\r\nnews3\r\n$2\r\nhi\r\n")
+    );
+    assert_eq!(
+        esc(&sub_in_db.call(&[b"GET", b"carried"]).await),
+        esc(b"$1\r\nv\r\n"),
+        "the subscriber's connection was carried into database 2"
     );
 }
 

@@ -645,7 +645,8 @@ async fn a_stopped_upstream_fails_dedicated_connections_but_not_blocked_calls() 
 /// with one error, where keyward expects two confirmations. With
 /// `upstream.command_timeout_ms = 300` the dedicated connection's watchdog
 /// finds Redis still answering on the shared connection, so the client is
-/// not cut off: a second later it is served as by Redis.
+/// not cut off: after two such probes (PINGs Redis counts; nothing else
+/// pings with the near cache off) it is served as by Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_redis_never_sends_does_not_cut_off_a_live_client() {
     let redis = Redis::start();
@@ -664,7 +665,8 @@ async fn a_reply_redis_never_sends_does_not_cut_off_a_live_client() {
     );
     let kw = Keyward::start_for(
         &redis,
-        "username = \"app\"\npassword = \"pw\"\ncommand_timeout_ms = 300\n",
+        "username = \"app\"\npassword = \"pw\"\ncommand_timeout_ms = 300\n\
+         [hotkeys]\nfleet = false\n[cache]\nmax_mb = 0\n",
         &[],
     );
     wait_ready_status(&kw, 200, DEADLINE).await;
@@ -675,9 +677,12 @@ async fn a_reply_redis_never_sends_does_not_cut_off_a_live_client() {
     let want = direct.call(sub).await;
     assert!(want.starts_with(b"-NOPERM"), "{}", esc(&want));
     assert_eq!(esc(&c.call(sub).await), esc(&want));
-    // Quiet for more than the command timeout and the watchdog's probe:
-    // the scenario's length, not a synchronisation.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let port = redis.port();
+    let probes = blocking(move || redis_calls(port, "ping"));
+    wait_until("two watchdog probes", DEADLINE, || async move {
+        blocking(move || redis_calls(port, "ping")) >= probes + 2
+    })
+    .await;
     let ping = direct.call(&[b"PING"]).await;
     assert_eq!(esc(&c.call(&[b"PING"]).await), esc(&ping));
     assert_eq!(esc(&c.call(&[b"SET", b"k", b"v"]).await), esc(b"+OK\r\n"));

@@ -33,11 +33,13 @@ use tracking::Fill;
 pub enum Lookup {
     /// Answered from the cache (the reply is in `out`).
     Hit,
+    /// A request the cache answers, on a key that is not hot.
+    Cold,
     /// A read of hot keys that goes to Redis. Its reply is to be shown to
     /// `NearCache::observe` with these: the store key of the request, or for
     /// MGET each key's GET (as `GET` and `get`, the two spellings cached).
     Miss(Miss),
-    /// Nothing the cache answers.
+    /// Not a request the cache answers (or an MGET of keys not all hot).
     Pass,
 }
 
@@ -97,11 +99,21 @@ fn cacheable(name: &[u8], argc: usize) -> bool {
 /// database 0; in another, `SELECT db` followed by them, which is also what
 /// the fill sends (and it selects database 0 again after).
 pub fn store_key(db: i64, frame: &[u8], out: &mut BytesMut) {
-    if db != 0 {
-        let n = db.to_string();
-        reply::command(out, &[b"SELECT", n.as_bytes()]);
-    }
+    select_prefix(db, out);
     out.extend_from_slice(frame);
+}
+
+/// `store_key` of `name key` (MGET's per-key GET), written at once.
+fn get_store_key(db: i64, name: &[u8], key: &[u8], out: &mut BytesMut) {
+    select_prefix(db, out);
+    reply::command(out, &[name, key]);
+}
+
+fn select_prefix(db: i64, out: &mut BytesMut) {
+    if db != 0 {
+        let mut n = itoa::Buffer::new();
+        reply::command(out, &[b"SELECT", n.format(db).as_bytes()]);
+    }
 }
 
 /// The database of a store key and where its command starts; `None` if
@@ -203,12 +215,12 @@ impl NearCache {
             return Lookup::Hit;
         }
         if !hot.is_hot(args[1]) {
-            return Lookup::Pass;
+            return Lookup::Cold;
         }
         let request = Bytes::copy_from_slice(request);
         self.store.misses.fetch_add(1, Relaxed);
         if serve {
-            self.fill(Bytes::copy_from_slice(args[1]), request.clone());
+            self.fill(Bytes::copy_from_slice(args[1]), request.clone(), db);
         }
         Lookup::Miss(Miss {
             requests: vec![request],
@@ -244,20 +256,13 @@ impl NearCache {
     /// keys' `GET`s are filled for next time and MGET goes to Redis.
     fn lookup_mget(&self, hot: &Detector, keys: &[&[u8]], ask: &Ask, out: &mut BytesMut) -> Lookup {
         use std::sync::atomic::Ordering::Relaxed;
-        let Ask {
-            db,
-            proto,
-            now,
-            serve,
-            seen,
-        } = *ask;
+        let db = ask.db;
         if !keys.iter().all(|k| hot.is_hot(k)) {
             return Lookup::Pass;
         }
         let get_of = |name: &[u8], k: &[u8]| {
-            let (mut get, mut named) = (BytesMut::new(), BytesMut::new());
-            reply::command(&mut get, &[name, k]);
-            store_key(db, &get, &mut named);
+            let mut named = BytesMut::new();
+            get_store_key(db, name, k, &mut named);
             named.freeze()
         };
         let miss = || {
@@ -269,7 +274,7 @@ impl NearCache {
                 mget: true,
             })
         };
-        if !serve {
+        if !ask.serve {
             self.store.misses.fetch_add(1, Relaxed);
             return miss();
         }
@@ -282,17 +287,16 @@ impl NearCache {
             let at = out.len();
             let cached = [b"GET".as_slice(), b"get"].iter().any(|name| {
                 frame.clear();
-                let mut get = BytesMut::new();
-                reply::command(&mut get, &[name, k]);
-                store_key(db, &get, &mut frame);
-                self.store.get_into_after(&frame, proto, now, seen, out)
+                get_store_key(db, name, k, &mut frame);
+                self.store
+                    .get_into_after(&frame, ask.proto, ask.now, ask.seen, out)
             });
             if !cached {
                 missing.push(i);
             } else if out.get(at) == Some(&b'-') {
                 // WRONGTYPE from GET is a null in MGET.
                 out.truncate(at);
-                match proto {
+                match ask.proto {
                     Proto::Resp2 => out.extend_from_slice(b"$-1\r\n"),
                     Proto::Resp3 => out.extend_from_slice(b"_\r\n"),
                 }
@@ -306,10 +310,8 @@ impl NearCache {
         self.store.misses.fetch_add(1, Relaxed);
         for i in missing {
             frame.clear();
-            let mut get = BytesMut::new();
-            reply::command(&mut get, &[b"GET", keys[i]]);
-            store_key(db, &get, &mut frame);
-            self.fill(Bytes::copy_from_slice(keys[i]), frame.split().freeze());
+            get_store_key(db, b"GET", keys[i], &mut frame);
+            self.fill(Bytes::copy_from_slice(keys[i]), frame.split().freeze(), db);
         }
         miss()
     }
@@ -325,12 +327,9 @@ impl NearCache {
         }
     }
 
-    /// Start a fill of `request` (a store key) on `key` unless one is in
-    /// flight; false if none was started.
-    pub fn fill(&self, key: Bytes, request: Bytes) -> bool {
-        let Some((db, _)) = split_store_key(&request) else {
-            return false;
-        };
+    /// Start a fill of `request` (a store key of database `db`) on `key`
+    /// unless one is in flight; false if none was started.
+    pub fn fill(&self, key: Bytes, request: Bytes, db: i64) -> bool {
         if let Some(ticket) = self.store.begin_fill(&key, &request) {
             let fill = Fill {
                 key,

@@ -87,8 +87,13 @@ async fn warm(ctx: &Ctx, cache: &NearCache, mut saved: Vec<(Bytes, Bytes)>, flee
     let mut pace = tokio::time::interval(per_fill);
     let mut started_fills = 0;
     for (key, request) in &saved {
+        // Only what keyward saves: one cacheable request, after `SELECT n`
+        // outside database 0 (a list edited by hand may hold anything).
+        let Some((db, _)) = super::split_store_key(request) else {
+            continue;
+        };
         pace.tick().await;
-        if cache.fill(key.clone(), request.clone()) {
+        if cache.fill(key.clone(), request.clone(), db) {
             started_fills += 1;
         }
     }

@@ -187,9 +187,18 @@ impl Shared {
         self.seen_n.store(seen.len(), Ordering::Release);
     }
 
-    fn end_hot_read(&self, keys: &[Bytes]) {
+    /// A batch's reads of hot keys are answered: their keys are `seen`,
+    /// and no longer in flight.
+    fn hot_reads_done(&self, hot: &[HotRead], ctx: &Ctx) {
+        if hot.is_empty() {
+            return;
+        }
+        let keys: SmallVec<[Bytes; 4]> = hot.iter().flat_map(|h| h.keys.iter().cloned()).collect();
+        if let Some(cache) = &ctx.cache {
+            self.mark_seen(&keys, cache);
+        }
         let mut list = self.hot_reads.lock().unwrap_or_else(|e| e.into_inner());
-        for k in keys {
+        for k in &keys {
             if let Some(i) = list.iter().position(|h| h == k) {
                 list.swap_remove(i);
             }
@@ -622,6 +631,9 @@ impl Reader {
                 // are in flight: it must not read an older value than
                 // they will show it.
                 if let (Some(cache), Some(d), true) = (cache, &self.ctx.hotkeys, hot_now) {
+                    // Whether the request may read hot keys the lookup did
+                    // not account for.
+                    let mut other_read = class == Class::Forward;
                     if class == Class::Forward && self.pinned.is_none() && args.len() >= 2 {
                         let keys: &[&[u8]] = if args[0].eq_ignore_ascii_case(b"mget") {
                             &args[1..]
@@ -643,7 +655,9 @@ impl Reader {
                             &mut self.hit_buf
                         };
                         let before = out.len();
-                        match cache.lookup(d, &args, frame, &ask, out) {
+                        let looked = cache.lookup(d, &args, frame, &ask, out);
+                        other_read = matches!(looked, Lookup::Pass);
+                        match looked {
                             Lookup::Hit => {
                                 hit = true;
                                 // A cached WRONGTYPE is an error reply all the same.
@@ -656,13 +670,13 @@ impl Reader {
                                     miss: Some(miss),
                                 });
                             }
-                            Lookup::Pass => {}
+                            Lookup::Cold | Lookup::Pass => {}
                         }
                     }
                     // Any other read of hot keys: while it is at Redis this
                     // client's reads of them skip the cache, and once it is
                     // answered, fills begun before are not served to it.
-                    if class == Class::Forward && hot_read.is_none() && !hit {
+                    if other_read {
                         if let Some(info) = info.map(|i| i.sub(args.get(1).copied())) {
                             if !info.writes {
                                 let mut keys: SmallVec<[Bytes; 1]> = SmallVec::new();
@@ -1911,17 +1925,25 @@ fn seen_keep(cache: &crate::cache::NearCache) -> Duration {
     Duration::from_millis(cache.config.max_ttl_ms) + Duration::from_secs(10)
 }
 
-/// The `n`th reply frame of a batch's replies.
-fn nth_frame(bytes: &[u8], n: u32) -> Option<&[u8]> {
-    let mut off = 0;
-    for i in 0..=n {
-        let end = crate::resp::Scanner::new().next(&bytes[off..]).ok()??;
-        if i == n {
-            return Some(&bytes[off..off + end]);
+/// Show the near cache Redis's replies (a batch's, in `bytes`) to its
+/// reads of hot keys, in one pass over the frames (`hot` is in batch order).
+fn observe_replies(cache: &crate::cache::NearCache, proto: Proto, bytes: &[u8], hot: &[HotRead]) {
+    let mut wanted = hot.iter().filter_map(|h| Some((h.index, h.miss.as_ref()?)));
+    let Some(mut next) = wanted.next() else {
+        return;
+    };
+    let (mut off, mut index) = (0, 0u32);
+    while let Ok(Some(end)) = crate::resp::Scanner::new().next(&bytes[off..]) {
+        if index == next.0 {
+            cache.observe(next.1, proto, &bytes[off..off + end]);
+            match wanted.next() {
+                Some(w) => next = w,
+                None => return,
+            }
         }
         off += end;
+        index += 1;
     }
-    None
 }
 
 /// Write all of `bytes` to the client; false if it is gone. Once the
@@ -1948,6 +1970,9 @@ async fn write_out(w: &mut Writer<'_>, bytes: &[u8]) -> bool {
             }
         } else {
             tokio::select! {
+                // The write first: one that completes at once (the usual
+                // case) never registers with `gone`.
+                biased;
                 r = wr.write(&bytes[off..]) => r,
                 // Bound the rest of this write too.
                 _ = shared.gone.notified() => continue,
@@ -2105,31 +2130,23 @@ impl Writer<'_> {
             written.replied(&cache.store);
             self.shared.writes_in_flight.fetch_sub(1, Ordering::AcqRel);
         }
-        // Before the client can see these replies (and read again).
-        // Redis's replies to reads of hot keys: compared with the cache's
-        // own reply to the same request, and the keys `seen` (other cached
-        // requests on them may be older). A failed batch's are `seen` once
-        // its retries are answered too.
-        if let (Ok(r), Some(cache)) = (&res, &ctx.cache) {
-            for h in &hot {
-                if let (Some(miss), Some(reply)) = (&h.miss, nth_frame(&r.bytes, h.index)) {
-                    cache.observe(miss, route.0, reply);
-                }
-                self.shared.mark_seen(&h.keys, cache);
-                self.shared.end_hot_read(&h.keys);
-            }
-        }
+        // Before the client can see these replies (and read again):
+        // Redis's replies to reads of hot keys are compared with the
+        // cache's own reply to the same request, and the keys `seen` (other
+        // cached requests on them may be older). A failed batch's keys are
+        // `seen` once its retries are answered too.
         let (ok, errors) = match res {
-            Ok(Replies { bytes, errors }) => (self.put(bytes).await, errors),
+            Ok(Replies { bytes, errors }) => {
+                if let (false, Some(cache)) = (hot.is_empty(), &ctx.cache) {
+                    observe_replies(cache, route.0, &bytes, &hot);
+                }
+                self.shared.hot_reads_done(&hot, ctx);
+                (self.put(bytes).await, errors)
+            }
             Err(e) => {
                 let first_seq = batch.first_seq;
                 let ok = self.failed(ctx, e, &req, count, route, id, first_seq).await;
-                for h in &hot {
-                    if let Some(cache) = &ctx.cache {
-                        self.shared.mark_seen(&h.keys, cache);
-                    }
-                    self.shared.end_hot_read(&h.keys);
-                }
+                self.shared.hot_reads_done(&hot, ctx);
                 (ok, std::mem::take(&mut self.errors))
             }
         };
