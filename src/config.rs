@@ -82,6 +82,9 @@ pub struct UpstreamConfig {
     /// Reconnect backoff bounds (jittered, doubling).
     pub backoff_min_ms: u64,
     pub backoff_max_ms: u64,
+    /// A shared pool of a database other than 0 unused this long is
+    /// closed (it is opened again on the next use); 0 keeps them open.
+    pub db_pool_idle_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -246,6 +249,7 @@ impl Default for Config {
                 command_timeout_ms: 5_000,
                 backoff_min_ms: 50,
                 backoff_max_ms: 2_000,
+                db_pool_idle_ms: 60_000,
             },
             sentinel: SentinelConfig {
                 addresses: Vec::new(),
@@ -369,7 +373,7 @@ impl Config {
         // Durations past a year are surely mistakes, and near u64::MAX they
         // overflow the clock.
         const YEAR_MS: u64 = 365 * 24 * 3600 * 1000;
-        let durations_ms: [(&str, u64); 17] = [
+        let durations_ms: [(&str, u64); 18] = [
             (
                 "server.idle_timeout_secs",
                 self.server.idle_timeout_secs.saturating_mul(1000),
@@ -386,6 +390,7 @@ impl Config {
             ),
             ("upstream.backoff_min_ms", self.upstream.backoff_min_ms),
             ("upstream.backoff_max_ms", self.upstream.backoff_max_ms),
+            ("upstream.db_pool_idle_ms", self.upstream.db_pool_idle_ms),
             ("sentinel.poll_ms", self.sentinel.poll_ms),
             ("sentinel.suspect_poll_ms", self.sentinel.suspect_poll_ms),
             ("sentinel.ping_ms", self.sentinel.ping_ms),
@@ -550,6 +555,9 @@ impl Config {
                     }
                     ("upstream", "backoff_max_ms") => {
                         set_num(&mut s.upstream.backoff_max_ms, &name, v, problems)
+                    }
+                    ("upstream", "db_pool_idle_ms") => {
+                        set_num(&mut s.upstream.db_pool_idle_ms, &name, v, problems)
                     }
                     ("sentinel", "addresses") => {
                         set_list(&mut s.sentinel.addresses, &name, v, problems)

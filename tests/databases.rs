@@ -173,3 +173,96 @@ async fn select_replies_match_redis() {
     }
     assert_eq!(esc(&c.call(&[b"GET", b"where"]).await), esc(b"$-1\r\n"));
 }
+
+/// The shared connections of a database nobody uses any more are closed
+/// after `upstream.db_pool_idle_ms`, and opened again on the next use; a
+/// database in steady use keeps its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_database_gives_its_connections_back() {
+    let redis = Redis::start();
+    let kw = Keyward::start_for(&redis, &format!("db_pool_idle_ms = 300\n{QUIET}"), &[]);
+    wait_ready(&kw, DEADLINE).await;
+    let mut direct = Raw::connect(redis.port()).await;
+    let mut c = Raw::connect(kw.port()).await;
+    assert_eq!(esc(&c.call(&[b"SELECT", b"5"]).await), esc(b"+OK\r\n"));
+    assert_eq!(esc(&c.call(&[b"SET", b"a", b"1"]).await), esc(b"+OK\r\n"));
+    assert_eq!(connections_in(&mut direct, 5).await, 1);
+    let ids = |list: Vec<u8>| -> Vec<String> {
+        String::from_utf8_lossy(&list)
+            .lines()
+            .filter(|l| l.contains(" db=5 "))
+            .filter_map(|l| l.split(' ').next().map(str::to_string))
+            .collect()
+    };
+    let first = ids(direct.call(&[b"CLIENT", b"LIST"]).await);
+    // In use for four idle periods: the same connection throughout.
+    let busy_until = std::time::Instant::now() + std::time::Duration::from_millis(1200);
+    let mut n = 0u32;
+    while std::time::Instant::now() < busy_until {
+        n += 1;
+        assert_eq!(
+            esc(&c.call(&[b"INCR", b"n"]).await),
+            esc(format!(":{n}\r\n").as_bytes())
+        );
+    }
+    assert_eq!(ids(direct.call(&[b"CLIENT", b"LIST"]).await), first);
+    // Unused: closed.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while connections_in(&mut direct, 5).await != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "database 5's connection still open after {DEADLINE:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    // Used again: opened again, in database 5.
+    assert_eq!(esc(&c.call(&[b"GET", b"a"]).await), esc(b"$1\r\n1\r\n"));
+    assert_eq!(connections_in(&mut direct, 5).await, 1);
+    assert_eq!(esc(&redis.call(&[b"GET", b"a"])), esc(b"$-1\r\n"));
+}
+
+/// A client left in a database the upstream no longer has (it came back
+/// with fewer `databases`) gets Redis's refusal at once on every request,
+/// not a hang or a retry loop; SELECT then follows the new range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_the_upstream_lost_is_refused_at_once() {
+    let mut redis = Redis::start();
+    let kw = Keyward::start_for(&redis, QUIET, &[]);
+    wait_ready(&kw, DEADLINE).await;
+    let mut c = Raw::connect(kw.port()).await;
+    assert_eq!(esc(&c.call(&[b"SELECT", b"9"]).await), esc(b"+OK\r\n"));
+    assert_eq!(esc(&c.call(&[b"SET", b"a", b"1"]).await), esc(b"+OK\r\n"));
+    redis.restart_with(&["--databases", "4"]);
+    let refusal = format!(
+        "-ERR upstream refused the connection: 127.0.0.1:{}: SELECT 9: ERR DB index is out of range\r\n",
+        redis.port()
+    );
+    // First the lost connection may show, then the refusal, and it stays.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let got = c.call(&[b"GET", b"a"]).await;
+        if got == refusal.as_bytes() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no refusal after {DEADLINE:?}; last reply {}",
+            esc(&got)
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    for _ in 0..20 {
+        assert_eq!(esc(&c.call(&[b"GET", b"a"]).await), esc(refusal.as_bytes()));
+    }
+    // keyward learned the new range: SELECT answers as Redis does.
+    let mut direct = Raw::connect(redis.port()).await;
+    for req in [&[&b"SELECT"[..], b"9"][..], &[b"SELECT", b"2"]] {
+        let want = direct.call(req).await;
+        assert_eq!(esc(&c.call(req).await), esc(&want), "{}", esc(&cmd(req)));
+    }
+    assert_eq!(esc(&c.call(&[b"SET", b"b", b"2"]).await), esc(b"+OK\r\n"));
+    assert_eq!(
+        esc(&redis_cmd_in(redis.port(), "2", &[b"GET", b"b"])),
+        esc(b"$1\r\n2\r\n")
+    );
+}

@@ -1511,8 +1511,21 @@ impl Reader {
                 let db = args.get(1).and_then(|a| parse_int(a));
                 let databases = self.ctx.learned.facts.load().databases;
                 match db {
-                    // Out of range: Redis refuses it and the database stays
-                    // (a failover carries the one in use, not this one).
+                    // Out of range: Redis's refusal, and the database stays.
+                    // Answered here, since the client's own database may be
+                    // the one refusing everything (a master with fewer
+                    // databases after a failover).
+                    Some(n)
+                        if args.len() == 2
+                            && self.pinned.is_none()
+                            && (n < 0 || databases.is_some_and(|d| n >= d)) =>
+                    {
+                        let mut out = BytesMut::new();
+                        reply::error(&mut out, "ERR DB index is out of range");
+                        self.local_reply(out.freeze(), 1).await;
+                    }
+                    // The same on a dedicated connection, where it may be
+                    // queued in MULTI: Redis answers.
                     Some(n) if databases.is_some_and(|d| n >= d) => {
                         self.forward(req, frame).await
                     }

@@ -8,6 +8,10 @@
 //! connections opened in it are shut down. A new generation is built for the
 //! next verified master. Clients load the current generation per batch
 //! (DESIGN.md decision 4), so no request is sent to a retired one.
+//!
+//! The pool of a database other than 0 is closed once no client has used it
+//! for `upstream.db_pool_idle_ms`, so connections follow the databases in
+//! use rather than every database ever selected.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +26,8 @@ use super::pool::{Learned, Node, Pool};
 use crate::config::Config;
 use crate::resp::Proto;
 
+type DbPools = HashMap<(Proto, i64), Arc<Pool>>;
+
 pub struct Upstream {
     /// Increases by one with every master change or fence.
     pub generation: u64,
@@ -30,7 +36,7 @@ pub struct Upstream {
     pub pool3: Arc<Pool>,
     /// Shared pools of databases other than 0, by RESP version and database
     /// (DESIGN.md decision 3: the database is part of the pool key).
-    dbs: Mutex<HashMap<(Proto, i64), Arc<Pool>>>,
+    dbs: Arc<Mutex<DbPools>>,
     pool_size: usize,
     /// Cancelled when the generation is retired.
     pub retired: CancellationToken,
@@ -65,12 +71,17 @@ impl Upstream {
         let retired = CancellationToken::new();
         let pool2 = Pool::start(node.clone(), Proto::Resp2, 0, u.pool_size, retired.clone());
         let pool3 = Pool::start(node.clone(), Proto::Resp3, 0, u.pool_size, retired.clone());
+        let dbs = Arc::new(Mutex::new(HashMap::new()));
+        if u.db_pool_idle_ms > 0 {
+            let idle = Duration::from_millis(u.db_pool_idle_ms);
+            tokio::spawn(close_idle(dbs.clone(), idle, retired.clone()));
+        }
         Arc::new(Upstream {
             generation,
             node,
             pool2,
             pool3,
-            dbs: Mutex::new(HashMap::new()),
+            dbs,
             pool_size: u.pool_size,
             retired,
             parked: Arc::new(Parked::new(u.max_idle_pinned)),
@@ -93,7 +104,8 @@ impl Upstream {
             return self.pool(proto).clone();
         }
         let mut dbs = self.dbs.lock().unwrap_or_else(|e| e.into_inner());
-        dbs.entry((proto, db))
+        let pool = dbs
+            .entry((proto, db))
             .or_insert_with(|| {
                 Pool::start(
                     self.node.clone(),
@@ -103,7 +115,11 @@ impl Upstream {
                     self.retired.clone(),
                 )
             })
-            .clone()
+            .clone();
+        // Under the map's lock, so the idle sweep never closes a pool a
+        // sender has just been handed.
+        pool.touch();
+        pool
     }
 
     /// Every shared pool of this generation.
@@ -133,5 +149,31 @@ impl Upstream {
         self.node.fenced.store(true, Ordering::Release);
         self.retired.cancel();
         self.parked.clear();
+    }
+}
+
+/// Close the pools of databases other than 0 that no sender has used for
+/// `idle` and that have nothing in flight, until the generation is retired.
+async fn close_idle(dbs: Arc<Mutex<DbPools>>, idle: Duration, retired: CancellationToken) {
+    let tick = (idle / 4).max(Duration::from_millis(50));
+    loop {
+        tokio::select! {
+            _ = retired.cancelled() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        let mut dbs = dbs.lock().unwrap_or_else(|e| e.into_inner());
+        // Holders: the map's own reference only.
+        dbs.retain(|&(proto, db), pool| {
+            if !pool.idle_for(idle, 1) {
+                return true;
+            }
+            tracing::debug!(
+                ?proto,
+                db,
+                "closing the shared connections of an idle database"
+            );
+            pool.close();
+            false
+        });
     }
 }

@@ -8,6 +8,11 @@
 //! reconnect attempt is the half-open probe that closes it again. A
 //! maintainer also watches its connection for stalls (requests pending with
 //! no reply for the command timeout) and closes it, failing its requests.
+//!
+//! A pool in a database other than 0 whose SELECT Redis refuses (a master
+//! with fewer `databases` after a failover, an ACL) fails its requests at
+//! once with Redis's error while that lasts, rather than holding them as if
+//! the upstream were down.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -64,8 +69,19 @@ pub struct Pool {
     node: Arc<Node>,
     slots: Vec<ArcSwapOption<Conn>>,
     ever_connected: AtomicBool,
+    /// The last attempt connected but Redis refused the SELECT: requests
+    /// fail at once with `last_error` (see the module notes).
+    refused: AtomicBool,
+    /// Woken when a connection comes up or a SELECT is refused.
     up: Notify,
     last_error: Mutex<Option<Error>>,
+    /// Cancelled to close the pool alone (an idle database's pool); a child
+    /// of the generation's token.
+    close: CancellationToken,
+    /// When the pool was last handed to a sender (`touch`), in ms since
+    /// `born`: idle pools of databases other than 0 are closed.
+    last_used: AtomicU64,
+    born: std::time::Instant,
 }
 
 impl Pool {
@@ -77,19 +93,45 @@ impl Pool {
         size: usize,
         shutdown: CancellationToken,
     ) -> Arc<Pool> {
+        let close = shutdown.child_token();
         let pool = Arc::new(Pool {
             proto,
             db,
             node,
             slots: (0..size).map(|_| ArcSwapOption::empty()).collect(),
             ever_connected: AtomicBool::new(false),
+            refused: AtomicBool::new(false),
             up: Notify::new(),
             last_error: Mutex::new(None),
+            close: close.clone(),
+            last_used: AtomicU64::new(0),
+            born: std::time::Instant::now(),
         });
         for i in 0..size {
-            tokio::spawn(maintain(pool.clone(), i, shutdown.clone()));
+            tokio::spawn(maintain(pool.clone(), i, close.clone()));
         }
         pool
+    }
+
+    /// Note that a sender is about to use the pool.
+    pub fn touch(&self) {
+        let now = self.born.elapsed().as_millis() as u64;
+        self.last_used.store(now, Ordering::Relaxed);
+    }
+
+    /// Unused for at least `idle`, with nothing in flight and no sender
+    /// holding it (`holders` other than the pool's own maintainers).
+    pub fn idle_for(self: &Arc<Self>, idle: Duration, holders: usize) -> bool {
+        let now = self.born.elapsed().as_millis() as u64;
+        let used = self.last_used.load(Ordering::Relaxed);
+        now.saturating_sub(used) >= idle.as_millis() as u64
+            && self.pending() == 0
+            && Arc::strong_count(self) <= holders + self.slots.len()
+    }
+
+    /// Close every connection of the pool and stop reconnecting.
+    pub fn close(&self) {
+        self.close.cancel();
     }
 
     /// Requests in flight on all connections.
@@ -133,7 +175,19 @@ impl Pool {
         Err(self.unavailable())
     }
 
+    /// The error for a pool with no live connection: Redis's refusal of the
+    /// SELECT while that stands, else `Unavailable` with the last cause.
     fn unavailable(&self) -> Error {
+        if self.refused.load(Ordering::Acquire) {
+            if let Some(e) = self
+                .last_error
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+            {
+                return e;
+            }
+        }
         let last = self
             .last_error
             .lock()
@@ -150,26 +204,34 @@ impl Pool {
 
     /// Wait until a connection is up, for a pool that has never had one
     /// (right after start); false on timeout or if it had been up before.
+    /// True too once Redis refused its SELECT: sending again then fails
+    /// with that refusal.
     pub async fn wait_first(&self, timeout: Duration) -> bool {
         if self.ever_connected.load(Ordering::Acquire) {
-            return self.live() > 0;
+            return self.answered();
         }
         self.wait_live(tokio::time::Instant::now() + timeout).await
     }
 
-    /// Wait until a connection is up (or `deadline` passes); true if one is.
+    /// Wait until a connection is up or Redis refused the SELECT (or
+    /// `deadline` passes); true unless the deadline passed.
     pub async fn wait_live(&self, deadline: tokio::time::Instant) -> bool {
         loop {
             let notified = self.up.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.live() > 0 {
+            if self.answered() {
                 return true;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.live() > 0;
+                return self.answered();
             }
         }
+    }
+
+    /// A connection is up, or Redis refused the SELECT.
+    fn answered(&self) -> bool {
+        self.live() > 0 || self.refused.load(Ordering::Acquire)
     }
 
     fn set_error(&self, e: Error) {
@@ -235,8 +297,11 @@ async fn maintain(pool: Arc<Pool>, slot: usize, shutdown: CancellationToken) {
     let mut backoff = node.backoff_min;
     let mut was_down_logged = false;
     loop {
+        // Err carries whether Redis refused the SELECT (see `Pool::refused`).
         let attempt = async {
-            let mut stream = connector::connect(&node.settings, pool.proto).await?;
+            let mut stream = connector::connect(&node.settings, pool.proto)
+                .await
+                .map_err(|e| (e, false))?;
             // Learn the command table when it is missing, and again on every
             // reconnect of the first slot: a restarted upstream may be a new
             // version or have loaded modules.
@@ -244,12 +309,17 @@ async fn maintain(pool: Arc<Pool>, slot: usize, shutdown: CancellationToken) {
                 && pool.db == 0
                 && (slot == 0 || node.learned.table.load().is_none())
             {
-                learn(&node, &mut stream).await?;
+                learn(&node, &mut stream).await.map_err(|e| (e, false))?;
             }
             if pool.db != 0 {
-                connector::select(&mut stream, &node.settings, pool.db).await?;
+                if let Err(e) = connector::select(&mut stream, &node.settings, pool.db).await {
+                    // An error reply (not a lost connection): Redis refuses
+                    // this database.
+                    let refused = e.kind == Kind::Handshake;
+                    return Err((e, refused));
+                }
             }
-            Ok::<_, Error>(stream)
+            Ok(stream)
         };
         let res = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -264,6 +334,7 @@ async fn maintain(pool: Arc<Pool>, slot: usize, shutdown: CancellationToken) {
                     node.fenced.clone(),
                 );
                 pool.slots[slot].store(Some(conn.clone()));
+                pool.refused.store(false, Ordering::Release);
                 pool.ever_connected.store(true, Ordering::Release);
                 pool.up.notify_waiters();
                 if was_down_logged {
@@ -315,13 +386,17 @@ async fn maintain(pool: Arc<Pool>, slot: usize, shutdown: CancellationToken) {
                 ));
                 continue;
             }
-            Err(e) => {
+            Err((e, refused)) => {
                 node.errors.fetch_add(1, Ordering::Relaxed);
                 if !was_down_logged {
-                    tracing::warn!(upstream = %node.settings.address, slot, proto = ?pool.proto, error = %e.detail, "cannot connect to upstream; retrying with backoff");
+                    tracing::warn!(upstream = %node.settings.address, slot, proto = ?pool.proto, db = pool.db, error = %e.detail, "cannot connect to upstream; retrying with backoff");
                     was_down_logged = true;
                 }
                 pool.set_error(e);
+                pool.refused.store(refused, Ordering::Release);
+                if refused {
+                    pool.up.notify_waiters();
+                }
             }
         }
         // Full jitter keeps many proxies from reconnecting in lockstep.

@@ -146,6 +146,13 @@ impl Redis {
         }
     }
 
+    /// `restart` with these extra arguments instead of the ones given at
+    /// start (e.g. a different `--databases`).
+    pub fn restart_with(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.restart();
+    }
+
     /// Everything the server wrote: its log file, then anything it printed on
     /// stdout/stderr (where fatal config errors go before the log is open).
     pub fn log(&self) -> String {
