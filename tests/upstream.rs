@@ -641,9 +641,10 @@ async fn a_stopped_upstream_fails_dedicated_connections_but_not_blocked_calls() 
     );
 }
 
-/// Redis answers `SUBSCRIBE a b` from a user without channel permissions
-/// with one error, where keyward expects two confirmations. With
-/// `upstream.command_timeout_ms = 300` the dedicated connection's watchdog
+/// Under `CLIENT REPLY OFF`, Redis answers `SUBSCRIBE a b` from a user
+/// without channel permissions with nothing at all (its error is silenced),
+/// where keyward expects two confirmations (sent whatever CLIENT REPLY
+/// says). With `upstream.command_timeout_ms = 300` the dedicated connection's watchdog
 /// finds Redis still answering on the shared connection, so the client is
 /// not cut off: after two such probes (PINGs Redis counts; nothing else
 /// pings with the near cache off) it is served as by Redis.
@@ -676,14 +677,133 @@ async fn a_reply_redis_never_sends_does_not_cut_off_a_live_client() {
     let sub: &[&[u8]] = &[b"SUBSCRIBE", b"a", b"b"];
     let want = direct.call(sub).await;
     assert!(want.starts_with(b"-NOPERM"), "{}", esc(&want));
-    assert_eq!(esc(&c.call(sub).await), esc(&want));
+    let off = [&cmd(&[b"CLIENT", b"REPLY", b"OFF"])[..], &cmd(sub)].concat();
+    direct.send(&off).await;
+    c.send(&off).await;
     let port = redis.port();
     let probes = blocking(move || redis_calls(port, "ping"));
     wait_until("two watchdog probes", DEADLINE, || async move {
         blocking(move || redis_calls(port, "ping")) >= probes + 2
     })
     .await;
-    let ping = direct.call(&[b"PING"]).await;
-    assert_eq!(esc(&c.call(&[b"PING"]).await), esc(&ping));
-    assert_eq!(esc(&c.call(&[b"SET", b"k", b"v"]).await), esc(b"+OK\r\n"));
+    for req in [
+        &[&b"CLIENT"[..], b"REPLY", b"ON"][..],
+        &[b"PING"],
+        &[b"SET", b"k", b"v"],
+    ] {
+        let want = direct.call(req).await;
+        assert_eq!(esc(&c.call(req).await), esc(&want), "{}", esc(&cmd(req)));
+    }
+}
+
+/// A user without channel permissions (Redis 7's default for a new ACL
+/// user) gets one `-NOPERM` for a whole `SUBSCRIBE a b` and is not
+/// subscribed: through keyward the client goes on exactly as on Redis
+/// (no reply owed for ever, no subscriber mode), in RESP2 and RESP3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_the_acl_refuses_leaves_the_client_as_on_redis() {
+    let redis = Redis::start();
+    assert_eq!(
+        esc(&redis.call(&[
+            b"ACL",
+            b"SETUSER",
+            b"app",
+            b"on",
+            b">pw",
+            b"~*",
+            b"+@all",
+            b"resetchannels",
+            b"&ok*"
+        ])),
+        esc(b"+OK\r\n")
+    );
+    let kw = Keyward::start_for(
+        &redis,
+        "username = \"app\"\npassword = \"pw\"\n\
+         [hotkeys]\nfleet = false\n[cache]\nmax_mb = 0\n",
+        &[],
+    );
+    wait_ready_status(&kw, 200, DEADLINE).await;
+    let steps: &[&[&[u8]]] = &[
+        &[b"SUBSCRIBE", b"a", b"b"],
+        &[b"PING"],
+        &[b"SET", b"x", b"1"],
+        &[b"SELECT", b"2"],
+        &[b"GET", b"x"],
+        &[b"SUBSCRIBE", b"ok1", b"no"],
+        &[b"PSUBSCRIBE", b"p*", b"q*"],
+        &[b"UNSUBSCRIBE"],
+        &[b"SUBSCRIBE", b"ok1", b"ok2"],
+        &[b"SUBSCRIBE", b"ok1", b"nope"],
+        &[b"PING"],
+        &[b"UNSUBSCRIBE"],
+        &[b"SSUBSCRIBE", b"s1"],
+        &[b"SELECT", b"0"],
+        &[b"GET", b"x"],
+        &[b"PING"],
+    ];
+    for resp3 in [false, true] {
+        let mut direct = Raw::connect(redis.port()).await;
+        let mut c = Raw::connect(kw.port()).await;
+        assert_eq!(direct.call(&[b"AUTH", b"app", b"pw"]).await, b"+OK\r\n");
+        if resp3 {
+            direct.call(&[b"HELLO", b"3"]).await;
+            c.call(&[b"HELLO", b"3"]).await;
+        }
+        // Each step and a PING that ends its replies (in subscriber mode
+        // too), compared whole.
+        for (i, req) in steps.iter().enumerate() {
+            let end = format!("end-of-step-{i}");
+            let both = [cmd(req), cmd(&[b"PING", end.as_bytes()])].concat();
+            direct.send(&both).await;
+            c.send(&both).await;
+            let end = format!("{end}\r\n");
+            let want = direct.read_through(end.as_bytes()).await;
+            assert_eq!(
+                esc(&c.read_through(end.as_bytes()).await),
+                esc(&want),
+                "resp3 {resp3}, step {i}: {}",
+                esc(&cmd(req))
+            );
+        }
+        // A reply keyward makes itself comes after every reply owed: none
+        // is owed for ever. (Redis's own connection id differs.)
+        let hello: &[&[u8]] = if resp3 {
+            &[b"HELLO", b"3"]
+        } else {
+            &[b"HELLO", b"2"]
+        };
+        let masked = |r: Vec<u8>| {
+            let text = String::from_utf8_lossy(&r).to_string();
+            let at = text.find("id\r\n:").expect("an id field") + 5;
+            let end = at + text[at..].find("\r\n").expect("CRLF");
+            format!("{}N{}", &text[..at], &text[end..])
+        };
+        let want = masked(direct.call(hello).await);
+        assert_eq!(masked(c.call(hello).await), want, "resp3 {resp3}");
+        // Not subscribed: the dedicated connection is given back.
+        wait_until("no dedicated connection", DEADLINE, || async {
+            metric(&metrics(&kw).await, "keyward_pinned_connections") == Some(0.0)
+        })
+        .await;
+        // The same steps as one pipeline, on fresh connections, read up to
+        // a closing ECHO.
+        let mut direct = Raw::connect(redis.port()).await;
+        let mut c = Raw::connect(kw.port()).await;
+        assert_eq!(direct.call(&[b"AUTH", b"app", b"pw"]).await, b"+OK\r\n");
+        if resp3 {
+            direct.call(&[b"HELLO", b"3"]).await;
+            c.call(&[b"HELLO", b"3"]).await;
+        }
+        let mut all: Vec<u8> = steps.iter().flat_map(|r| cmd(r)).collect();
+        all.extend(cmd(&[b"ECHO", b"end-of-steps"]));
+        direct.send(&all).await;
+        c.send(&all).await;
+        let want = direct.read_through(b"end-of-steps\r\n").await;
+        assert_eq!(
+            esc(&c.read_through(b"end-of-steps\r\n").await),
+            esc(&want),
+            "resp3 {resp3}, pipelined"
+        );
+    }
 }

@@ -1105,8 +1105,25 @@ impl Reader {
         }
     }
 
+    /// Apply Redis's answers to the SUBSCRIBEs sent so far (see
+    /// `SessionState::settle`).
+    fn settle_subscriptions(&mut self) {
+        match &self.pinned {
+            Some(p) => {
+                let settled = p.take_settled();
+                if !settled.is_empty() {
+                    self.state.settle(&settled);
+                }
+            }
+            // Nothing more will answer them.
+            None if self.state.unsettled() => self.state.settle(&[(u64::MAX, false)]),
+            None => {}
+        }
+    }
+
     /// Give the pinned connection back when nothing ties the client to it.
     async fn maybe_release(&mut self) {
+        self.settle_subscriptions();
         let Some(p) = &self.pinned else { return };
         if !(p.idle() && self.state.clean()) {
             return;
@@ -1385,7 +1402,6 @@ impl Reader {
         // ("Can't execute ...: only (P|S)SUBSCRIBE / ... are allowed"), and
         // for KEYWARD (unknown to Redis) and SYNC/PSYNC (not allowed) inside
         // MULTI, where the refusal also makes EXEC abort, as it would.
-        let mut subscriber = self.proto == Proto::Resp2 && self.state.subscribed();
         let local = matches!(
             class,
             Class::Hello | Class::Auth | Class::Keyward | Class::Replication
@@ -1404,6 +1420,18 @@ impl Reader {
                 | Class::Subscribe(_)
                 | Class::Unsubscribe(_)
         );
+        self.settle_subscriptions();
+        if (local || tracked) && self.state.unsettled() && self.pinned.is_some() {
+            // What the subscriptions are (so whether the client is in
+            // subscriber mode, and how many confirmations an UNSUBSCRIBE
+            // gets) waits for Redis's answer to an earlier SUBSCRIBE: it
+            // may have refused it as a whole.
+            if !self.wait_owed().await {
+                return;
+            }
+            self.settle_subscriptions();
+        }
+        let mut subscriber = self.proto == Proto::Resp2 && self.state.subscribed();
         if (local || tracked)
             && !subscriber
             && self.proto == Proto::Resp2
@@ -1615,7 +1643,10 @@ impl Reader {
                 if self.ensure_pinned().await {
                     let names: Vec<Bytes> =
                         (1..args.len()).map(|i| arg_bytes(&frame, req, i)).collect();
-                    let expect = self.state.subscribe(kind, &names);
+                    let (expect, id) = self.state.subscribe(kind, &names);
+                    if let (Some(p), Some(id)) = (&self.pinned, id) {
+                        p.group_next(expect, id);
+                    }
                     self.send_pinned(&frame, expect).await;
                 }
             }

@@ -7,7 +7,7 @@
 //! that may not exist) the tracking errs on the side of staying pinned, which
 //! costs a connection but never mixes state into the shared pool.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 
 use bytes::Bytes;
 
@@ -36,6 +36,20 @@ pub struct SessionState {
     pub channels: HashSet<Bytes>,
     pub patterns: HashSet<Bytes>,
     pub shard_channels: HashSet<Bytes>,
+    /// SUBSCRIBEs sent whose first reply has not come: Redis refuses one
+    /// as a whole when the ACL denies any of its channels (`-NOPERM`), and
+    /// the names it added then go again (see `settle`).
+    unconfirmed: VecDeque<Unconfirmed>,
+    next_subscribe: u64,
+}
+
+/// See `SessionState::unconfirmed`.
+#[derive(Debug)]
+struct Unconfirmed {
+    id: u64,
+    kind: SubKind,
+    /// The names it added (not subscribed before).
+    fresh: Vec<Bytes>,
 }
 
 impl SessionState {
@@ -110,14 +124,51 @@ impl SessionState {
         }
     }
 
-    /// Apply (UN)SUBSCRIBE with `names`; returns the replies Redis sends.
-    pub fn subscribe(&mut self, kind: SubKind, names: &[Bytes]) -> u64 {
+    /// Apply SUBSCRIBE with `names`; returns the replies Redis sends and
+    /// the id to report its outcome to `settle` with. None under CLIENT
+    /// REPLY OFF or SKIP: a refusal is then silent, so no reply settles it
+    /// (the names stay, as before this bookkeeping).
+    pub fn subscribe(&mut self, kind: SubKind, names: &[Bytes]) -> (u64, Option<u64>) {
+        let silent = self.reply_off || self.reply_skip;
         let set = self.subs(kind);
+        let mut fresh = Vec::new();
         for n in names {
-            set.insert(n.clone());
+            if set.insert(n.clone()) {
+                fresh.push(n.clone());
+            }
         }
+        let id = (!silent).then(|| {
+            self.next_subscribe += 1;
+            let id = self.next_subscribe;
+            self.unconfirmed.push_back(Unconfirmed { id, kind, fresh });
+            id
+        });
         // Redis answers once per argument; with none, one arity error.
-        self.silenced(names.len().max(1) as u64)
+        (self.silenced(names.len().max(1) as u64), id)
+    }
+
+    /// SUBSCRIBEs whose outcome is not known yet: the subscriptions are
+    /// what they say only once they are settled.
+    pub fn unsettled(&self) -> bool {
+        !self.unconfirmed.is_empty()
+    }
+
+    /// Apply Redis's answers to SUBSCRIBEs, in order: (id, refused).
+    pub fn settle(&mut self, settled: &[(u64, bool)]) {
+        for &(id, refused) in settled {
+            while self.unconfirmed.front().is_some_and(|u| u.id < id) {
+                self.unconfirmed.pop_front();
+            }
+            if self.unconfirmed.front().is_some_and(|u| u.id == id) {
+                let u = self.unconfirmed.pop_front().expect("checked");
+                if refused {
+                    let set = self.subs(u.kind);
+                    for n in &u.fresh {
+                        set.remove(n);
+                    }
+                }
+            }
+        }
     }
 
     /// The `n` confirmations of an (UN)SUBSCRIBE: Redis sends them whatever
@@ -154,7 +205,8 @@ mod tests {
         let a = Bytes::from_static(b"a");
         let b = Bytes::from_static(b"b");
         assert_eq!(
-            s.subscribe(SubKind::Channel, &[a.clone(), b.clone(), a.clone()]),
+            s.subscribe(SubKind::Channel, &[a.clone(), b.clone(), a.clone()])
+                .0,
             3
         );
         assert!(!s.clean());
@@ -169,12 +221,36 @@ mod tests {
         let a = Bytes::from_static(b"a");
         let b = Bytes::from_static(b"b");
         s.set_reply_mode(ReplyMode::Skip);
-        assert_eq!(s.subscribe(SubKind::Channel, &[a.clone(), b.clone()]), 2);
+        assert_eq!(
+            s.subscribe(SubKind::Channel, &[a.clone(), b.clone()]),
+            (2, None)
+        );
+        assert!(!s.unsettled());
         // The SKIP was spent on SUBSCRIBE.
         assert_eq!(s.replies_for_next(), 1);
         s.set_reply_mode(ReplyMode::Off);
         assert_eq!(s.unsubscribe(SubKind::Channel, &[]), 2);
         assert!(!s.subscribed());
+    }
+
+    #[test]
+    fn a_refused_subscribe_takes_back_only_what_it_added() {
+        let mut s = SessionState::default();
+        let a = Bytes::from_static(b"a");
+        let b = Bytes::from_static(b"b");
+        let (_, first) = s.subscribe(SubKind::Channel, std::slice::from_ref(&a));
+        let (n, second) = s.subscribe(SubKind::Channel, &[a.clone(), b.clone()]);
+        assert_eq!(n, 2);
+        assert!(s.unsettled());
+        s.settle(&[(first.unwrap(), false), (second.unwrap(), true)]);
+        assert!(!s.unsettled());
+        // `a` was subscribed before the refused request: it stays.
+        assert!(s.channels.contains(&a) && !s.channels.contains(&b));
+        let (_, third) = s.subscribe(SubKind::Pattern, std::slice::from_ref(&b));
+        s.settle(&[(third.unwrap(), true)]);
+        assert!(s.patterns.is_empty());
+        assert_eq!(s.unsubscribe(SubKind::Channel, &[]), 1);
+        assert!(s.clean());
     }
 
     #[test]

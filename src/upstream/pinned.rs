@@ -95,6 +95,24 @@ pub struct PinShared {
     progress_ms: AtomicU64,
     /// Notified when replies become owed with none owed before.
     owed: Notify,
+    /// Requests owing several replies that Redis may refuse as a whole with
+    /// one error (an (UN)SUBSCRIBE of several channels an ACL denies), in
+    /// order of their first reply (see `Pinned::group_next`).
+    groups: Mutex<VecDeque<Group>>,
+    /// `groups` is not empty: the relay looks at it only then.
+    grouped: AtomicBool,
+    /// Groups whose first reply has arrived: (id, refused).
+    settled: Mutex<Vec<(u64, bool)>>,
+}
+
+/// See `PinShared::groups`.
+#[derive(Debug)]
+struct Group {
+    /// The number of its first reply (counted from the start, as `sent`).
+    first: u64,
+    /// Replies it owes if Redis runs it.
+    n: u64,
+    id: u64,
 }
 
 /// Milliseconds on a monotonic clock, for `PinShared::progress_ms`.
@@ -123,6 +141,31 @@ impl PinShared {
         let sent = self.sent.load(Ordering::Acquire);
         let answered = sent.saturating_sub(self.outstanding.load(Ordering::Acquire));
         at != 0 && answered < at
+    }
+
+    /// How many owed replies the reply numbered `number` stands for: all of
+    /// a group's when it is the group's first and an error (Redis refused
+    /// the whole request), else one.
+    fn answers(&self, number: u64, frame: &[u8]) -> u64 {
+        if !self.grouped.load(Ordering::Acquire) {
+            return 1;
+        }
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        let mut settled = self.settled.lock().unwrap_or_else(|e| e.into_inner());
+        let mut count = 1;
+        while let Some(g) = groups.front() {
+            if g.first > number {
+                break;
+            }
+            let refused = g.first == number && frame.first() == Some(&b'-');
+            if refused {
+                count = g.n;
+            }
+            settled.push((g.id, refused));
+            groups.pop_front();
+        }
+        self.grouped.store(!groups.is_empty(), Ordering::Release);
+        count
     }
 
     /// Is reply number `n` one to drop? (Numbers come in order.)
@@ -297,6 +340,29 @@ impl Pinned {
             // The relay has ended (and run what it found): nothing will.
             self.shared.replied(u64::MAX);
         }
+    }
+
+    /// The next `send` owes `n` replies that Redis may refuse as a whole
+    /// with a single error reply (it checks an (UN)SUBSCRIBE's channels
+    /// against the ACL before it confirms any). `take_settled` reports it,
+    /// as `id`, once its first reply is in. Call before that `send`.
+    pub fn group_next(&self, n: u64, id: u64) {
+        let first = self.shared.sent.load(Ordering::Acquire) + 1;
+        let mut groups = self.shared.groups.lock().unwrap_or_else(|e| e.into_inner());
+        groups.push_back(Group { first, n, id });
+        self.shared.grouped.store(true, Ordering::Release);
+    }
+
+    /// The groups (`group_next`) answered since the last call, in order:
+    /// (id, refused by Redis).
+    pub fn take_settled(&self) -> Vec<(u64, bool)> {
+        std::mem::take(
+            &mut *self
+                .shared
+                .settled
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
     }
 
     /// Write requests owing `expect` replies.
@@ -614,7 +680,7 @@ async fn relay(
                         proto,
                         shared.subscribed.load(Ordering::Relaxed),
                     ) {
-                        answered += 1;
+                        answered += shared.answers(received + answered + 1, &buf[start..end]);
                         // keyward's RESET probe is found by its reply, not
                         // its number: a reply keyward did not count (a
                         // confirmation an EXEC sends under CLIENT REPLY OFF)
