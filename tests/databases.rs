@@ -156,16 +156,26 @@ async fn select_replies_match_redis() {
     );
     let mut direct = Raw::connect(redis.port()).await;
     let mut c = Raw::connect(kw.port()).await;
-    let cases: [&[&[u8]]; 9] = [
+    let cases: [&[&[u8]]; 19] = [
         &[b"SELECT", b"5"],
         &[b"SELECT", b"16"],
         &[b"SELECT", b"-1"],
         &[b"SELECT", b"x"],
         &[b"SELECT", b"05"],
+        &[b"SELECT", b"+5"],
+        &[b"SELECT", b" 5"],
+        &[b"SELECT", b"-0"],
+        &[b"SELECT", b"1.0"],
+        &[b"SELECT", b"0x1"],
+        &[b"SELECT", b"99999999999999999999"],
         &[b"SELECT"],
         &[b"SELECT", b"1", b"2"],
         &[b"GET", b"where"],
         &[b"SELECT", b"0"],
+        &[b"SELECT", b"9223372036854775807"],
+        &[b"SELECT", b"-2147483649"],
+        &[b"SELECT", b"2147483648"],
+        &[b"SELECT", b"-9223372036854775809"],
     ];
     for req in cases {
         let want = direct.call(req).await;
@@ -254,12 +264,45 @@ async fn a_database_the_upstream_lost_is_refused_at_once() {
     for _ in 0..20 {
         assert_eq!(esc(&c.call(&[b"GET", b"a"]).await), esc(refusal.as_bytes()));
     }
-    // keyward learned the new range: SELECT answers as Redis does.
-    let mut direct = Raw::connect(redis.port()).await;
-    for req in [&[&b"SELECT"[..], b"9"][..], &[b"SELECT", b"2"]] {
-        let want = direct.call(req).await;
-        assert_eq!(esc(&c.call(req).await), esc(&want), "{}", esc(&cmd(req)));
+    // A dedicated connection cannot open in database 9 either: nothing
+    // runs in database 0 instead.
+    for req in [
+        &[&b"MULTI"[..]][..],
+        &[b"CLIENT", b"SETNAME", b"x"],
+        &[b"BLPOP", b"q", b"1"],
+        &[b"SUBSCRIBE", b"ch"],
+    ] {
+        assert_eq!(
+            esc(&c.call(req).await),
+            esc(refusal.as_bytes()),
+            "{}",
+            esc(&cmd(req))
+        );
+        assert_eq!(
+            esc(&c.call(&[b"SET", b"t", b"1"]).await),
+            esc(refusal.as_bytes())
+        );
     }
+    assert_eq!(esc(&redis.call(&[b"DBSIZE"])), esc(b":0\r\n"));
+    // keyward learns the new range when its first connection is back
+    // (perhaps after the refusals above): SELECT then answers as Redis.
+    let mut direct = Raw::connect(redis.port()).await;
+    let want = direct.call(&[b"SELECT", b"9"]).await;
+    assert_eq!(esc(&want), esc(b"-ERR DB index is out of range\r\n"));
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let got = c.call(&[b"SELECT", b"9"]).await;
+        if got == want {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "SELECT 9 still answered {} after {DEADLINE:?}",
+            esc(&got)
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    assert_eq!(esc(&c.call(&[b"SELECT", b"2"]).await), esc(b"+OK\r\n"));
     assert_eq!(esc(&c.call(&[b"SET", b"b", b"2"]).await), esc(b"+OK\r\n"));
     assert_eq!(
         esc(&redis_cmd_in(redis.port(), "2", &[b"GET", b"b"])),

@@ -1206,6 +1206,7 @@ impl Reader {
         let mut p = Pinned::open(
             &up,
             self.proto,
+            self.state.db,
             permit,
             tx.clone(),
             self.shared.meter.clone(),
@@ -1214,15 +1215,6 @@ impl Reader {
         .map_err(fail)?;
         p.drain_on(self.ctx.shutdown.clone());
         p.set_carry_any_loss(self.ctx.config.uses_sentinel());
-        if self.state.db != 0 {
-            // The client's database, before anything of its own.
-            let db = self.state.db.to_string();
-            let mut out = BytesMut::new();
-            reply::command(&mut out, &[b"SELECT", db.as_bytes()]);
-            p.send_swallowed(&out, 1)
-                .await
-                .map_err(|e| (ErrorKind::from(&e.kind), e.resp_text()))?;
-        }
         self.push(Entry::Relay(rx));
         self.pinned = Some(p);
         self.pinned_tx = Some(tx);
@@ -1558,13 +1550,19 @@ impl Reader {
                             && self.pinned.is_none()
                             && (n < 0 || databases.is_some_and(|d| n >= d)) =>
                     {
+                        // Redis reads the index as a 32-bit integer first.
+                        let text = if i32::try_from(n).is_err() {
+                            "ERR value is out of range, value must between -2147483648 and 2147483647"
+                        } else {
+                            "ERR DB index is out of range"
+                        };
                         let mut out = BytesMut::new();
-                        reply::error(&mut out, "ERR DB index is out of range");
+                        reply::error(&mut out, text);
                         self.local_reply(out.freeze(), 1).await;
                     }
                     // The same on a dedicated connection, where it may be
                     // queued in MULTI: Redis answers.
-                    Some(n) if databases.is_some_and(|d| n >= d) => {
+                    Some(n) if self.pinned.is_some() && databases.is_some_and(|d| n >= d) => {
                         self.forward(req, frame).await
                     }
                     // A database Redis has: the client moves to that
@@ -1602,7 +1600,21 @@ impl Reader {
                             self.send_pinned(&frame, expect).await;
                         }
                     }
-                    // Malformed: Redis's own error, from wherever we are.
+                    // Malformed, on the shared pool: Redis's error, made
+                    // here (a SELECT must never reach a shared connection,
+                    // where it would move every client on it).
+                    _ if self.pinned.is_none() => {
+                        let text = if args.len() == 2 {
+                            "ERR value is not an integer or out of range"
+                        } else {
+                            "ERR wrong number of arguments for 'select' command"
+                        };
+                        let mut out = BytesMut::new();
+                        reply::error(&mut out, text);
+                        self.local_reply(out.freeze(), 1).await;
+                    }
+                    // Malformed, on a dedicated connection (perhaps queued
+                    // in MULTI, which the error aborts): Redis answers.
                     _ => self.forward(req, frame).await,
                 }
             }

@@ -292,11 +292,14 @@ impl Ctx {
                 Some(u) => next.push(u.clone()),
                 None => {
                     let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+                    // What a replica reports (its `databases` may differ)
+                    // must not stand for the master's: clients' SELECTs
+                    // are checked against the master's.
                     next.push(Upstream::start(
                         &self.config,
                         a,
                         generation,
-                        self.learned.clone(),
+                        Arc::new(Learned::default()),
                     ));
                 }
             }

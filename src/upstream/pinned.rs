@@ -253,10 +253,13 @@ pub struct Pinned {
 }
 
 impl Pinned {
-    /// Connect and start the relay reader feeding `tx`.
+    /// Connect, in database `db`, and start the relay reader feeding `tx`.
+    /// Redis's refusal of the SELECT fails the open (the client must not
+    /// run its commands in database 0 instead).
     pub async fn open(
         upstream: &Upstream,
         proto: Proto,
+        db: i64,
         permit: OwnedSemaphorePermit,
         tx: mpsc::Sender<PinMsg>,
         meter: Arc<Meter>,
@@ -269,10 +272,13 @@ impl Pinned {
             }
             true => None,
         };
-        let stream = match kept {
+        let mut stream = match kept {
             Some(s) => s,
             None => connector::connect(settings, proto).await?,
         };
+        if db != 0 {
+            connector::select(&mut stream, settings, db).await?;
+        }
         // A second handle on the socket lets a retired generation shut it
         // down (both directions) while the session still owns the write half.
         let io =
