@@ -233,3 +233,42 @@ async fn connections_tied_to_tracking_are_not_reused() {
     // An invalidation of tr1 would come before the PONG.
     assert_eq!(esc(&u.call(&[b"PING"]).await), esc(b"+PONG\r\n"));
 }
+
+/// `CLIENT NO-EVICT on` survives RESET at Redis: a connection it was sent on
+/// is closed when given back, never handed to the next client (which would
+/// become exempt from client eviction without asking).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_evict_does_not_pass_to_the_next_client() {
+    let redis = Redis::start();
+    let kw = Keyward::start_for(&redis, QUIET, &[]);
+    wait_ready(&kw, DEADLINE).await;
+    for end in [&b"RESET"[..], b"QUIT"] {
+        let mut a = Raw::connect(kw.port()).await;
+        assert_eq!(
+            esc(&a.call(&[b"CLIENT", b"NO-EVICT", b"on"]).await),
+            esc(b"+OK\r\n")
+        );
+        // (Not CLIENT INFO here: that alone keeps the connection from reuse.)
+        let list = redis.call(&[b"CLIENT", b"LIST"]);
+        assert!(
+            String::from_utf8_lossy(&list).contains(" flags=e "),
+            "{}",
+            esc(&list)
+        );
+        let want: &[u8] = if end == b"RESET" {
+            b"+RESET\r\n"
+        } else {
+            b"+OK\r\n"
+        };
+        assert_eq!(esc(&a.call(&[end]).await), esc(want));
+        let mut b = Raw::connect(kw.port()).await;
+        let info = b.call(&[b"CLIENT", b"INFO"]).await;
+        assert!(
+            String::from_utf8_lossy(&info).contains(" flags=N "),
+            "after {}: {}",
+            String::from_utf8_lossy(end),
+            esc(&info)
+        );
+        assert_eq!(esc(&b.call(&[b"RESET"]).await), esc(b"+RESET\r\n"));
+    }
+}

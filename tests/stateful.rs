@@ -677,6 +677,92 @@ async fn monitor_sees_other_clients_commands() {
     same("GET by B", &b.call(&[b"GET", b"mon"]).await, b"$1\r\nv\r\n");
 }
 
+/// A MONITOR line (`+<secs>.<micros> [...] ...`), as opposed to a reply.
+fn is_monitor_line(frame: &[u8]) -> bool {
+    let t = String::from_utf8_lossy(frame);
+    let Some(rest) = t.strip_prefix('+') else {
+        return false;
+    };
+    let (secs, rest) = rest.split_once('.').unwrap_or(("", ""));
+    !secs.is_empty() && secs.bytes().all(|b| b.is_ascii_digit()) && rest.contains(" [")
+}
+
+/// The replies (MONITOR lines left out) up to and including `last`.
+async fn replies_through(c: &mut Raw, last: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let f = c.read_reply().await;
+        if is_monitor_line(&f) {
+            continue;
+        }
+        let done = f == last;
+        out.push(f);
+        if done {
+            return out;
+        }
+    }
+}
+
+/// A monitoring client's own requests (PING, RESET, HELLO ... SETNAME)
+/// get every reply, in order, while MONITOR streams other clients' traffic
+/// on the same connection: the lines are not taken for replies (they were,
+/// so a RESET lost PONGs still owed and a HELLO's SETNAME leaked its +OK).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monitoring_client_gets_its_replies_in_order_under_traffic() {
+    let (redis, kw) = setup().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = tokio::spawn({
+        let (stop, port) = (stop.clone(), redis.port());
+        async move {
+            let mut d = Raw::connect(port).await;
+            let batch: Vec<u8> = (0..100).flat_map(|_| cmd(&[b"SET", b"k", b"v"])).collect();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                d.send(&batch).await;
+                d.read_replies(100).await;
+            }
+        }
+    });
+    for round in 0..5 {
+        let mut mon = Raw::connect(kw.port()).await;
+        same("MONITOR", &mon.call(&[b"MONITOR"]).await, b"+OK\r\n");
+        let mut pipeline: Vec<u8> = (0..200).flat_map(|_| cmd(&[b"PING"])).collect();
+        pipeline.extend(cmd(&[b"RESET"]));
+        pipeline.extend(cmd(&[b"ECHO", b"after"]));
+        mon.send(&pipeline).await;
+        let got = replies_through(&mut mon, b"$5\r\nafter\r\n").await;
+        let mut want = vec![b"+PONG\r\n".to_vec(); 200];
+        want.push(b"+RESET\r\n".to_vec());
+        want.push(b"$5\r\nafter\r\n".to_vec());
+        assert_eq!(
+            got.iter().map(|f| esc(f)).collect::<Vec<_>>(),
+            want.iter().map(|f| esc(f)).collect::<Vec<_>>(),
+            "round {round}"
+        );
+
+        let mut mon = Raw::connect(kw.port()).await;
+        same("MONITOR", &mon.call(&[b"MONITOR"]).await, b"+OK\r\n");
+        let mut pipeline = cmd(&[b"HELLO", b"2", b"SETNAME", b"foo"]);
+        pipeline.extend(cmd(&[b"PING"]));
+        pipeline.extend(cmd(&[b"CLIENT", b"GETNAME"]));
+        mon.send(&pipeline).await;
+        let got = replies_through(&mut mon, b"$3\r\nfoo\r\n").await;
+        assert_eq!(
+            got.len(),
+            3,
+            "round {round}: {:?}",
+            got.iter().map(|f| esc(f)).collect::<Vec<_>>()
+        );
+        assert!(
+            got[0].starts_with(b"*14\r\n$6\r\nserver\r\n"),
+            "{}",
+            esc(&got[0])
+        );
+        same("PING", &got[1], b"+PONG\r\n");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.await.expect("flood task");
+}
+
 // ---------------------------------------------------------------------------
 // SELECT
 // ---------------------------------------------------------------------------
@@ -1321,16 +1407,17 @@ async fn state_rules_match_redis_for_commands_keyward_answers() {
             2,
         ),
         (
-            "RESP2 subscriber mode refuses AUTH, HELLO, KEYWARD",
+            "RESP2 subscriber mode refuses AUTH, HELLO, KEYWARD, SCRIPT DEBUG",
             false,
             pipeline(&[
                 &[b"SUBSCRIBE", b"ch"],
                 &[b"AUTH", b"x"],
                 &[b"HELLO"],
                 &[b"KEYWARD", b"HELP"],
+                &[b"SCRIPT", b"DEBUG", b"YES"],
                 &[b"RESET"],
             ]),
-            5,
+            6,
         ),
         (
             "KEYWARD and SYNC inside MULTI abort the transaction",

@@ -1487,6 +1487,9 @@ impl Reader {
         {
             self.state.client_state = true;
             self.state.queued_subscribe |= matches!(class, Class::Subscribe(_));
+            if let (Class::Monitor, Some(p)) = (class, &self.pinned) {
+                p.monitor_next();
+            }
             return self.forward(req, frame).await;
         }
         match class {
@@ -1623,12 +1626,21 @@ impl Reader {
                     match class {
                         Class::Multi => self.state.in_multi = true,
                         Class::Watch if !self.state.in_multi => self.state.watching = true,
-                        Class::Monitor => self.state.monitor = true,
+                        Class::Monitor => {
+                            self.state.monitor = true;
+                            if let Some(p) = &self.pinned {
+                                p.monitor_next();
+                            }
+                        }
                         Class::ClientState => {
                             self.state.client_state = true;
                             let sub = args.get(1).map(|s| s.to_ascii_lowercase());
-                            if let (Some(b"id" | b"info" | b"tracking"), Some(p)) =
-                                (sub.as_deref(), &mut self.pinned)
+                            // State RESET does not clear (NO-EVICT, NO-TOUCH)
+                            // or that ties the connection to this client.
+                            if let (
+                                Some(b"id" | b"info" | b"tracking" | b"no-evict" | b"no-touch"),
+                                Some(p),
+                            ) = (sub.as_deref(), &mut self.pinned)
                             {
                                 p.not_for_reuse();
                             }
@@ -1721,7 +1733,16 @@ impl Reader {
                 self.local_reply(out.freeze(), 1).await;
             }
             Class::Refused => {
-                let text = local::refusal(&args);
+                let nul = args.iter().take(2).any(|a| a.contains(&0));
+                let text = if !nul && self.proto == Proto::Resp2 && self.state.subscribed() {
+                    // SCRIPT DEBUG in RESP2 subscriber mode: Redis's refusal
+                    // comes first.
+                    "ERR Can't execute 'script|debug': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / \
+                     PING / QUIT / RESET are allowed in this context"
+                        .to_string()
+                } else {
+                    local::refusal(&args)
+                };
                 self.local_error(ErrorKind::Refused, &text).await
             }
             Class::Replication => {

@@ -103,6 +103,9 @@ pub struct PinShared {
     grouped: AtomicBool,
     /// Groups whose first reply has arrived: (id, refused).
     settled: Mutex<Vec<(u64, bool)>>,
+    /// MONITOR was sent: its lines (simple strings, in RESP3 too) answer
+    /// no request.
+    monitor: AtomicBool,
 }
 
 /// See `PinShared::groups`.
@@ -391,6 +394,12 @@ impl Pinned {
                 format!("pinned connection write failed: {e}"),
             )
         })
+    }
+
+    /// MONITOR is sent next (or queued in MULTI): from now on the lines
+    /// it streams are told apart from replies.
+    pub fn monitor_next(&self) {
+        self.shared.monitor.store(true, Ordering::Release);
     }
 
     /// The next request sent is a blocking call that runs now (not queued
@@ -685,7 +694,9 @@ async fn relay(
                         &buf[start..end],
                         proto,
                         shared.subscribed.load(Ordering::Relaxed),
-                    ) {
+                    ) && !(shared.monitor.load(Ordering::Relaxed)
+                        && monitor_line(&buf[start..end]))
+                    {
                         answered += shared.answers(received + answered + 1, &buf[start..end]);
                         // keyward's RESET probe is found by its reply, not
                         // its number: a reply keyward did not count (a
@@ -851,6 +862,22 @@ fn answers_request(frame: &[u8], proto: Proto, subscribed: bool) -> bool {
     }
 }
 
+/// A MONITOR line: `+<seconds>.<micros> [<db> <client>] "cmd" ...`. No
+/// reply a monitoring client can get (to PING, AUTH, HELLO, CLIENT, RESET,
+/// QUIT) starts with digits and a dot.
+fn monitor_line(frame: &[u8]) -> bool {
+    let Some(rest) = frame.strip_prefix(b"+") else {
+        return false;
+    };
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let rest = &rest[digits..];
+    let Some(rest) = rest.strip_prefix(b".") else {
+        return false;
+    };
+    let micros = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    digits > 0 && micros > 0 && rest[micros..].starts_with(b" [")
+}
+
 /// An (un)subscribe confirmation's kind (true: shard channels) and the
 /// subscription count it reports.
 fn confirmation(frame: &[u8]) -> Option<(bool, i64)> {
@@ -909,6 +936,24 @@ mod tests {
         shared.replied(u64::MAX);
         assert_eq!(ran.load(Ordering::Relaxed), 1 | 2 | 4);
         assert!(shared.after.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn monitor_lines_are_not_replies() {
+        assert!(monitor_line(
+            b"+1700000000.123456 [0 127.0.0.1:5000] \"SET\" \"k\" \"v\"\r\n"
+        ));
+        assert!(monitor_line(b"+1.2 [0 lua] \"GET\" \"k\"\r\n"));
+        for reply in [
+            &b"+OK\r\n"[..],
+            b"+PONG\r\n",
+            b"+RESET\r\n",
+            b"+1.5\r\n",
+            b"$5\r\n1.2 [\r\n",
+            b"+12 [x]\r\n",
+        ] {
+            assert!(!monitor_line(reply), "{}", String::from_utf8_lossy(reply));
+        }
     }
 
     #[test]
