@@ -696,6 +696,23 @@ async fn a_reply_redis_never_sends_does_not_cut_off_a_live_client() {
     }
 }
 
+/// `bytes` escaped, with the value of every HELLO `id` field replaced by N
+/// (keyward's connection ids are not Redis's).
+fn ids_masked(bytes: &[u8]) -> String {
+    let text = esc(bytes);
+    let mut out = String::new();
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("id\\r\\n:") {
+        let at = at + "id\\r\\n:".len();
+        out.push_str(&rest[..at]);
+        out.push('N');
+        rest = &rest[at..];
+        rest = &rest[rest.find("\\r\\n").unwrap_or(0)..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A user without channel permissions (Redis 7's default for a new ACL
 /// user) gets one `-NOPERM` for a whole `SUBSCRIBE a b` and is not
 /// subscribed: through keyward the client goes on exactly as on Redis
@@ -724,8 +741,21 @@ async fn a_subscribe_the_acl_refuses_leaves_the_client_as_on_redis() {
         &[],
     );
     wait_ready_status(&kw, 200, DEADLINE).await;
+    // Refused, and nothing sent after it: the dedicated connection is given
+    // back all the same (it held a max_pinned slot until the next request).
+    let mut c = Raw::connect(kw.port()).await;
+    assert!(c.call(&[b"SUBSCRIBE", b"a"]).await.starts_with(b"-NOPERM"));
+    wait_until(
+        "the refused subscriber's connection given back",
+        DEADLINE,
+        || async { metric(&metrics(&kw).await, "keyward_pinned_connections") == Some(0.0) },
+    )
+    .await;
+    drop(c);
     let steps: &[&[&[u8]]] = &[
         &[b"SUBSCRIBE", b"a", b"b"],
+        &[b"HELLO", b"3"],
+        &[b"HELLO", b"2"],
         &[b"PING"],
         &[b"SET", b"x", b"1"],
         &[b"SELECT", b"2"],
@@ -760,8 +790,8 @@ async fn a_subscribe_the_acl_refuses_leaves_the_client_as_on_redis() {
             let end = format!("{end}\r\n");
             let want = direct.read_through(end.as_bytes()).await;
             assert_eq!(
-                esc(&c.read_through(end.as_bytes()).await),
-                esc(&want),
+                ids_masked(&c.read_through(end.as_bytes()).await),
+                ids_masked(&want),
                 "resp3 {resp3}, step {i}: {}",
                 esc(&cmd(req))
             );
@@ -801,9 +831,74 @@ async fn a_subscribe_the_acl_refuses_leaves_the_client_as_on_redis() {
         c.send(&all).await;
         let want = direct.read_through(b"end-of-steps\r\n").await;
         assert_eq!(
-            esc(&c.read_through(b"end-of-steps\r\n").await),
-            esc(&want),
+            ids_masked(&c.read_through(b"end-of-steps\r\n").await),
+            ids_masked(&want),
             "resp3 {resp3}, pipelined"
         );
     }
+}
+
+/// A refusal Redis silences (`-NOPERM` for a SUBSCRIBE under CLIENT REPLY
+/// OFF or SKIP) leaves confirmations keyward counted on that will never
+/// come. A client that then waits behind them (RESET, or a SUBSCRIBE whose
+/// count depends on them) is not left hanging: once Redis, answering PINGs
+/// on the shared connection, has sent nothing for
+/// `upstream.command_timeout_ms`, the owed replies fail as on a lost
+/// connection and the client is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_waiting_for_replies_redis_never_sends_is_not_left_hanging() {
+    let redis = Redis::start();
+    assert_eq!(
+        esc(&redis.call(&[
+            b"ACL",
+            b"SETUSER",
+            b"app",
+            b"on",
+            b">pw",
+            b"~*",
+            b"+@all",
+            b"resetchannels",
+            b"&ok*"
+        ])),
+        esc(b"+OK\r\n")
+    );
+    let kw = Keyward::start_for(
+        &redis,
+        "username = \"app\"\npassword = \"pw\"\ncommand_timeout_ms = 300\n\
+         [hotkeys]\nfleet = false\n[cache]\nmax_mb = 0\n",
+        &[],
+    );
+    wait_ready_status(&kw, 200, DEADLINE).await;
+    let sessions: [&[&[&[u8]]]; 2] = [
+        &[
+            &[b"CLIENT", b"REPLY", b"OFF"],
+            &[b"SUBSCRIBE", b"bad1"],
+            &[b"RESET"],
+            &[b"PING", b"e"],
+        ],
+        &[
+            &[b"CLIENT", b"REPLY", b"SKIP"],
+            &[b"SUBSCRIBE", b"bad1"],
+            &[b"SUBSCRIBE", b"bad1"],
+            &[b"SUBSCRIBE", b"ok1"],
+            &[b"PING", b"e"],
+        ],
+    ];
+    for (i, session) in sessions.iter().enumerate() {
+        let mut c = Raw::connect(kw.port()).await;
+        let all: Vec<u8> = session.iter().flat_map(|r| cmd(r)).collect();
+        c.send(&all).await;
+        let got = String::from_utf8_lossy(&c.read_to_close().await).to_string();
+        assert!(
+            got.contains("that Redis, answering others, did not send"),
+            "session {i}: {got:?}"
+        );
+        wait_until("the connection given up", DEADLINE, || async {
+            metric(&metrics(&kw).await, "keyward_pinned_connections") == Some(0.0)
+        })
+        .await;
+    }
+    // Others were never affected.
+    let mut d = Raw::connect(kw.port()).await;
+    assert_eq!(esc(&d.call(&[b"PING"]).await), esc(b"+PONG\r\n"));
 }

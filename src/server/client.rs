@@ -425,7 +425,9 @@ impl Reader {
             let Some(rd) = self.rd.as_mut() else { return };
             let buf = &mut self.buf;
             let pinned = &self.pinned;
-            let releasable = pinned.is_some() && self.state.clean();
+            // A SUBSCRIBE not yet answered may have been refused: once
+            // everything is in, the state may be clean.
+            let releasable = pinned.is_some() && (self.state.clean() || self.state.unsettled());
             // As Redis's `timeout`: subscribers and MONITOR are never idle.
             let timed = idle.filter(|_| !self.state.subscribed() && !self.state.monitor);
             // None: quiet for the idle timeout.
@@ -939,11 +941,13 @@ impl Reader {
             }
             std::future::pending::<()>().await
         };
+        p.set_awaited(true);
         let idle = tokio::select! {
             biased;
             _ = p.wait_idle() => true,
             _ = left => false,
         };
+        p.set_awaited(false);
         self.read_ahead |= read_ahead;
         self.closing |= !idle;
         idle
@@ -1120,9 +1124,17 @@ impl Reader {
     fn settle_subscriptions(&mut self) {
         match &self.pinned {
             Some(p) => {
+                // Idle first: the relay reports a group before it counts its
+                // replies in, so every answer is taken below.
+                let idle = p.idle();
                 let settled = p.take_settled();
                 if !settled.is_empty() {
                     self.state.settle(&settled);
+                }
+                if idle && self.state.unsettled() {
+                    // Everything owed is in, yet one is unanswered (replies
+                    // miscounted): take it as accepted rather than wait.
+                    self.state.settle(&[(u64::MAX, false)]);
                 }
             }
             // Nothing more will answer them.
@@ -1432,6 +1444,7 @@ impl Reader {
                 return;
             }
             self.settle_subscriptions();
+            self.maybe_release().await;
         }
         let mut subscriber = self.proto == Proto::Resp2 && self.state.subscribed();
         if (local || tracked)

@@ -106,6 +106,10 @@ pub struct PinShared {
     /// MONITOR was sent: its lines (simple strings, in RESP3 too) answer
     /// no request.
     monitor: AtomicBool,
+    /// The session is blocked until the owed replies are in (a RESET, a
+    /// release, a reply of its own): owed replies Redis does not send
+    /// while it answers others then fail the connection (see `relay`).
+    awaited: AtomicBool,
 }
 
 /// See `PinShared::groups`.
@@ -396,6 +400,12 @@ impl Pinned {
         })
     }
 
+    /// The session waits (or stops waiting) for every owed reply: see
+    /// `PinShared::awaited`.
+    pub fn set_awaited(&self, on: bool) {
+        self.shared.awaited.store(on, Ordering::Release);
+    }
+
     /// MONITOR is sent next (or queued in MULTI): from now on the lines
     /// it streams are told apart from replies.
     pub fn monitor_next(&self) {
@@ -649,6 +659,19 @@ async fn relay(
                     continue;
                 }
                 if watchdog.node_answers().await {
+                    if shared.awaited.load(Ordering::Acquire) {
+                        // Redis answers others but not these, and the
+                        // client is stuck behind them (a silenced refusal
+                        // keyward counted as replies to come, say): fail
+                        // them, as a lost connection does.
+                        break Error::upstream(
+                            Kind::OutcomeUnknown,
+                            format!(
+                                "{address}: replies owed for {} ms (upstream.command_timeout_ms) that Redis, answering others, did not send",
+                                command_timeout.as_millis()
+                            ),
+                        );
+                    }
                     shared.progress_ms.store(now_ms(), Ordering::Release);
                     continue;
                 }
