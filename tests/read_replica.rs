@@ -65,6 +65,28 @@ async fn reads_go_to_the_replica_and_fall_back_to_the_master() {
     }
     assert_eq!(get_calls(master.port()), m0, "reads reached the master");
     assert_eq!(get_calls(replica.port()), r0 + 20);
+    // A read may be stale, but never sees a write the client sent after it
+    // (the write waits for the replica's answer).
+    for i in 0..300 {
+        let (a, b) = (format!("a{i}"), format!("b{i}"));
+        let pipeline = [
+            cmd(&[b"SET", b"fk", a.as_bytes()]),
+            cmd(&[b"GET", b"fk"]),
+            cmd(&[b"SET", b"fk", b.as_bytes()]),
+        ]
+        .concat();
+        raw.send(&pipeline).await;
+        let replies = raw.read_replies(3).await;
+        assert_ne!(
+            esc(&replies[1]),
+            esc(&bulk(b.as_bytes())),
+            "round {i}: the GET saw the SET after it"
+        );
+    }
+    assert!(
+        get_calls(replica.port()) > r0 + 20,
+        "reads reached the replica"
+    );
     // Writes still go to the master (the replica is read-only).
     assert_eq!(
         esc(&raw.call(&[b"SET", b"rk", b"v2"]).await),

@@ -295,6 +295,7 @@ pub fn start(
         closing: false,
         sampler: Sampler::new(id),
         run_replica: false,
+        replica_reads: false,
         pending_written: Written::default(),
         multi_written: Written::default(),
         info,
@@ -361,6 +362,10 @@ struct Reader {
     sampler: Sampler,
     /// The run at the front of `buf` goes to a replica.
     run_replica: bool,
+    /// Reads were sent to a replica since the last wait for every reply:
+    /// the next batch for the master waits for them, so a read never sees
+    /// a write the client sent after it.
+    replica_reads: bool,
     /// What requests not yet handed on write: dropped from the near cache
     /// when sent and again when their replies arrive (see `cache::written`).
     pending_written: Written,
@@ -828,8 +833,12 @@ impl Reader {
                 meter,
             ) {
                 self.push_pooled(rx, req, count, batch);
+                self.replica_reads = true;
                 return;
             }
+        }
+        if std::mem::take(&mut self.replica_reads) {
+            self.barrier().await;
         }
         self.send_pool(req, count, batch).await;
     }
