@@ -1311,6 +1311,12 @@ async fn failover_timeline_in_topology_metrics_and_info() {
     let (master, replica, sentinels, kw) = sentinel_stack(1000).await;
     let admin = kw.admin_port();
 
+    let m = blocking(|| get_metrics(admin));
+    let old_series = format!(
+        "keyward_upstream_connections{{node=\"{}\",role=\"master\"}}",
+        master.addr()
+    );
+    assert!(metric(&m, &old_series).is_some_and(|v| v > 0.0), "{m}");
     let (status, topo) = blocking(|| get_json(admin, "/topology"));
     assert_eq!(status, 200, "{topo}");
     assert!(
@@ -1350,6 +1356,8 @@ async fn failover_timeline_in_topology_metrics_and_info() {
 
     let m = blocking(|| get_metrics(admin));
     assert_eq!(metric(&m, "keyward_failovers_total"), Some(1.0), "{m}");
+    // The old master's series no longer shows connections.
+    assert_eq!(metric(&m, &old_series), Some(0.0), "{m}");
     let mut raw = Raw::connect(kw.port()).await;
     let body = String::from_utf8(blob_body(&raw.call(&[b"INFO", b"keyward"]).await)).unwrap();
     let fields = keyward_fields(&body);

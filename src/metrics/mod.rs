@@ -217,6 +217,25 @@ pub fn render(ctx: &Ctx) -> Option<String> {
     for r in ctx.read_replicas.load().iter() {
         nodes.push((r.clone(), "replica"));
     }
+    // A node that changed role or left (a failover) keeps its last series
+    // in the registry: zero them, so only the current roles show traffic.
+    static SHOWN: std::sync::Mutex<Vec<(String, &'static str)>> = std::sync::Mutex::new(Vec::new());
+    let now: Vec<(String, &'static str)> = nodes
+        .iter()
+        .map(|(up, role)| (up.address().to_string(), *role))
+        .collect();
+    let mut shown = SHOWN.lock().unwrap_or_else(|e| e.into_inner());
+    for (node, role) in shown.iter().filter(|s| !now.contains(s)) {
+        for name in [
+            UPSTREAM_CONNECTIONS,
+            UPSTREAM_INFLIGHT,
+            UPSTREAM_BREAKER_OPEN,
+        ] {
+            metrics::gauge!(name, "node" => node.clone(), "role" => *role).set(0.0);
+        }
+    }
+    *shown = now;
+    drop(shown);
     for (up, role) in nodes {
         let node = up.address().to_string();
         let live = up.live();
