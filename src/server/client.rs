@@ -457,7 +457,7 @@ impl Reader {
             let n = tokio::select! {
                 biased;
                 _ = lost => {
-                    self.on_pinned_lost().await;
+                    Box::pin(self.on_pinned_lost()).await;
                     continue;
                 }
                 _ = became_idle => continue,
@@ -1401,7 +1401,7 @@ impl Reader {
             // session waited on something else, say its own KEYWARD
             // FAILOVER): the retired connection is being shut down.
             p.wait_lost().await;
-            self.on_pinned_lost().await;
+            Box::pin(self.on_pinned_lost()).await;
         }
         !self.closing && self.pinned.is_some()
     }
@@ -1515,7 +1515,7 @@ impl Reader {
             return self.forward(req, frame).await;
         }
         match class {
-            Class::Hello => self.hello(&args, &frame).await,
+            Class::Hello => Box::pin(self.hello(&args, &frame)).await,
             Class::Auth => {
                 let mut out = BytesMut::new();
                 local::auth(&mut out, &args[1..]);
@@ -1733,7 +1733,10 @@ impl Reader {
                 let mut out = BytesMut::new();
                 if args.len() == 2 && args[1].eq_ignore_ascii_case(b"failover") {
                     // A planned switchover; this client waits for it.
-                    match crate::topology::switchover::planned(self.ctx.clone()).await {
+                    // Boxed, as the other rare paths (HELLO, INFO, a lost
+                    // dedicated connection): inline they would enlarge every
+                    // client's task, idle or not.
+                    match Box::pin(crate::topology::switchover::planned(self.ctx.clone())).await {
                         Ok(_) => reply::simple(&mut out, "OK"),
                         Err(e) => reply::error(&mut out, &format!("ERR switchover failed: {e}")),
                     }
@@ -1776,7 +1779,7 @@ impl Reader {
             }
             Class::Info => {
                 let wanted = crate::admin::info::wanted(&args[1..]);
-                self.info(req, frame.clone(), wanted).await
+                Box::pin(self.info(req, frame.clone(), wanted)).await
             }
             Class::Forward => self.forward(req, frame).await,
         }
