@@ -1363,6 +1363,10 @@ impl Reader {
         // The request's permit covers nothing once it is on the relay.
         self.shared.permits.add_permits(1);
         self.ctx.stats.relayed(self.family);
+        // Whether a loss may be carried, as of this request, before it is
+        // out: the relay decides the moment the connection dies, which may
+        // be before this task runs again (a busy machine).
+        p.set_resubscribe(self.state.carryable());
         if let Err(e) = p.send(frame, expect).await {
             // The relay reports the lost connection; stop reading.
             tracing::debug!(conn = self.id, req = self.seq, error = %e, "pinned write failed");
