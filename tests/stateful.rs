@@ -1457,6 +1457,57 @@ async fn state_rules_match_redis_for_commands_keyward_answers() {
             ]),
             4,
         ),
+        (
+            "a value starting with CRLF, read on a dedicated connection",
+            false,
+            pipeline(&[
+                &[b"SET", b"crlfval", b"\r\nhello"],
+                &[b"CLIENT", b"SETNAME", b"app"],
+                &[b"GET", b"crlfval"],
+                &[b"PING"],
+                &[b"RESET"],
+            ]),
+            5,
+        ),
+        (
+            "EXEC with extra arguments aborts the transaction",
+            false,
+            pipeline(&[
+                &[b"MULTI"],
+                &[b"EXEC", b"x"],
+                &[b"CLIENT", b"REPLY", b"OFF"],
+                &[b"RESET"],
+                &[b"PING"],
+            ]),
+            4,
+        ),
+        (
+            "EXEC with extra arguments leaves no transaction open",
+            false,
+            pipeline(&[
+                &[b"MULTI"],
+                &[b"EXEC", b"x"],
+                &[b"SET", b"a", b"1"],
+                &[b"EXEC"],
+            ]),
+            4,
+        ),
+        (
+            "script replies shaped like subscribe confirmations and messages",
+            false,
+            pipeline(&[
+                &[b"CLIENT", b"GETNAME"],
+                &[b"EVAL", b"return {'subscribe','x',1}", b"0"],
+                &[b"EVAL", b"return {'message','x','y'}", b"0"],
+                &[b"MULTI"],
+                &[b"EVAL", b"return {'subscribe','x',1}", b"0"],
+                &[b"EXEC"],
+                &[b"GET", b"a"],
+                &[b"RESET"],
+                &[b"PING"],
+            ]),
+            9,
+        ),
     ];
     for (case, resp3, bytes, n) in &cases {
         let connect = |port| async move {

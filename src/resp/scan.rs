@@ -164,8 +164,12 @@ pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
 
 /// The elements of a complete aggregate frame, as raw sub-frames, without
 /// allocating (for the few frames keyward looks into: pushes, EXEC replies).
+/// Anything else (a bulk string holding RESP-looking bytes, say) has none.
 pub fn elements(frame: &[u8]) -> Elements<'_> {
-    let header = line_end(frame, 1).and_then(|nl| Some((nl, parse_int(&frame[1..nl - 1])?)));
+    let aggregate = matches!(frame.first(), Some(b'*' | b'~' | b'>' | b'%' | b'|'));
+    let header = line_end(frame, 1)
+        .filter(|&nl| aggregate && nl >= 2)
+        .and_then(|nl| Some((nl, parse_int(&frame[1..nl - 1])?)));
     match header {
         Some((nl, n)) => Elements {
             frame,
@@ -226,7 +230,7 @@ enum Element {
 /// Find the end of the `\r\n`-terminated line starting at `from`.
 #[inline]
 pub(crate) fn line_end(buf: &[u8], from: usize) -> Option<usize> {
-    memchr::memchr(b'\n', &buf[from..]).map(|i| from + i)
+    memchr::memchr(b'\n', buf.get(from..)?).map(|i| from + i)
 }
 
 /// Parse a decimal integer exactly as Redis's `string2ll` does (lengths,
@@ -269,6 +273,10 @@ fn element(buf: &[u8], pos: usize) -> Result<Element, ProtocolError> {
     let Some(nl) = line_end(buf, pos + 1) else {
         return Ok(Element::Incomplete(buf.len() + 1));
     };
+    // The type byte itself is the CR of a bare CRLF.
+    if nl < pos + 2 {
+        return Err(ProtocolError::new("expected a type byte"));
+    }
     if buf[nl - 1] != b'\r' {
         return Err(ProtocolError::new("expected CRLF at end of line"));
     }
@@ -316,6 +324,33 @@ fn element(buf: &[u8], pos: usize) -> Result<Element, ProtocolError> {
 
 #[cfg(test)]
 mod tests {
+    /// Upstream bytes are not trusted: no input makes the scanner or the
+    /// element walk panic (a reply starting with CRLF, `$7\r\n\r\nhello`,
+    /// once killed a dedicated connection's relay). Every string of up to 6
+    /// bytes over the protocol's own characters, alone and as a value.
+    #[test]
+    fn no_input_panics() {
+        use super::{elements, frame_len};
+        let alphabet = b"*$>+\r\n1-0:";
+        let mut input = Vec::new();
+        for len in 0..=6u32 {
+            for mut n in 0..(alphabet.len() as u64).pow(len) {
+                input.clear();
+                for _ in 0..len {
+                    input.push(alphabet[(n % alphabet.len() as u64) as usize]);
+                    n /= alphabet.len() as u64;
+                }
+                let _ = frame_len(&input);
+                let _ = elements(&input).count();
+                let bulk = [format!("${}\r\n", input.len()).as_bytes(), &input, b"\r\n"].concat();
+                assert_eq!(elements(&bulk).count(), 0);
+                let arr = [b"*1\r\n", &bulk[..]].concat();
+                assert_eq!(elements(&arr).count(), 1);
+                let _ = elements(&[b"*2\r\n", &input[..]].concat()).count();
+            }
+        }
+    }
+
     #[test]
     fn parse_int_is_string2ll() {
         use super::parse_int;

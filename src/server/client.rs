@@ -295,6 +295,7 @@ pub fn start(
         closing: false,
         sampler: Sampler::new(id),
         run_replica: false,
+        multi_pubsub: false,
         replica_reads: false,
         pending_written: Written::default(),
         multi_written: Written::default(),
@@ -362,6 +363,8 @@ struct Reader {
     sampler: Sampler,
     /// The run at the front of `buf` goes to a replica.
     run_replica: bool,
+    /// An (UN)SUBSCRIBE is queued in the current MULTI.
+    multi_pubsub: bool,
     /// Reads were sent to a replica since the last wait for every reply:
     /// the next batch for the master waits for them, so a read never sees
     /// a write the client sent after it.
@@ -1298,6 +1301,7 @@ impl Reader {
             args.extend(names.iter().map(|n| n.as_ref()));
             let mut out = BytesMut::new();
             reply::command(&mut out, &args);
+            p.pubsub_next(names.len() as u64);
             if p.send_swallowed(&out, names.len() as u64).await.is_err() {
                 self.closing = true;
                 return;
@@ -1495,6 +1499,13 @@ impl Reader {
                 .is_none_or(|i| i.arity_ok(args.len()));
             let allowed_subscribed = matches!(class, Class::Subscribe(_) | Class::Unsubscribe(_));
             if !arity_ok || (subscriber && !allowed_subscribed) {
+                if class == Class::Exec && self.state.in_multi && !subscriber {
+                    // Except EXEC: Redis refuses it by aborting the
+                    // transaction (-EXECABORT), WATCHes included.
+                    self.state.in_multi = false;
+                    self.state.watching = false;
+                    self.multi_pubsub = false;
+                }
                 return self.forward(req, frame).await;
             }
         }
@@ -1513,6 +1524,7 @@ impl Reader {
         {
             self.state.client_state = true;
             self.state.queued_subscribe |= matches!(class, Class::Subscribe(_));
+            self.multi_pubsub |= matches!(class, Class::Subscribe(_) | Class::Unsubscribe(_));
             if let (Class::Monitor, Some(p)) = (class, &self.pinned) {
                 p.monitor_next();
             }
@@ -1561,6 +1573,7 @@ impl Reader {
                 }
                 self.state = SessionState::default();
                 self.multi_written = Written::default();
+                self.multi_pubsub = false;
                 self.proto = Proto::Resp2;
                 if !silenced {
                     self.local_reply(out.freeze(), 1).await;
@@ -1692,6 +1705,13 @@ impl Reader {
                     Class::Exec | Class::Discard if self.state.in_multi => {
                         self.state.in_multi = false;
                         self.state.watching = false;
+                        // EXEC's reply holds the confirmations of the
+                        // (UN)SUBSCRIBEs queued.
+                        if std::mem::take(&mut self.multi_pubsub) && class == Class::Exec {
+                            if let Some(p) = &self.pinned {
+                                p.pubsub_next(1);
+                            }
+                        }
                     }
                     Class::Unwatch if !self.state.in_multi => self.state.watching = false,
                     _ => {}
@@ -1704,8 +1724,11 @@ impl Reader {
                     let names: Vec<Bytes> =
                         (1..args.len()).map(|i| arg_bytes(&frame, req, i)).collect();
                     let (expect, id) = self.state.subscribe(kind, &names);
-                    if let (Some(p), Some(id)) = (&self.pinned, id) {
-                        p.group_next(expect, id);
+                    if let Some(p) = &self.pinned {
+                        p.pubsub_next(expect);
+                        if let Some(id) = id {
+                            p.group_next(expect, id);
+                        }
                     }
                     self.send_pinned(&frame, expect).await;
                 }
@@ -1722,6 +1745,9 @@ impl Reader {
                 let names: Vec<Bytes> =
                     (1..args.len()).map(|i| arg_bytes(&frame, req, i)).collect();
                 let expect = self.state.unsubscribe(kind, &names);
+                if let Some(p) = &self.pinned {
+                    p.pubsub_next(expect);
+                }
                 self.send_pinned(&frame, expect).await;
             }
             Class::ClientReply(mode) => {

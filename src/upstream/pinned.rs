@@ -103,6 +103,11 @@ pub struct PinShared {
     grouped: AtomicBool,
     /// Groups whose first reply has arrived: (id, refused).
     settled: Mutex<Vec<(u64, bool)>>,
+    /// Reply numbers (first, last) that answer (UN)SUBSCRIBEs, or an EXEC
+    /// that ran some: only those can be subscribe confirmations.
+    pubsub: Mutex<VecDeque<(u64, u64)>>,
+    /// `pubsub` is not empty.
+    pubsub_any: AtomicBool,
     /// MONITOR was sent: its lines (simple strings, in RESP3 too) answer
     /// no request.
     monitor: AtomicBool,
@@ -173,6 +178,21 @@ impl PinShared {
         }
         self.grouped.store(!groups.is_empty(), Ordering::Release);
         count
+    }
+
+    /// Does the reply numbered `number` answer an (UN)SUBSCRIBE (or an
+    /// EXEC that ran one)? Numbers come in order.
+    fn pubsub_reply(&self, number: u64) -> bool {
+        if !self.pubsub_any.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut ranges = self.pubsub.lock().unwrap_or_else(|e| e.into_inner());
+        while ranges.front().is_some_and(|&(_, last)| last < number) {
+            ranges.pop_front();
+        }
+        let hit = ranges.front().is_some_and(|&(first, _)| first <= number);
+        self.pubsub_any.store(!ranges.is_empty(), Ordering::Release);
+        hit
     }
 
     /// Is reply number `n` one to drop? (Numbers come in order.)
@@ -364,6 +384,16 @@ impl Pinned {
         let mut groups = self.shared.groups.lock().unwrap_or_else(|e| e.into_inner());
         groups.push_back(Group { first, n, id });
         self.shared.grouped.store(true, Ordering::Release);
+    }
+
+    /// The next `send` is an (UN)SUBSCRIBE, or an EXEC that may run one,
+    /// owing `n` replies: they may be subscribe confirmations (RESP2
+    /// subscriber mode is read from them). Call before that `send`.
+    pub fn pubsub_next(&self, n: u64) {
+        let first = self.shared.sent.load(Ordering::Acquire) + 1;
+        let mut ranges = self.shared.pubsub.lock().unwrap_or_else(|e| e.into_inner());
+        ranges.push_back((first, first + n.max(1) - 1));
+        self.shared.pubsub_any.store(true, Ordering::Release);
     }
 
     /// The groups (`group_next`) answered since the last call, in order:
@@ -720,7 +750,8 @@ async fn relay(
                     ) && !(shared.monitor.load(Ordering::Relaxed)
                         && monitor_line(&buf[start..end]))
                     {
-                        answered += shared.answers(received + answered + 1, &buf[start..end]);
+                        let number = received + answered + 1;
+                        answered += shared.answers(number, &buf[start..end]);
                         // keyward's RESET probe is found by its reply, not
                         // its number: a reply keyward did not count (a
                         // confirmation an EXEC sends under CLIENT REPLY OFF)
@@ -737,8 +768,12 @@ async fn relay(
                         // MULTI subscribes when EXEC runs.)
                         // Only arrays count: a bulk string holding such
                         // bytes is a value, not a confirmation.
+                        // And only replies to (UN)SUBSCRIBEs and to an EXEC
+                        // that ran some: a script's reply may look the same.
                         let frame = &buf[start..end];
-                        let array = proto == Proto::Resp2 && frame.first() == Some(&b'*');
+                        let array = proto == Proto::Resp2
+                            && frame.first() == Some(&b'*')
+                            && shared.pubsub_reply(number);
                         let nested = array
                             && elements(frame)
                                 .next()
