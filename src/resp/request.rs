@@ -148,10 +148,14 @@ impl RequestParser {
                 }
             };
             if buf[pos] != b'$' {
-                return Err(ProtocolError::new(format!(
-                    "expected '$', got '{}'",
-                    char::from(buf[pos]).escape_default()
-                )));
+                // As Redis: the byte itself, CR and LF turned into spaces
+                // (an error is one line); beyond ASCII, escaped.
+                let got = match buf[pos] {
+                    b'\r' | b'\n' => " ".to_string(),
+                    b if b.is_ascii() => char::from(b).to_string(),
+                    b => char::from(b).escape_default().to_string(),
+                };
+                return Err(ProtocolError::new(format!("expected '$', got '{got}'")));
             }
             // Redis words a length over proto-max-bulk-len like a malformed
             // one; only the metric tells them apart.
@@ -462,6 +466,7 @@ mod tests {
         let cases: &[(&[u8], &str)] = &[
             (b"*x\r\n", "Protocol error: invalid multibulk length"),
             (b"*1\r\nx\r\n", "Protocol error: expected '$', got 'x'"),
+            (b"*1\r\n\r\n", "Protocol error: expected '$', got ' '"),
             (b"*1\r\n$-5\r\n", "Protocol error: invalid bulk length"),
             (
                 b"*1\r\n$999999999999\r\n",
