@@ -1533,6 +1533,34 @@ async fn state_rules_match_redis_for_commands_keyward_answers() {
     }
 }
 
+/// HELLO 3 pipelined right behind an EXEC switches the protocol, as on
+/// Redis: the transaction's connection is given back once EXEC's reply is
+/// in (it was refused as "holding state").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_right_after_exec_switches_protocol() {
+    let (_redis, kw) = setup().await;
+    let mut c = Raw::connect(kw.port()).await;
+    c.send(&pipeline(&[
+        &[b"MULTI"],
+        &[b"PING"],
+        &[b"EXEC"],
+        &[b"HELLO", b"3"],
+        &[b"PING"],
+    ]))
+    .await;
+    let r = c.read_replies(5).await;
+    same("MULTI", &r[0], b"+OK\r\n");
+    same("PING queued", &r[1], b"+QUEUED\r\n");
+    same("EXEC", &r[2], b"*1\r\n+PONG\r\n");
+    assert!(
+        r[3].starts_with(b"%7\r\n$6\r\nserver\r\n"),
+        "{}",
+        esc(&r[3])
+    );
+    same("PING", &r[4], b"+PONG\r\n");
+    same("RESP3 now", &c.call(&[b"GET", b"none"]).await, b"_\r\n");
+}
+
 /// UNSUBSCRIBE of several channels by a client subscribed to nothing,
 /// while another client pipelines GETs: that client gets its own replies
 /// only (Redis's extra confirmations on a shared connection would be taken

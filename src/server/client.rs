@@ -1883,6 +1883,18 @@ impl Reader {
             }
         }
         let proto = hello.proto.unwrap_or(self.proto);
+        if self
+            .pinned
+            .as_ref()
+            .is_some_and(|p| p.proto != proto && self.state.clean())
+        {
+            // Nothing ties the client to it any more (an EXEC pipelined
+            // just before): once its replies are in it is given back.
+            if !self.wait_owed().await {
+                return;
+            }
+            self.maybe_release().await;
+        }
         if let Some(p) = &self.pinned {
             if p.proto != proto {
                 // The pinned connection speaks the old protocol; switching it
