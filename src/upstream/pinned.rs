@@ -648,6 +648,7 @@ async fn relay(
     address: String,
     watchdog: Watchdog,
 ) -> ReadBack {
+    let _guard = PanicGuard(shared.clone());
     // Owed replies that make no progress for the command timeout (Redis
     // stopped, a lost network) fail the connection as on a shared one,
     // unless a blocking call is among them (it may wait for ever) or Redis
@@ -874,6 +875,22 @@ async fn relay(
         shared.lost_notify.notify_waiters();
     }
     None
+}
+
+/// Should the relay panic (a bug), the session must not wait for ever on a
+/// connection nobody reads: it is reported lost, and the client closed.
+struct PanicGuard(Arc<PinShared>);
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let shared = &self.0;
+            shared.outstanding.store(0, Ordering::Release);
+            shared.idle.notify_waiters();
+            shared.lost.store(true, Ordering::Release);
+            shared.lost_notify.notify_waiters();
+        }
+    }
 }
 
 /// The relay's check for a hung upstream.
