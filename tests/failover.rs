@@ -444,3 +444,55 @@ async fn keyward_topology_command() {
         esc(&reply)
     );
 }
+
+/// keyward's ROLE checks of the master (every `sentinel.ping_ms`) reuse one
+/// connection instead of opening one each (four connects a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_checks_reuse_one_connection() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let (master, _replica, _sentinels, _kw) = sentinel_stack(1000).await;
+    let port = master.port();
+    // Every call of this test is a connection of its own, counted here.
+    let mine = std::sync::Arc::new(AtomicU64::new(0));
+    let roles = {
+        let mine = mine.clone();
+        move || {
+            mine.fetch_add(1, Ordering::Relaxed);
+            blocking(move || redis_calls(port, "role"))
+        }
+    };
+    let connects = || {
+        mine.fetch_add(1, Ordering::Relaxed);
+        let info =
+            String::from_utf8_lossy(&blocking(move || redis_cmd(port, &[b"INFO", b"stats"])))
+                .into_owned();
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("total_connections_received")
+    };
+    // Settled: two checks since start-up.
+    let r = roles();
+    wait_until("two ROLE checks", DEADLINE, || {
+        let roles = roles.clone();
+        async move { roles() >= r + 2 }
+    })
+    .await;
+    let c0 = connects();
+    let mine0 = mine.load(Ordering::Relaxed);
+    let r0 = roles();
+    wait_until("eight more ROLE checks", DEADLINE, || {
+        let roles = roles.clone();
+        async move { roles() >= r0 + 8 }
+    })
+    .await;
+    let c1 = connects();
+    // Connections made since c0, less this test's own (from the roles()
+    // after c0 up to and including the INFO that read c1).
+    let own = mine.load(Ordering::Relaxed) - mine0;
+    let keyward = (c1 - c0).saturating_sub(own);
+    assert!(
+        keyward <= 1,
+        "keyward opened {keyward} connections for 8 ROLE checks"
+    );
+}

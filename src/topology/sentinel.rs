@@ -77,6 +77,8 @@ struct Tracker {
     /// A ROLE check on the master is running; its result comes on `checks`.
     checking: bool,
     checks: mpsc::Sender<(String, Result<String, Error>)>,
+    /// The connection the master's ROLE checks use, kept between them.
+    check_conn: KeptConn,
     events: mpsc::Sender<Event>,
     subscribed: BTreeSet<String>,
     /// An event asked for a poll of the Sentinels (started by `run`).
@@ -120,6 +122,7 @@ pub async fn run(ctx: Arc<Ctx>) {
         reason: String::new(),
         checking: false,
         checks: check_tx,
+        check_conn: KeptConn::default(),
         events: tx,
         subscribed: BTreeSet::new(),
         want_poll: false,
@@ -577,8 +580,9 @@ impl Tracker {
         }
         self.checking = true;
         let (settings, tx) = (self.upstream.clone(), self.checks.clone());
+        let kept = self.check_conn.clone();
         tokio::spawn(async move {
-            let r = role(&settings, &master).await;
+            let r = role_kept(&settings, &master, &kept).await;
             let _ = tx.send((master, r)).await;
         });
     }
@@ -699,20 +703,63 @@ pub(super) async fn role(s: &Settings, addr: &str) -> Result<String, Error> {
     s.address = addr.to_string();
     let fut = async {
         let mut stream = connector::connect(&s, Proto::Resp2).await?;
-        let reply = decode(&connector::call(&mut stream, &[b"ROLE"]).await?)?;
-        match items(&reply).first() {
-            Some(OwnedFrame::BulkString(b)) | Some(OwnedFrame::SimpleString(b)) => {
-                Ok(String::from_utf8_lossy(b).into_owned())
-            }
-            _ => Err(Error::upstream(
-                Kind::Protocol,
-                format!("{addr}: unexpected ROLE reply"),
-            )),
-        }
+        ask_role(&mut stream, addr).await
     };
     tokio::time::timeout(s.command_timeout, fut)
         .await
         .map_err(|_| Error::upstream(Kind::Timeout, format!("{addr}: ROLE timed out")))?
+}
+
+async fn ask_role(stream: &mut TcpStream, addr: &str) -> Result<String, Error> {
+    let reply = decode(&connector::call(stream, &[b"ROLE"]).await?)?;
+    match items(&reply).first() {
+        Some(OwnedFrame::BulkString(b)) | Some(OwnedFrame::SimpleString(b)) => {
+            Ok(String::from_utf8_lossy(b).into_owned())
+        }
+        _ => Err(Error::upstream(
+            Kind::Protocol,
+            format!("{addr}: unexpected ROLE reply"),
+        )),
+    }
+}
+
+/// A connection kept between ROLE checks of the master, with its address.
+type KeptConn = Arc<tokio::sync::Mutex<Option<(String, TcpStream)>>>;
+
+/// `role`, over the connection the last check left in `kept` (a check every
+/// `sentinel.ping_ms` on a fresh connection was four connects a second to
+/// the master). Any failure drops it, so a late reply can never answer a
+/// later check; a kept connection that fails (closed by Redis's `timeout`,
+/// CLIENT KILL) is retried once on a fresh one, within the same time.
+async fn role_kept(s: &Settings, addr: &str, kept: &KeptConn) -> Result<String, Error> {
+    let mut kept = kept.lock().await;
+    let reuse = match kept.take() {
+        Some((a, stream)) if a == addr => Some(stream),
+        _ => None,
+    };
+    let mut fresh = s.clone();
+    fresh.address = addr.to_string();
+    let fut = async {
+        if let Some(mut stream) = reuse {
+            if let Ok(r) = ask_role(&mut stream, addr).await {
+                return Ok((r, stream));
+            }
+        }
+        let mut stream = connector::connect(&fresh, Proto::Resp2).await?;
+        let r = ask_role(&mut stream, addr).await?;
+        Ok((r, stream))
+    };
+    match tokio::time::timeout(s.command_timeout, fut).await {
+        Ok(Ok((r, stream))) => {
+            *kept = Some((addr.to_string(), stream));
+            Ok(r)
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(Error::upstream(
+            Kind::Timeout,
+            format!("{addr}: ROLE timed out"),
+        )),
+    }
 }
 
 /// Is `addr` a replica connected to `master` (ROLE: slave, master host and
