@@ -9,6 +9,24 @@ use support::*;
 
 const QUIET: &str = "[hotkeys]\nfleet = false\n[cache]\nmax_mb = 0\n";
 
+/// Send `req` on `c` until it is answered `want` (within the deadline).
+async fn call_until(c: &mut Raw, req: &[&[u8]], want: &[u8]) {
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let got = c.call(req).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} still answered {} after {DEADLINE:?}",
+            esc(&cmd(req)),
+            esc(&got)
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// Redis's connections (from `CLIENT LIST`, asked on `direct`) in database
 /// `db`, not counting `direct` itself.
 async fn connections_in(direct: &mut Raw, db: u32) -> usize {
@@ -248,19 +266,7 @@ async fn a_database_the_upstream_lost_is_refused_at_once() {
         redis.port()
     );
     // First the lost connection may show, then the refusal, and it stays.
-    let deadline = std::time::Instant::now() + DEADLINE;
-    loop {
-        let got = c.call(&[b"GET", b"a"]).await;
-        if got == refusal.as_bytes() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no refusal after {DEADLINE:?}; last reply {}",
-            esc(&got)
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    call_until(&mut c, &[b"GET", b"a"], refusal.as_bytes()).await;
     for _ in 0..20 {
         assert_eq!(esc(&c.call(&[b"GET", b"a"]).await), esc(refusal.as_bytes()));
     }
@@ -289,19 +295,7 @@ async fn a_database_the_upstream_lost_is_refused_at_once() {
     let mut direct = Raw::connect(redis.port()).await;
     let want = direct.call(&[b"SELECT", b"9"]).await;
     assert_eq!(esc(&want), esc(b"-ERR DB index is out of range\r\n"));
-    let deadline = std::time::Instant::now() + DEADLINE;
-    loop {
-        let got = c.call(&[b"SELECT", b"9"]).await;
-        if got == want {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "SELECT 9 still answered {} after {DEADLINE:?}",
-            esc(&got)
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    call_until(&mut c, &[b"SELECT", b"9"], &want).await;
     assert_eq!(esc(&c.call(&[b"SELECT", b"2"]).await), esc(b"+OK\r\n"));
     assert_eq!(esc(&c.call(&[b"SET", b"b", b"2"]).await), esc(b"+OK\r\n"));
     assert_eq!(

@@ -641,6 +641,35 @@ async fn a_stopped_upstream_fails_dedicated_connections_but_not_blocked_calls() 
     );
 }
 
+/// A Redis whose user `app` (password `pw`) may use every key and command
+/// but only the channels `channels` allow (none: Redis 7's default for a
+/// new user), and a keyward connecting as `app` with `upstream` settings.
+async fn channel_restricted_stack(channels: &[&[u8]], upstream: &str) -> (Redis, Keyward) {
+    let redis = Redis::start();
+    let mut acl: Vec<&[u8]> = vec![
+        b"ACL",
+        b"SETUSER",
+        b"app",
+        b"on",
+        b">pw",
+        b"~*",
+        b"+@all",
+        b"resetchannels",
+    ];
+    acl.extend_from_slice(channels);
+    assert_eq!(esc(&redis.call(&acl)), esc(b"+OK\r\n"));
+    let kw = Keyward::start_for(
+        &redis,
+        &format!(
+            "username = \"app\"\npassword = \"pw\"\n{upstream}\
+             [hotkeys]\nfleet = false\n[cache]\nmax_mb = 0\n"
+        ),
+        &[],
+    );
+    wait_ready_status(&kw, 200, DEADLINE).await;
+    (redis, kw)
+}
+
 /// Under `CLIENT REPLY OFF`, Redis answers `SUBSCRIBE a b` from a user
 /// without channel permissions with nothing at all (its error is silenced),
 /// where keyward expects two confirmations (sent whatever CLIENT REPLY
@@ -650,27 +679,7 @@ async fn a_stopped_upstream_fails_dedicated_connections_but_not_blocked_calls() 
 /// pings with the near cache off) it is served as by Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_redis_never_sends_does_not_cut_off_a_live_client() {
-    let redis = Redis::start();
-    assert_eq!(
-        esc(&redis.call(&[
-            b"ACL",
-            b"SETUSER",
-            b"app",
-            b"on",
-            b">pw",
-            b"~*",
-            b"+@all",
-            b"resetchannels"
-        ])),
-        esc(b"+OK\r\n")
-    );
-    let kw = Keyward::start_for(
-        &redis,
-        "username = \"app\"\npassword = \"pw\"\ncommand_timeout_ms = 300\n\
-         [hotkeys]\nfleet = false\n[cache]\nmax_mb = 0\n",
-        &[],
-    );
-    wait_ready_status(&kw, 200, DEADLINE).await;
+    let (redis, kw) = channel_restricted_stack(&[], "command_timeout_ms = 300\n").await;
     let mut direct = Raw::connect(redis.port()).await;
     assert_eq!(direct.call(&[b"AUTH", b"app", b"pw"]).await, b"+OK\r\n");
     let mut c = Raw::connect(kw.port()).await;
@@ -719,28 +728,7 @@ fn ids_masked(bytes: &[u8]) -> String {
 /// (no reply owed for ever, no subscriber mode), in RESP2 and RESP3.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscribe_the_acl_refuses_leaves_the_client_as_on_redis() {
-    let redis = Redis::start();
-    assert_eq!(
-        esc(&redis.call(&[
-            b"ACL",
-            b"SETUSER",
-            b"app",
-            b"on",
-            b">pw",
-            b"~*",
-            b"+@all",
-            b"resetchannels",
-            b"&ok*"
-        ])),
-        esc(b"+OK\r\n")
-    );
-    let kw = Keyward::start_for(
-        &redis,
-        "username = \"app\"\npassword = \"pw\"\n\
-         [hotkeys]\nfleet = false\n[cache]\nmax_mb = 0\n",
-        &[],
-    );
-    wait_ready_status(&kw, 200, DEADLINE).await;
+    let (redis, kw) = channel_restricted_stack(&[b"&ok*"], "").await;
     // Refused, and nothing sent after it: the dedicated connection is given
     // back all the same (it held a max_pinned slot until the next request).
     let mut c = Raw::connect(kw.port()).await;
@@ -847,28 +835,7 @@ async fn a_subscribe_the_acl_refuses_leaves_the_client_as_on_redis() {
 /// connection and the client is closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_waiting_for_replies_redis_never_sends_is_not_left_hanging() {
-    let redis = Redis::start();
-    assert_eq!(
-        esc(&redis.call(&[
-            b"ACL",
-            b"SETUSER",
-            b"app",
-            b"on",
-            b">pw",
-            b"~*",
-            b"+@all",
-            b"resetchannels",
-            b"&ok*"
-        ])),
-        esc(b"+OK\r\n")
-    );
-    let kw = Keyward::start_for(
-        &redis,
-        "username = \"app\"\npassword = \"pw\"\ncommand_timeout_ms = 300\n\
-         [hotkeys]\nfleet = false\n[cache]\nmax_mb = 0\n",
-        &[],
-    );
-    wait_ready_status(&kw, 200, DEADLINE).await;
+    let (_redis, kw) = channel_restricted_stack(&[b"&ok*"], "command_timeout_ms = 300\n").await;
     let sessions: [&[&[&[u8]]]; 2] = [
         &[
             &[b"CLIENT", b"REPLY", b"OFF"],
