@@ -1134,6 +1134,9 @@ impl Reader {
     /// Apply Redis's answers to the SUBSCRIBEs sent so far (see
     /// `SessionState::settle`).
     fn settle_subscriptions(&mut self) {
+        if !self.state.unsettled() {
+            return;
+        }
         match &self.pinned {
             Some(p) => {
                 // Idle first: the relay reports a group before it counts its
@@ -1150,8 +1153,7 @@ impl Reader {
                 }
             }
             // Nothing more will answer them.
-            None if self.state.unsettled() => self.state.settle(&[(u64::MAX, false)]),
-            None => {}
+            None => self.state.settle(&[(u64::MAX, false)]),
         }
     }
 
@@ -1301,7 +1303,7 @@ impl Reader {
             args.extend(names.iter().map(|n| n.as_ref()));
             let mut out = BytesMut::new();
             reply::command(&mut out, &args);
-            p.pubsub_next(names.len() as u64);
+            p.pubsub_next(names.len() as u64, None);
             if p.send_swallowed(&out, names.len() as u64).await.is_err() {
                 self.closing = true;
                 return;
@@ -1709,7 +1711,7 @@ impl Reader {
                         // (UN)SUBSCRIBEs queued.
                         if std::mem::take(&mut self.multi_pubsub) && class == Class::Exec {
                             if let Some(p) = &self.pinned {
-                                p.pubsub_next(1);
+                                p.pubsub_next(1, None);
                             }
                         }
                     }
@@ -1725,10 +1727,7 @@ impl Reader {
                         (1..args.len()).map(|i| arg_bytes(&frame, req, i)).collect();
                     let (expect, id) = self.state.subscribe(kind, &names);
                     if let Some(p) = &self.pinned {
-                        p.pubsub_next(expect);
-                        if let Some(id) = id {
-                            p.group_next(expect, id);
-                        }
+                        p.pubsub_next(expect, id);
                     }
                     self.send_pinned(&frame, expect).await;
                 }
@@ -1746,7 +1745,7 @@ impl Reader {
                     (1..args.len()).map(|i| arg_bytes(&frame, req, i)).collect();
                 let expect = self.state.unsubscribe(kind, &names);
                 if let Some(p) = &self.pinned {
-                    p.pubsub_next(expect);
+                    p.pubsub_next(expect, None);
                 }
                 self.send_pinned(&frame, expect).await;
             }

@@ -95,19 +95,15 @@ pub struct PinShared {
     progress_ms: AtomicU64,
     /// Notified when replies become owed with none owed before.
     owed: Notify,
-    /// Requests owing several replies that Redis may refuse as a whole with
-    /// one error (an (UN)SUBSCRIBE of several channels an ACL denies), in
-    /// order of their first reply (see `Pinned::group_next`).
-    groups: Mutex<VecDeque<Group>>,
-    /// `groups` is not empty: the relay looks at it only then.
-    grouped: AtomicBool,
-    /// Groups whose first reply has arrived: (id, refused).
-    settled: Mutex<Vec<(u64, bool)>>,
-    /// Reply numbers (first, last) that answer (UN)SUBSCRIBEs, or an EXEC
-    /// that ran some: only those can be subscribe confirmations.
-    pubsub: Mutex<VecDeque<(u64, u64)>>,
-    /// `pubsub` is not empty.
+    /// (UN)SUBSCRIBEs, and EXECs that ran some, in flight, in order (see
+    /// `Pinned::pubsub_next`): only their replies can be subscribe
+    /// confirmations, and Redis may refuse one as a whole with one error
+    /// where it owes a confirmation per channel (an ACL denying one).
+    pubsub: Mutex<VecDeque<PubsubReq>>,
+    /// `pubsub` is not empty: the relay looks at it only then.
     pubsub_any: AtomicBool,
+    /// Reported requests whose first reply has arrived: (id, refused).
+    settled: Mutex<Vec<(u64, bool)>>,
     /// MONITOR was sent: its lines (simple strings, in RESP3 too) answer
     /// no request.
     monitor: AtomicBool,
@@ -117,14 +113,15 @@ pub struct PinShared {
     awaited: AtomicBool,
 }
 
-/// See `PinShared::groups`.
+/// See `PinShared::pubsub`.
 #[derive(Debug)]
-struct Group {
-    /// The number of its first reply (counted from the start, as `sent`).
+struct PubsubReq {
+    /// The numbers of its first and last replies (counted from the start,
+    /// as `sent`) if Redis runs it.
     first: u64,
-    /// Replies it owes if Redis runs it.
-    n: u64,
-    id: u64,
+    last: u64,
+    /// Reported to `settled` under this id when its first reply arrives.
+    id: Option<u64>,
 }
 
 /// Milliseconds on a monotonic clock, for `PinShared::progress_ms`.
@@ -155,44 +152,41 @@ impl PinShared {
         at != 0 && answered < at
     }
 
-    /// How many owed replies the reply numbered `number` stands for: all of
-    /// a group's when it is the group's first and an error (Redis refused
-    /// the whole request), else one.
-    fn answers(&self, number: u64, frame: &[u8]) -> u64 {
-        if !self.grouped.load(Ordering::Acquire) {
-            return 1;
+    /// For the reply numbered `number` (numbers come in order): how many
+    /// owed replies it stands for (all of a pub/sub request's when it is
+    /// that request's first and an error: Redis refused it as a whole),
+    /// and whether it answers a pub/sub request (only then can it be a
+    /// subscribe confirmation).
+    fn answers(&self, number: u64, frame: &[u8]) -> (u64, bool) {
+        if !self.pubsub_any.load(Ordering::Acquire) {
+            return (1, false);
         }
-        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        let mut reqs = self.pubsub.lock().unwrap_or_else(|e| e.into_inner());
         let mut settled = self.settled.lock().unwrap_or_else(|e| e.into_inner());
-        let mut count = 1;
-        while let Some(g) = groups.front() {
-            if g.first > number {
+        let mut answer = (1, false);
+        while let Some(r) = reqs.front_mut() {
+            if r.first > number {
                 break;
             }
-            let refused = g.first == number && frame.first() == Some(&b'-');
-            if refused {
-                count = g.n;
+            if r.last >= number {
+                answer.1 = true;
+                let refused = r.first == number && frame.first() == Some(&b'-');
+                if let (true, Some(id)) = (r.first == number, r.id.take()) {
+                    settled.push((id, refused));
+                }
+                if !refused {
+                    break;
+                }
+                answer.0 = r.last - r.first + 1;
             }
-            settled.push((g.id, refused));
-            groups.pop_front();
+            // Past (or refused whole): its replies are all in.
+            if let Some(id) = r.id.take() {
+                settled.push((id, false));
+            }
+            reqs.pop_front();
         }
-        self.grouped.store(!groups.is_empty(), Ordering::Release);
-        count
-    }
-
-    /// Does the reply numbered `number` answer an (UN)SUBSCRIBE (or an
-    /// EXEC that ran one)? Numbers come in order.
-    fn pubsub_reply(&self, number: u64) -> bool {
-        if !self.pubsub_any.load(Ordering::Acquire) {
-            return false;
-        }
-        let mut ranges = self.pubsub.lock().unwrap_or_else(|e| e.into_inner());
-        while ranges.front().is_some_and(|&(_, last)| last < number) {
-            ranges.pop_front();
-        }
-        let hit = ranges.front().is_some_and(|&(first, _)| first <= number);
-        self.pubsub_any.store(!ranges.is_empty(), Ordering::Release);
-        hit
+        self.pubsub_any.store(!reqs.is_empty(), Ordering::Release);
+        answer
     }
 
     /// Is reply number `n` one to drop? (Numbers come in order.)
@@ -375,28 +369,22 @@ impl Pinned {
         }
     }
 
-    /// The next `send` owes `n` replies that Redis may refuse as a whole
-    /// with a single error reply (it checks an (UN)SUBSCRIBE's channels
-    /// against the ACL before it confirms any). `take_settled` reports it,
-    /// as `id`, once its first reply is in. Call before that `send`.
-    pub fn group_next(&self, n: u64, id: u64) {
-        let first = self.shared.sent.load(Ordering::Acquire) + 1;
-        let mut groups = self.shared.groups.lock().unwrap_or_else(|e| e.into_inner());
-        groups.push_back(Group { first, n, id });
-        self.shared.grouped.store(true, Ordering::Release);
-    }
-
     /// The next `send` is an (UN)SUBSCRIBE, or an EXEC that may run one,
     /// owing `n` replies: they may be subscribe confirmations (RESP2
-    /// subscriber mode is read from them). Call before that `send`.
-    pub fn pubsub_next(&self, n: u64) {
+    /// subscriber mode is read from them), or one error for all (Redis
+    /// checks the channels against the ACL before it confirms any). With
+    /// an `id`, `take_settled` reports it once its first reply is in.
+    /// Call before that `send`.
+    pub fn pubsub_next(&self, n: u64, id: Option<u64>) {
         let first = self.shared.sent.load(Ordering::Acquire) + 1;
-        let mut ranges = self.shared.pubsub.lock().unwrap_or_else(|e| e.into_inner());
-        ranges.push_back((first, first + n.max(1) - 1));
+        let last = first + n.max(1) - 1;
+        let mut reqs = self.shared.pubsub.lock().unwrap_or_else(|e| e.into_inner());
+        reqs.push_back(PubsubReq { first, last, id });
         self.shared.pubsub_any.store(true, Ordering::Release);
     }
 
-    /// The groups (`group_next`) answered since the last call, in order:
+    /// The requests (`pubsub_next` with an id) answered since the last
+    /// call, in order:
     /// (id, refused by Redis).
     pub fn take_settled(&self) -> Vec<(u64, bool)> {
         std::mem::take(
@@ -752,7 +740,8 @@ async fn relay(
                         && monitor_line(&buf[start..end]))
                     {
                         let number = received + answered + 1;
-                        answered += shared.answers(number, &buf[start..end]);
+                        let (replies, pubsub) = shared.answers(number, &buf[start..end]);
+                        answered += replies;
                         // keyward's RESET probe is found by its reply, not
                         // its number: a reply keyward did not count (a
                         // confirmation an EXEC sends under CLIENT REPLY OFF)
@@ -772,9 +761,7 @@ async fn relay(
                         // And only replies to (UN)SUBSCRIBEs and to an EXEC
                         // that ran some: a script's reply may look the same.
                         let frame = &buf[start..end];
-                        let array = proto == Proto::Resp2
-                            && frame.first() == Some(&b'*')
-                            && shared.pubsub_reply(number);
+                        let array = proto == Proto::Resp2 && frame.first() == Some(&b'*') && pubsub;
                         let nested = array
                             && elements(frame)
                                 .next()
@@ -1011,6 +998,31 @@ mod tests {
         shared.replied(u64::MAX);
         assert_eq!(ran.load(Ordering::Relaxed), 1 | 2 | 4);
         assert!(shared.after.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn pubsub_replies_are_told_apart_and_a_refusal_stands_for_all() {
+        let shared = PinShared::default();
+        let push = |first, last, id| {
+            shared
+                .pubsub
+                .lock()
+                .unwrap()
+                .push_back(PubsubReq { first, last, id });
+            shared.pubsub_any.store(true, Ordering::Release);
+        };
+        // 1: GET; 2-3: SUBSCRIBE a b (id 7); 4-5: SUBSCRIBE c d (id 8),
+        // refused; 6: EVAL.
+        push(2, 3, Some(7));
+        push(4, 5, Some(8));
+        let conf = b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n";
+        assert_eq!(shared.answers(1, conf), (1, false));
+        assert_eq!(shared.answers(2, conf), (1, true));
+        assert_eq!(shared.answers(3, conf), (1, true));
+        assert_eq!(shared.answers(4, b"-NOPERM no\r\n"), (2, true));
+        assert_eq!(shared.answers(6, conf), (1, false));
+        assert_eq!(*shared.settled.lock().unwrap(), vec![(7, false), (8, true)]);
+        assert!(!shared.pubsub_any.load(Ordering::Acquire));
     }
 
     #[test]
