@@ -768,6 +768,14 @@ async fn a_subscribe_the_acl_refuses_leaves_the_client_as_on_redis() {
         &[b"SUBSCRIBE", b"ok1", b"nope"],
         &[b"PING"],
         &[b"UNSUBSCRIBE"],
+        // Pipelined, these go out before the refusals come back: `ok4`,
+        // added by a refused request, is kept by the one after it.
+        &[b"SUBSCRIBE", b"ok3"],
+        &[b"SUBSCRIBE", b"ok3", b"nope2"],
+        &[b"SUBSCRIBE", b"nope3", b"ok4"],
+        &[b"SUBSCRIBE", b"ok4"],
+        &[b"UNSUBSCRIBE", b"ok3", b"ok5"],
+        &[b"UNSUBSCRIBE"],
         &[b"SSUBSCRIBE", b"s1"],
         &[b"SELECT", b"0"],
         &[b"GET", b"x"],
@@ -845,6 +853,8 @@ async fn a_client_waiting_for_replies_redis_never_sends_is_not_left_hanging() {
             &[b"SUBSCRIBE", b"bad1"],
             &[b"SUBSCRIBE", b"ok1"],
             &[b"PING", b"e"],
+            // Waits for every reply before it (what the subscriptions are).
+            &[b"RESET"],
         ],
     ];
     for (i, session) in sessions.iter().enumerate() {

@@ -1454,11 +1454,17 @@ impl Reader {
                 | Class::Unsubscribe(_)
         );
         self.settle_subscriptions();
-        if (local || tracked) && self.state.unsettled() && self.pinned.is_some() {
+        // A SUBSCRIBE, or an UNSUBSCRIBE naming its channels, gets one
+        // confirmation per name whatever came before, and a refusal of an
+        // earlier one is settled later (`SessionState::settle`): pipelined,
+        // they go on without waiting a round trip each.
+        let counted = matches!(class, Class::Subscribe(_))
+            || (matches!(class, Class::Unsubscribe(_)) && args.len() > 1);
+        if (local || tracked) && !counted && self.state.unsettled() && self.pinned.is_some() {
             // What the subscriptions are (so whether the client is in
-            // subscriber mode, and how many confirmations an UNSUBSCRIBE
-            // gets) waits for Redis's answer to an earlier SUBSCRIBE: it
-            // may have refused it as a whole.
+            // subscriber mode, and how many confirmations a bare
+            // UNSUBSCRIBE gets) waits for Redis's answer to an earlier
+            // SUBSCRIBE: it may have refused it as a whole.
             if !self.wait_owed().await {
                 return;
             }

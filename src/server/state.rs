@@ -48,8 +48,11 @@ pub struct SessionState {
 struct Unconfirmed {
     id: u64,
     kind: SubKind,
-    /// The names it added (not subscribed before).
+    /// The names it added (not subscribed before, or added by an earlier
+    /// request not yet settled).
     fresh: Vec<Bytes>,
+    /// All its names.
+    names: Vec<Bytes>,
 }
 
 impl SessionState {
@@ -140,7 +143,12 @@ impl SessionState {
         let id = (!silent).then(|| {
             self.next_subscribe += 1;
             let id = self.next_subscribe;
-            self.unconfirmed.push_back(Unconfirmed { id, kind, fresh });
+            self.unconfirmed.push_back(Unconfirmed {
+                id,
+                kind,
+                fresh,
+                names: names.to_vec(),
+            });
             id
         });
         // Redis answers once per argument; with none, one arity error.
@@ -162,9 +170,21 @@ impl SessionState {
             if self.unconfirmed.front().is_some_and(|u| u.id == id) {
                 let u = self.unconfirmed.pop_front().expect("checked");
                 if refused {
-                    let set = self.subs(u.kind);
-                    for n in &u.fresh {
-                        set.remove(n);
+                    for n in u.fresh {
+                        // A later SUBSCRIBE of the name, sent while this
+                        // one was unsettled, did not count it as its own:
+                        // whether it stays is now up to that one.
+                        let later = self
+                            .unconfirmed
+                            .iter_mut()
+                            .find(|l| l.kind == u.kind && l.names.contains(&n));
+                        match later {
+                            Some(l) if !l.fresh.contains(&n) => l.fresh.push(n),
+                            Some(_) => {}
+                            None => {
+                                self.subs(u.kind).remove(&n);
+                            }
+                        }
                     }
                 }
             }
@@ -251,6 +271,30 @@ mod tests {
         assert!(s.patterns.is_empty());
         assert_eq!(s.unsubscribe(SubKind::Channel, &[]), 1);
         assert!(s.clean());
+    }
+
+    #[test]
+    fn a_name_an_unsettled_subscribe_added_is_up_to_a_later_one() {
+        let mut s = SessionState::default();
+        let a = Bytes::from_static(b"a");
+        let b = Bytes::from_static(b"b");
+        let c = Bytes::from_static(b"c");
+        // Sent back to back: `b` is fresh only in the first.
+        let (_, first) = s.subscribe(SubKind::Channel, &[a.clone(), b.clone()]);
+        let (_, second) = s.subscribe(SubKind::Channel, std::slice::from_ref(&b));
+        let (_, third) = s.subscribe(SubKind::Channel, std::slice::from_ref(&c));
+        // The first refused: `b` stays, since the second subscribed it.
+        s.settle(&[(first.unwrap(), true)]);
+        assert!(!s.channels.contains(&a) && s.channels.contains(&b));
+        // The second refused too: now `b` goes.
+        s.settle(&[(second.unwrap(), true), (third.unwrap(), false)]);
+        assert!(!s.unsettled());
+        assert_eq!(s.channels, HashSet::from([c.clone()]));
+        // A pattern of the same name is another namespace.
+        let (_, p) = s.subscribe(SubKind::Pattern, std::slice::from_ref(&c));
+        let (_, q) = s.subscribe(SubKind::Channel, std::slice::from_ref(&c));
+        s.settle(&[(p.unwrap(), true), (q.unwrap(), false)]);
+        assert!(s.patterns.is_empty() && s.channels.contains(&c));
     }
 
     #[test]
