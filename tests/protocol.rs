@@ -293,6 +293,20 @@ async fn hello_matches_redis() {
             &[b"HELLO", b"x"],
             b"-ERR Protocol version is not an integer or out of range\r\n",
         ),
+        // The option as sent (not made UTF-8), line breaks as spaces.
+        (
+            &[b"HELLO", b"3", b"\xc9\xfa"],
+            b"-ERR Syntax error in HELLO option '\xc9\xfa'\r\n",
+        ),
+        (
+            &[b"HELLO", b"3", b"a\r\nb"],
+            b"-ERR Syntax error in HELLO option 'a  b'\r\n",
+        ),
+        // A command name with a NUL: Redis's text, cut at the NULs.
+        (
+            &[b"GE\0T", b"k\xff\0x", b"\r\n"],
+            b"-ERR unknown command 'GE', with args beginning with: 'k\xff' '  ' \r\n",
+        ),
     ];
     for (req, want) in err_cases {
         let mut direct = Raw::connect(redis.port()).await;

@@ -27,10 +27,10 @@ pub fn simple(out: &mut BytesMut, s: &str) {
 }
 
 /// An error reply. `text` starts with its code (`ERR`, `WRONGPASS`, ...).
-pub fn error(out: &mut BytesMut, text: &str) {
+pub fn error(out: &mut BytesMut, text: impl AsRef<[u8]>) {
     out.put_u8(b'-');
     // A reply line must not contain CR or LF; Redis replaces them too.
-    for b in text.bytes() {
+    for &b in text.as_ref() {
         out.put_u8(if b == b'\r' || b == b'\n' { b' ' } else { b });
     }
     out.put_slice(b"\r\n");

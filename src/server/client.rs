@@ -1075,11 +1075,15 @@ impl Reader {
 
     /// An error reply keyward makes itself: counted and logged with the
     /// connection and request ids.
-    async fn local_error(&mut self, kind: ErrorKind, text: &str) {
+    async fn local_error(&mut self, kind: ErrorKind, text: impl AsRef<[u8]>) {
+        let text = text.as_ref();
         self.ctx.stats.error(kind);
-        self.ctx
-            .error_lines
-            .log(self.id, self.seq, kind.name(), text);
+        self.ctx.error_lines.log(
+            self.id,
+            self.seq,
+            kind.name(),
+            &String::from_utf8_lossy(text),
+        );
         let mut out = BytesMut::new();
         reply::error(&mut out, text);
         self.local_reply(out.freeze(), 1).await;
@@ -1799,7 +1803,8 @@ impl Reader {
                     // comes first.
                     "ERR Can't execute 'script|debug': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / \
                      PING / QUIT / RESET are allowed in this context"
-                        .to_string()
+                        .as_bytes()
+                        .to_vec()
                 } else {
                     local::refusal(&args)
                 };

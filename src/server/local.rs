@@ -16,8 +16,8 @@ pub struct Hello {
 }
 
 /// Parse HELLO's arguments (after the name) with Redis 7's checks and order;
-/// `Err` carries the error line to send.
-pub fn parse_hello(args: &[&[u8]]) -> Result<Hello, String> {
+/// `Err` carries the error line to send (the client's bytes in it as sent).
+pub fn parse_hello(args: &[&[u8]]) -> Result<Hello, Vec<u8>> {
     let mut hello = Hello {
         proto: None,
         auth: None,
@@ -25,11 +25,12 @@ pub fn parse_hello(args: &[&[u8]]) -> Result<Hello, String> {
     };
     let mut j = 0;
     if let Some(v) = args.first() {
-        let ver = parse_int(v).ok_or("ERR Protocol version is not an integer or out of range")?;
+        let ver = parse_int(v)
+            .ok_or(b"ERR Protocol version is not an integer or out of range".to_vec())?;
         hello.proto = match ver {
             2 => Some(Proto::Resp2),
             3 => Some(Proto::Resp3),
-            _ => return Err("NOPROTO unsupported protocol version".into()),
+            _ => return Err(b"NOPROTO unsupported protocol version".to_vec()),
         };
         j = 1;
     }
@@ -44,17 +45,14 @@ pub fn parse_hello(args: &[&[u8]]) -> Result<Hello, String> {
             let name = args[j + 1];
             if name.iter().any(|c| !(b'!'..=b'~').contains(c)) {
                 return Err(
-                    "ERR Client names cannot contain spaces, newlines or special characters."
-                        .into(),
+                    b"ERR Client names cannot contain spaces, newlines or special characters."
+                        .to_vec(),
                 );
             }
             hello.setname = Some(name.to_vec());
             j += 2;
         } else {
-            return Err(format!(
-                "ERR Syntax error in HELLO option '{}'",
-                String::from_utf8_lossy(opt)
-            ));
+            return Err([b"ERR Syntax error in HELLO option '", opt, b"'"].concat());
         }
     }
     Ok(hello)
@@ -135,37 +133,43 @@ pub fn unsubscribed(out: &mut BytesMut, proto: Proto, kind: SubKind, names: &[&[
 /// words where Redis has them: a name with a NUL is an unknown command, a
 /// CLIENT or SCRIPT subcommand with a NUL an unknown subcommand (texts cut
 /// at the NUL, as Redis's `%s` does); SCRIPT DEBUG YES|SYNC is refused.
-pub fn refusal(args: &[&[u8]]) -> String {
-    let text = |a: &[u8], max: usize| {
+pub fn refusal(args: &[&[u8]]) -> Vec<u8> {
+    // Redis's `%.*s`: up to a NUL, and at most `max` bytes.
+    let text = |a: &'_ [u8], max: usize| -> Vec<u8> {
         let a = upto_nul(a);
-        String::from_utf8_lossy(&a[..a.len().min(max)]).into_owned()
+        a[..a.len().min(max)].to_vec()
     };
     let name = args.first().copied().unwrap_or_default();
-    let msg = if name.contains(&0) {
-        let mut rest = String::new();
+    if name.contains(&0) {
+        let mut rest = Vec::new();
         for a in &args[1..] {
             if rest.len() >= 128 {
                 break;
             }
-            rest.push_str(&format!("'{}' ", text(a, 128 - rest.len())));
+            let arg = text(a, 128 - rest.len());
+            rest.extend([&b"'"[..], &arg, b"' "].concat());
         }
-        format!(
-            "ERR unknown command '{}', with args beginning with: {rest}",
-            text(name, 128)
-        )
+        [
+            &b"ERR unknown command '"[..],
+            &text(name, 128),
+            b"', with args beginning with: ",
+            &rest,
+        ]
+        .concat()
     } else if args.get(1).is_some_and(|s| s.contains(&0)) {
-        format!(
-            "ERR unknown subcommand '{}'. Try {} HELP.",
-            text(args[1], 128),
-            String::from_utf8_lossy(name).to_ascii_uppercase()
-        )
+        [
+            &b"ERR unknown subcommand '"[..],
+            &text(args[1], 128),
+            b"'. Try ",
+            &name.to_ascii_uppercase(),
+            b" HELP.",
+        ]
+        .concat()
     } else {
-        "ERR keyward does not support SCRIPT DEBUG YES|SYNC (the Lua debugger needs a \
-         connection of its own); connect to Redis directly to debug scripts"
-            .to_string()
-    };
-    // Redis turns line breaks in an error into spaces.
-    msg.replace(['\r', '\n'], " ")
+        b"ERR keyward does not support SCRIPT DEBUG YES|SYNC (the Lua debugger needs a \
+          connection of its own); connect to Redis directly to debug scripts"
+            .to_vec()
+    }
 }
 
 #[cfg(test)]
@@ -178,15 +182,15 @@ mod tests {
         assert_eq!(parse_hello(&[b"3"]).unwrap().proto, Some(Proto::Resp3));
         assert_eq!(
             parse_hello(&[b"4"]).unwrap_err(),
-            "NOPROTO unsupported protocol version"
+            b"NOPROTO unsupported protocol version"
         );
         assert_eq!(
             parse_hello(&[b"x"]).unwrap_err(),
-            "ERR Protocol version is not an integer or out of range"
+            b"ERR Protocol version is not an integer or out of range"
         );
         assert_eq!(
             parse_hello(&[b"3", b"AUTH", b"u"]).unwrap_err(),
-            "ERR Syntax error in HELLO option 'AUTH'"
+            b"ERR Syntax error in HELLO option 'AUTH'"
         );
         let h = parse_hello(&[b"2", b"auth", b"default", b"pw", b"SETNAME", b"n"]).unwrap();
         assert_eq!(h.auth, Some((b"default".to_vec(), b"pw".to_vec())));
@@ -194,7 +198,29 @@ mod tests {
         // The name is checked as it is read, before a later bad option.
         assert_eq!(
             parse_hello(&[b"2", b"SETNAME", b"bad name", b"FOO"]).unwrap_err(),
-            "ERR Client names cannot contain spaces, newlines or special characters."
+            b"ERR Client names cannot contain spaces, newlines or special characters."
+        );
+        // The client's bytes as sent, not made UTF-8.
+        assert_eq!(
+            parse_hello(&[b"3", b"\xc9\xfa"]).unwrap_err(),
+            b"ERR Syntax error in HELLO option '\xc9\xfa'"
+        );
+    }
+
+    #[test]
+    fn refusals_quote_the_request_as_redis_does() {
+        let long = [b'a'; 200];
+        let got = refusal(&[b"GE\0T", b"k\xff\0x", &long, b"more"]);
+        let want = [
+            &b"ERR unknown command 'GE', with args beginning with: 'k\xff' '"[..],
+            &long[..123],
+            b"' ",
+        ]
+        .concat();
+        assert_eq!(got, want);
+        assert_eq!(
+            refusal(&[b"client", b"\xe9\0"]),
+            b"ERR unknown subcommand '\xe9'. Try CLIENT HELP."
         );
     }
 
