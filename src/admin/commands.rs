@@ -52,10 +52,12 @@ pub fn keyward(ctx: &Ctx, proto: Proto, args: &[&[u8]], out: &mut BytesMut) {
         ),
         _ => reply::error(
             out,
-            &format!(
-                "ERR unknown subcommand '{}'. Try KEYWARD HELP.",
-                String::from_utf8_lossy(sub)
-            ),
+            [
+                &b"ERR unknown subcommand '"[..],
+                sub,
+                b"'. Try KEYWARD HELP.",
+            ]
+            .concat(),
         ),
     }
 }
@@ -98,7 +100,7 @@ pub async fn hotkeys_fleet(ctx: &Ctx, count: usize, out: &mut BytesMut) {
                 reply::int(out, e.hot as i64);
             }
         }
-        Err(e) => reply::error(out, &format!("ERR fleet view unavailable: {e}")),
+        Err(e) => reply::error(out, format!("ERR fleet view unavailable: {e}")),
     }
 }
 

@@ -81,10 +81,12 @@ pub fn config(ctx: &Ctx, proto: Proto, args: &[&[u8]], out: &mut BytesMut) {
     if !sub.eq_ignore_ascii_case(b"get") {
         return reply::error(
             out,
-            &format!(
-                "ERR unknown KEYWARD CONFIG subcommand '{}' (keyward's configuration is read-only at runtime; only GET)",
-                String::from_utf8_lossy(sub)
-            ),
+            [
+                &b"ERR unknown KEYWARD CONFIG subcommand '"[..],
+                sub,
+                b"' (keyward's configuration is read-only at runtime; only GET)",
+            ]
+            .concat(),
         );
     }
     let pairs: Vec<(String, String)> = flatten(&ctx.config)

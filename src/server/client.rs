@@ -1777,7 +1777,7 @@ impl Reader {
                     // client's task, idle or not.
                     match Box::pin(crate::topology::switchover::planned(self.ctx.clone())).await {
                         Ok(_) => reply::simple(&mut out, "OK"),
-                        Err(e) => reply::error(&mut out, &format!("ERR switchover failed: {e}")),
+                        Err(e) => reply::error(&mut out, format!("ERR switchover failed: {e}")),
                     }
                 } else if args.len() >= 3
                     && args[1].eq_ignore_ascii_case(b"hotkeys")
