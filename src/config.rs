@@ -136,8 +136,8 @@ pub struct HotkeysConfig {
     pub top_k: usize,
     /// Publish this instance's summary to Redis for the fleet view.
     pub fleet: bool,
-    /// The Redis hash holding the instances' summaries.
-    pub fleet_key: String,
+    /// The pub/sub channel the instances' summaries go out on.
+    pub fleet_channel: String,
 }
 
 impl Default for HotkeysConfig {
@@ -151,7 +151,7 @@ impl Default for HotkeysConfig {
             leave_windows: 5,
             top_k: 100,
             fleet: true,
-            fleet_key: "keyward:hotkeys".into(),
+            fleet_channel: "keyward:hotkeys".into(),
         }
     }
 }
@@ -610,8 +610,8 @@ impl Config {
                     }
                     ("hotkeys", "top_k") => set_num(&mut s.hotkeys.top_k, &name, v, problems),
                     ("hotkeys", "fleet") => set_bool(&mut s.hotkeys.fleet, &name, v, problems),
-                    ("hotkeys", "fleet_key") => {
-                        set_str(&mut s.hotkeys.fleet_key, &name, v, problems)
+                    ("hotkeys", "fleet_channel") => {
+                        set_str(&mut s.hotkeys.fleet_channel, &name, v, problems)
                     }
                     ("cache", "max_mb") => set_num(&mut s.cache.max_mb, &name, v, problems),
                     ("cache", "max_ttl_ms") => set_num(&mut s.cache.max_ttl_ms, &name, v, problems),

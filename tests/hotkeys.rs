@@ -242,8 +242,58 @@ async fn fleet_view_sums_instances() {
         body.contains("\"key\":\"shared:key\"") && body.contains("\"instances\":2"),
         "{body}"
     );
+    // The summaries travel on a channel: the clients' keyspace holds
+    // nothing of them (the load only reads), and the channel has both.
+    let mut direct = Raw::connect(redis.port()).await;
+    assert_eq!(esc(&direct.call(&[b"DBSIZE"]).await), esc(b":0\r\n"));
+    assert_eq!(
+        esc(&direct
+            .call(&[b"PUBSUB", b"NUMSUB", b"keyward:hotkeys"])
+            .await),
+        esc(b"*2\r\n$15\r\nkeyward:hotkeys\r\n:2\r\n")
+    );
     stop.store(true, std::sync::atomic::Ordering::Release);
     for l in loads {
         l.await.unwrap();
     }
+}
+
+/// When the instances cannot use the channel (the upstream user's ACL
+/// denies it), the fleet view says why instead of showing a partial view,
+/// and the proxy serves clients as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_view_unavailable_says_why() {
+    let redis = Redis::start();
+    let mut direct = Raw::connect(redis.port()).await;
+    let acl: &[&[u8]] = &[
+        b"ACL", b"SETUSER", b"kw", b"on", b">pw", b"~*", b"&other", b"+@all",
+    ];
+    assert_eq!(direct.call(acl).await, b"+OK\r\n");
+    // start_for opens the [upstream] table.
+    let config = "username = \"kw\"\npassword = \"pw\"\n[hotkeys]\nwindow_ms = 200\n";
+    let kw = Keyward::start_for(&redis, config, &[]);
+    let mut c = Raw::connect(kw.port()).await;
+    assert_eq!(c.call(&[b"SET", b"k", b"v"]).await, b"+OK\r\n");
+    // Until its first try, it is "not subscribed yet".
+    let port = kw.port();
+    let fleet_reply = || async move {
+        let mut c = Raw::connect(port).await;
+        let reply = c.call(&[b"KEYWARD", b"HOTKEYS", b"FLEET"]).await;
+        String::from_utf8_lossy(&reply).to_string()
+    };
+    wait_until(
+        "the fleet view names the refusal",
+        Duration::from_secs(10),
+        || async { fleet_reply().await.contains("NOPERM") },
+    )
+    .await;
+    let text = fleet_reply().await;
+    assert!(
+        text.starts_with("-ERR fleet view unavailable: not subscribed to 'keyward:hotkeys'")
+            && text.contains("NOPERM"),
+        "{text}"
+    );
+    let (status, body) = http_get(kw.admin_port(), "/hotkeys?scope=fleet");
+    assert!(status >= 500 && body.contains("NOPERM"), "{status} {body}");
+    assert_eq!(c.call(&[b"GET", b"k"]).await, b"$1\r\nv\r\n");
 }

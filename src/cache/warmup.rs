@@ -113,6 +113,12 @@ async fn warm(ctx: &Ctx, cache: &NearCache, mut saved: Vec<(Bytes, Bytes)>, flee
 
 /// The fleet's hot keys not already in `saved`, each with its GET request.
 async fn fleet_hot(ctx: &Ctx, saved: &[(Bytes, Bytes)]) -> Vec<(Bytes, Bytes)> {
+    // The other instances answer this one's ask within a round trip; a
+    // window's worth of waiting covers one that only speaks every window.
+    if let (Some(f), Some(d)) = (&ctx.fleet, &ctx.hotkeys) {
+        f.settled(Duration::from_millis(d.config.window_ms.saturating_mul(2)))
+            .await;
+    }
     let entries = match crate::hotkey::fleet::read(ctx).await {
         Ok(e) => e,
         Err(e) => {

@@ -1784,7 +1784,6 @@ impl Reader {
                     && args[2].eq_ignore_ascii_case(b"fleet")
                     && self.ctx.hotkeys.is_some()
                 {
-                    // The fleet view reads Redis; this client waits for it.
                     match crate::admin::commands::parse_hotkeys(&args[2..]) {
                         Ok((_, count)) => {
                             crate::admin::commands::hotkeys_fleet(&self.ctx, count, &mut out).await

@@ -51,6 +51,8 @@ pub struct Ctx {
     pub carried_in_flight: Arc<AtomicUsize>,
     /// The hot-key detector, when `hotkeys.enabled`.
     pub hotkeys: Option<Arc<crate::hotkey::Detector>>,
+    /// The fleet view's state, when `hotkeys.fleet` too.
+    pub fleet: Option<Arc<crate::hotkey::fleet::Fleet>>,
     /// The near cache, when `cache.max_mb > 0` and hot keys are detected.
     pub cache: Option<Arc<crate::cache::NearCache>>,
     /// Its fill queue, taken by the tracking task at start.
@@ -102,6 +104,12 @@ impl Ctx {
                 .hotkeys
                 .enabled
                 .then(|| crate::hotkey::Detector::new(config.hotkeys.clone())),
+            fleet: (config.hotkeys.enabled && config.hotkeys.fleet).then(|| {
+                Arc::new(crate::hotkey::fleet::Fleet::new(
+                    config.hotkeys.fleet_channel.clone(),
+                    crate::hotkey::fleet::instance_id(&config.server.listen),
+                ))
+            }),
             check_master: Notify::new(),
             pinned: Arc::new(Semaphore::new(config.upstream.max_pinned)),
             next_client_id: AtomicU64::new(1),
