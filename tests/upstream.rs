@@ -875,3 +875,106 @@ async fn a_client_waiting_for_replies_redis_never_sends_is_not_left_hanging() {
     let mut d = Raw::connect(kw.port()).await;
     assert_eq!(esc(&d.call(&[b"PING"]).await), esc(b"+PONG\r\n"));
 }
+
+/// A script that runs for ever holds up the shared connection it came on:
+/// `SCRIPT KILL` and `FUNCTION KILL` from another client still reach Redis
+/// (on a connection of their own) and stop it, as they do on Redis itself;
+/// the killed call gets Redis's error, and requests queued behind it on the
+/// shared connection are served after, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn script_kill_and_function_kill_reach_a_busy_redis() {
+    let redis = Redis::start();
+    // Redis takes other clients' commands (the kill) once a script has run
+    // this long.
+    assert_eq!(
+        redis.call(&[b"CONFIG", b"SET", b"busy-reply-threshold", b"100"]),
+        b"+OK\r\n"
+    );
+    let lib: &[u8] =
+        b"#!lua name=spinlib\nredis.register_function('spin', function() while true do end end)";
+    assert_eq!(
+        esc(&redis.call(&[b"FUNCTION", b"LOAD", lib])),
+        esc(b"$7\r\nspinlib\r\n")
+    );
+    let kw = Keyward::start_for(&redis, "", &[]);
+    let cases: [(&[&[u8]], &[&[u8]], &str); 2] = [
+        (
+            &[b"EVAL", b"while true do end", b"0"],
+            &[b"SCRIPT", b"KILL"],
+            "-ERR Script killed by user with SCRIPT KILL...",
+        ),
+        (
+            &[b"FCALL", b"spin", b"0"],
+            &[b"FUNCTION", b"KILL"],
+            "-ERR Script killed by user with SCRIPT KILL...",
+        ),
+    ];
+    for (call, kill, killed) in cases {
+        let mut spinner = Raw::connect(kw.port()).await;
+        spinner.send(&cmd(call)).await;
+        // Another client's write, queued behind the script on the shared
+        // connection.
+        let mut writer = Raw::connect(kw.port()).await;
+        writer.send(&cmd(&[b"SET", b"after", b"1"])).await;
+        let mut killer = Raw::connect(kw.port()).await;
+        // -NOTBUSY until the script has run busy-reply-threshold.
+        let deadline = Instant::now() + DEADLINE;
+        let last = loop {
+            let r = killer.call(kill).await;
+            if !r.starts_with(b"-NOTBUSY") || Instant::now() > deadline {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(esc(&last), esc(b"+OK\r\n"), "{}", esc(&cmd(kill)));
+        let got = spinner.read_reply().await;
+        assert!(
+            got.starts_with(killed.as_bytes()),
+            "{}: {}",
+            esc(&cmd(call)),
+            esc(&got)
+        );
+        assert_eq!(esc(&writer.read_reply().await), esc(b"+OK\r\n"));
+        assert_eq!(spinner.call(&[b"PING"]).await, b"+PONG\r\n");
+        // Nothing to kill now: Redis's own answer.
+        let idle = killer.call(kill).await;
+        assert!(idle.starts_with(b"-NOTBUSY "), "{}", esc(&idle));
+    }
+}
+
+/// A script that outlives `upstream.command_timeout_ms` costs its shared
+/// connection (its caller and the requests behind it get the outcome-unknown
+/// error), but keyward reconnects while Redis is still busy: clients then
+/// get Redis's own `-BUSY`, as on Redis, until a `SCRIPT KILL` through
+/// keyward ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_outliving_the_command_timeout_can_still_be_killed() {
+    let redis = Redis::start();
+    assert_eq!(
+        redis.call(&[b"CONFIG", b"SET", b"busy-reply-threshold", b"100"]),
+        b"+OK\r\n"
+    );
+    let kw = Keyward::start_for(&redis, "command_timeout_ms = 300\n", &[]);
+    let mut spinner = Raw::connect(kw.port()).await;
+    spinner
+        .send(&cmd(&[b"EVAL", b"while true do end", b"0"]))
+        .await;
+    let got = spinner.read_reply().await;
+    assert!(got.starts_with(OUTCOME_UNKNOWN), "{}", esc(&got));
+    let mut c = Raw::connect(kw.port()).await;
+    let deadline = Instant::now() + DEADLINE;
+    let busy = loop {
+        let r = c.call(&[b"GET", b"k"]).await;
+        if r.starts_with(b"-BUSY ") || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        busy.starts_with(b"-BUSY Redis is busy running a script."),
+        "{}",
+        esc(&busy)
+    );
+    assert_eq!(c.call(&[b"SCRIPT", b"KILL"]).await, b"+OK\r\n");
+    assert_eq!(c.call(&[b"GET", b"k"]).await, b"$-1\r\n");
+}

@@ -64,6 +64,9 @@ pub enum Class {
     /// SYNC/PSYNC/REPLCONF: a replication stream is not RESP and would wreck a
     /// shared connection, so keyward refuses it.
     Replication,
+    /// SCRIPT KILL and FUNCTION KILL: sent on a connection of their own
+    /// (see `upstream::side`).
+    Kill,
 }
 
 /// Where a request goes and the family it is counted under.
@@ -145,6 +148,9 @@ pub fn route(table: Option<&CommandTable>, args: &[&[u8]]) -> Routed {
         b"info" => Class::Info,
         b"wait" | b"waitaof" => Class::Blocking,
         b"client" => classify_client(args),
+        b"script" | b"function" if args.len() == 2 && args[1].eq_ignore_ascii_case(b"kill") => {
+            Class::Kill
+        }
         b"script" => match args.get(1) {
             Some(sub) if sub.contains(&0) => Class::Refused,
             Some(sub) if sub.eq_ignore_ascii_case(b"debug") => match args.get(2) {
@@ -275,6 +281,10 @@ mod tests {
             (&[b"SCRIPT", b"DEBUG", b"YES"], Class::Refused),
             (&[b"script", b"debug", b"sync"], Class::Refused),
             (&[b"SCRIPT", b"DEBUG", b"NO"], Class::Forward),
+            (&[b"script", b"kill"], Class::Kill),
+            (&[b"FUNCTION", b"KILL"], Class::Kill),
+            (&[b"FUNCTION", b"KILL", b"x"], Class::Forward),
+            (&[b"FUNCTION", b"STATS"], Class::Forward),
             (&[b"SCRIPT", b"FLUSH"], Class::Forward),
             (&[b"GET", b"a\0b"], Class::Forward),
         ];

@@ -71,6 +71,9 @@ struct Seen {
     keys: Vec<(Vec<u8>, u64)>,
 }
 
+/// The link's state before the first try.
+const NOT_YET: &str = "not subscribed yet";
+
 /// This process's part in the fleet: what the others said, and the state
 /// of its subscription.
 pub struct Fleet {
@@ -94,7 +97,7 @@ impl Fleet {
             channel,
             id,
             others: Mutex::new(HashMap::new()),
-            link: Mutex::new(Err("not subscribed yet".into())),
+            link: Mutex::new(Err(NOT_YET.into())),
             expected: Mutex::new(None),
             asked: tokio::sync::Notify::new(),
             changed: tokio::sync::Notify::new(),
@@ -108,6 +111,23 @@ impl Fleet {
 
     fn link(&self) -> Result<(), String> {
         self.link.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The link's state, after its first try if that is under way (at
+    /// most `limit`): right after start the view is a moment away, not
+    /// unavailable.
+    async fn first_link(&self, limit: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let changed = self.changed.notified();
+            match self.link() {
+                Err(e) if e == NOT_YET => {}
+                state => return state,
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.link();
+            }
+        }
     }
 
     /// Apply one message's payload from the channel.
@@ -383,7 +403,8 @@ pub async fn read(ctx: &Ctx) -> Result<Vec<FleetEntry>, String> {
         return Err("the fleet view is off (hotkeys.fleet = false)".into());
     };
     fleet
-        .link()
+        .first_link(Duration::from_secs(2))
+        .await
         .map_err(|e| format!("not subscribed to '{}': {e}", fleet.channel))?;
     let mut merged: HashMap<Vec<u8>, (u64, usize)> = HashMap::new();
     let mine = d.snapshot();

@@ -1820,7 +1820,31 @@ impl Reader {
                 let wanted = crate::admin::info::wanted(&args[1..]);
                 Box::pin(self.info(req, frame.clone(), wanted)).await
             }
+            Class::Kill => Box::pin(self.kill(req, frame.clone(), &args)).await,
             Class::Forward => self.forward(req, frame).await,
+        }
+    }
+
+    /// SCRIPT KILL or FUNCTION KILL: on a connection of its own (see
+    /// `upstream::side`), since the script it stops holds up the shared one.
+    async fn kill(&mut self, req: &Request, frame: Bytes, args: &[&[u8]]) {
+        if self.state.in_multi || (self.proto == Proto::Resp2 && self.state.subscribed()) {
+            // Queued, or refused in subscriber mode: Redis's answer.
+            return self.forward(req, frame).await;
+        }
+        let mut out = BytesMut::new();
+        reply::command(&mut out, args);
+        let res = async {
+            let up = self.ctx.upstream(1, out.len()).await?;
+            crate::upstream::side::call(&up.node.settings, self.proto, &out).await
+        }
+        .await;
+        match res {
+            Ok(reply) => self.local_reply(reply, 1).await,
+            Err(e) => {
+                self.local_error(ErrorKind::from(&e.kind), e.resp_text())
+                    .await
+            }
         }
     }
 

@@ -8,6 +8,7 @@ pub mod meter;
 pub mod parked;
 pub mod pinned;
 pub mod pool;
+pub mod side;
 
 pub use conn::{BatchError, BatchResult, Conn, Replies};
 pub use connector::Settings;

@@ -245,6 +245,13 @@ async fn learn(node: &Node, stream: &mut tokio::net::TcpStream) -> Result<(), Er
     let reply = tokio::time::timeout(timeout, connector::call(stream, &[b"COMMAND"]))
         .await
         .map_err(|_| Error::upstream(Kind::Timeout, "COMMAND timed out"))??;
+    if reply.first() == Some(&b'-') && node.learned.table.load().is_some() {
+        // Refused (-BUSY while a script runs, and it may run until someone
+        // sends SCRIPT KILL): what was learned stands, and the connection
+        // serves, as Redis serves other clients meanwhile (with -BUSY).
+        tracing::debug!(upstream = %node.settings.address, reply = %String::from_utf8_lossy(reply.trim_ascii_end()), "COMMAND refused; keeping the command table");
+        return Ok(());
+    }
     let table = CommandTable::from_reply(&reply).map_err(|e| Error::upstream(Kind::Protocol, e))?;
     let info = tokio::time::timeout(timeout, connector::call(stream, &[b"INFO", b"server"]))
         .await
