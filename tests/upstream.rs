@@ -897,7 +897,9 @@ async fn script_kill_and_function_kill_reach_a_busy_redis() {
         esc(b"$7\r\nspinlib\r\n")
     );
     let kw = Keyward::start_for(&redis, "", &[]);
-    let cases: [(&[&[u8]], &[&[u8]], &str); 2] = [
+    // (the call that spins, the kill, the start of the call's error)
+    type Case<'a> = (&'a [&'a [u8]], &'a [&'a [u8]], &'a str);
+    let cases: [Case; 2] = [
         (
             &[b"EVAL", b"while true do end", b"0"],
             &[b"SCRIPT", b"KILL"],
