@@ -1561,6 +1561,73 @@ async fn hello_right_after_exec_switches_protocol() {
     same("RESP3 now", &c.call(&[b"GET", b"none"]).await, b"_\r\n");
 }
 
+/// `s` with the number after every `id` field (a HELLO reply's connection
+/// id) replaced by N.
+fn ids_masked(s: &[u8]) -> String {
+    let text = esc(s);
+    let mut out = String::new();
+    let mut rest = text.as_str();
+    while let Some(i) = rest.find("id\\r\\n:") {
+        let (head, tail) = rest.split_at(i + "id\\r\\n:".len());
+        out.push_str(head);
+        out.push('N');
+        rest = tail.trim_start_matches(|c: char| c.is_ascii_digit());
+    }
+    out.push_str(rest);
+    out
+}
+
+/// HELLO on a client that holds a dedicated connection for a name, a
+/// database or tracking switches that connection's protocol, as on Redis:
+/// replies change shape from then on and tracking's invalidations arrive
+/// as pushes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_switches_a_dedicated_connections_protocol() {
+    let (redis, kw) = setup().await;
+    let steps: &[&[&[u8]]] = &[
+        &[b"CLIENT", b"SETNAME", b"n1"],
+        &[b"HELLO", b"3"],
+        &[b"CLIENT", b"GETNAME"],
+        &[b"HGETALL", b"nohash"],
+        &[b"HELLO", b"2"],
+        &[b"HGETALL", b"nohash"],
+        &[b"CLIENT", b"TRACKING", b"ON", b"BCAST", b"PREFIX", b"tk"],
+        &[b"HELLO", b"3"],
+        &[b"GET", b"tk1"],
+    ];
+    let mut direct = Raw::connect(redis.port()).await;
+    let mut c = Raw::connect(kw.port()).await;
+    let all = pipeline(steps);
+    direct.send(&all).await;
+    c.send(&all).await;
+    let want = direct.read_replies(steps.len()).await.concat();
+    let got = c.read_replies(steps.len()).await.concat();
+    assert_eq!(ids_masked(&got), ids_masked(&want), "pipelined");
+    assert!(got.ends_with(b"_\r\n"), "RESP3 at the end: {}", esc(&got));
+    // Another client's write: the invalidation is a RESP3 push now.
+    let mut writer = Raw::connect(redis.port()).await;
+    assert_eq!(writer.call(&[b"SET", b"tk1", b"v"]).await, b"+OK\r\n");
+    let push = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$3\r\ntk1\r\n";
+    same("direct push", &direct.read_reply().await, push);
+    same("push through keyward", &c.read_reply().await, push);
+    // Back to RESP2 with RESET; the switched connection is not kept.
+    same("RESET", &c.call(&[b"RESET"]).await, b"+RESET\r\n");
+    same("RESP2 again", &c.call(&[b"GET", b"none"]).await, b"$-1\r\n");
+    // Still refused where replies would change shape mid-state.
+    let mut m = Raw::connect(kw.port()).await;
+    m.send(&pipeline(&[&[b"MULTI"], &[b"HELLO", b"3"], &[b"DISCARD"]]))
+        .await;
+    let r = m.read_replies(3).await;
+    assert!(
+        r[1].starts_with(
+            b"-ERR keyward cannot change the protocol while the connection holds state"
+        ),
+        "{}",
+        esc(&r[1])
+    );
+    same("DISCARD", &r[2], b"+OK\r\n");
+}
+
 /// UNSUBSCRIBE of several channels by a client subscribed to nothing,
 /// while another client pipelines GETs: that client gets its own replies
 /// only (Redis's extra confirmations on a shared connection would be taken

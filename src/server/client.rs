@@ -1919,7 +1919,7 @@ impl Reader {
         if self
             .pinned
             .as_ref()
-            .is_some_and(|p| p.proto != proto && self.state.clean())
+            .is_some_and(|p| p.speaks() != proto && self.state.clean())
         {
             // Nothing ties the client to it any more (an EXEC pipelined
             // just before): once its replies are in it is given back.
@@ -1928,13 +1928,40 @@ impl Reader {
             }
             self.maybe_release().await;
         }
-        if let Some(p) = &self.pinned {
-            if p.proto != proto {
-                // The pinned connection speaks the old protocol; switching it
-                // mid-state is not supported, so say so rather than mislead.
+        if self.pinned.as_ref().is_some_and(|p| p.speaks() != proto) {
+            // Its replies would change shape mid-state: a transaction's,
+            // subscriptions' or MONITOR's, or ones CLIENT REPLY silences.
+            let s = &self.state;
+            if s.in_multi
+                || s.subscribed()
+                || s.unsettled()
+                || s.queued_subscribe
+                || s.monitor
+                || s.reply_off
+                || s.reply_skip
+            {
                 return self
-                    .local_error(ErrorKind::Refused, "ERR keyward cannot change the protocol while the connection holds state (MULTI, SUBSCRIBE, SELECT, CLIENT); send RESET first")
+                    .local_error(ErrorKind::Refused, "ERR keyward cannot change the protocol while the connection holds state (MULTI, SUBSCRIBE, MONITOR, CLIENT REPLY); send RESET first")
                     .await;
+            }
+            // Otherwise (a database, a name, tracking, a WATCH) Redis
+            // switches the dedicated connection itself; its reply is
+            // keyward's, below.
+            if !self.wait_owed().await {
+                return;
+            }
+            let mut cmd = BytesMut::new();
+            reply::command(&mut cmd, &[b"HELLO", proto.number().to_string().as_bytes()]);
+            let Some(p) = &mut self.pinned else { return };
+            if p.send_silent(&cmd).await.is_err() {
+                self.closing = true;
+                return;
+            }
+            if !self.wait_owed().await {
+                return;
+            }
+            if let Some(p) = &mut self.pinned {
+                p.switch_proto(proto);
             }
         }
         if hello.setname.is_some() && self.state.in_multi {

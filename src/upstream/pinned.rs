@@ -44,6 +44,9 @@ pub enum PinMsg {
 pub struct PinShared {
     /// Replies owed for requests written.
     outstanding: AtomicU64,
+    /// The connection speaks RESP3 now (a HELLO on it may switch it; see
+    /// `Pinned::switch_proto`).
+    resp3: AtomicBool,
     /// Set when the session gives the connection up on purpose.
     releasing: AtomicBool,
     /// The client has subscribed in RESP2 on this connection, so arrays
@@ -309,10 +312,10 @@ impl Pinned {
         let stream = tokio::net::TcpStream::from_std(std_stream).map_err(io)?;
         let (rd, wr) = stream.into_split();
         let shared = Arc::new(PinShared::default());
+        shared.resp3.store(proto == Proto::Resp3, Ordering::Release);
         let relay = relay(
             rd,
             shared.clone(),
-            proto,
             tx,
             meter,
             settings.address.clone(),
@@ -592,6 +595,25 @@ impl Pinned {
         self.single_use = true;
     }
 
+    /// The protocol the connection speaks now.
+    pub fn speaks(&self) -> Proto {
+        match self.shared.resp3.load(Ordering::Acquire) {
+            true => Proto::Resp3,
+            false => Proto::Resp2,
+        }
+    }
+
+    /// Redis has answered a HELLO that switched the connection to `proto`
+    /// (nothing owed): read its replies in that protocol from now on. The
+    /// connection is not kept for another client after (it is kept by the
+    /// protocol it was opened in).
+    pub fn switch_proto(&mut self, proto: Proto) {
+        self.shared
+            .resp3
+            .store(proto == Proto::Resp3, Ordering::Release);
+        self.single_use = true;
+    }
+
     /// Keep the connection through keyward's shutdown while replies are
     /// owed (see `Drop`).
     pub fn drain_on(&mut self, shutdown: CancellationToken) {
@@ -630,7 +652,6 @@ impl Drop for Pinned {
 async fn relay(
     mut rd: OwnedReadHalf,
     shared: Arc<PinShared>,
-    proto: Proto,
     tx: mpsc::Sender<PinMsg>,
     meter: Arc<Meter>,
     address: String,
@@ -727,6 +748,11 @@ async fn relay(
         let mut start = 0;
         let mut bad = None;
         let mut answered = 0u64;
+        // Switched only while nothing is owed: never within one read.
+        let proto = match shared.resp3.load(Ordering::Acquire) {
+            true => Proto::Resp3,
+            false => Proto::Resp2,
+        };
         // Frames to leave out of the relay (swallowed replies), as ranges.
         let mut cut: SmallVec<[(usize, usize); 2]> = SmallVec::new();
         loop {
