@@ -1561,22 +1561,6 @@ async fn hello_right_after_exec_switches_protocol() {
     same("RESP3 now", &c.call(&[b"GET", b"none"]).await, b"_\r\n");
 }
 
-/// `s` with the number after every `id` field (a HELLO reply's connection
-/// id) replaced by N.
-fn ids_masked(s: &[u8]) -> String {
-    let text = esc(s);
-    let mut out = String::new();
-    let mut rest = text.as_str();
-    while let Some(i) = rest.find("id\\r\\n:") {
-        let (head, tail) = rest.split_at(i + "id\\r\\n:".len());
-        out.push_str(head);
-        out.push('N');
-        rest = tail.trim_start_matches(|c: char| c.is_ascii_digit());
-    }
-    out.push_str(rest);
-    out
-}
-
 /// HELLO on a client that holds a dedicated connection for a name, a
 /// database or tracking switches that connection's protocol, as on Redis:
 /// replies change shape from then on and tracking's invalidations arrive

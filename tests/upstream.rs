@@ -718,23 +718,6 @@ async fn app_pair(redis: &Redis, kw: &Keyward, resp3: bool) -> (Raw, Raw) {
     (direct, c)
 }
 
-/// `bytes` escaped, with the value of every HELLO `id` field replaced by N
-/// (keyward's connection ids are not Redis's).
-fn ids_masked(bytes: &[u8]) -> String {
-    let text = esc(bytes);
-    let mut out = String::new();
-    let mut rest = text.as_str();
-    while let Some(at) = rest.find("id\\r\\n:") {
-        let at = at + "id\\r\\n:".len();
-        out.push_str(&rest[..at]);
-        out.push('N');
-        rest = &rest[at..];
-        rest = &rest[rest.find("\\r\\n").unwrap_or(0)..];
-    }
-    out.push_str(rest);
-    out
-}
-
 /// A user without channel permissions (Redis 7's default for a new ACL
 /// user) gets one `-NOPERM` for a whole `SUBSCRIBE a b` and is not
 /// subscribed: through keyward the client goes on exactly as on Redis
@@ -876,6 +859,17 @@ async fn a_client_waiting_for_replies_redis_never_sends_is_not_left_hanging() {
     assert_eq!(esc(&d.call(&[b"PING"]).await), esc(b"+PONG\r\n"));
 }
 
+/// A Redis that takes other clients' commands (a kill, or -BUSY for the
+/// rest) once a script has run 100 ms.
+fn busy_after_100_ms() -> Redis {
+    let redis = Redis::start();
+    assert_eq!(
+        redis.call(&[b"CONFIG", b"SET", b"busy-reply-threshold", b"100"]),
+        b"+OK\r\n"
+    );
+    redis
+}
+
 /// A script that runs for ever holds up the shared connection it came on:
 /// `SCRIPT KILL` and `FUNCTION KILL` from another client still reach Redis
 /// (on a connection of their own) and stop it, as they do on Redis itself;
@@ -883,13 +877,7 @@ async fn a_client_waiting_for_replies_redis_never_sends_is_not_left_hanging() {
 /// shared connection are served after, none lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn script_kill_and_function_kill_reach_a_busy_redis() {
-    let redis = Redis::start();
-    // Redis takes other clients' commands (the kill) once a script has run
-    // this long.
-    assert_eq!(
-        redis.call(&[b"CONFIG", b"SET", b"busy-reply-threshold", b"100"]),
-        b"+OK\r\n"
-    );
+    let redis = busy_after_100_ms();
     let lib: &[u8] =
         b"#!lua name=spinlib\nredis.register_function('spin', function() while true do end end)";
     assert_eq!(
@@ -951,11 +939,7 @@ async fn script_kill_and_function_kill_reach_a_busy_redis() {
 /// keyward ends it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_script_outliving_the_command_timeout_can_still_be_killed() {
-    let redis = Redis::start();
-    assert_eq!(
-        redis.call(&[b"CONFIG", b"SET", b"busy-reply-threshold", b"100"]),
-        b"+OK\r\n"
-    );
+    let redis = busy_after_100_ms();
     let kw = Keyward::start_for(&redis, "command_timeout_ms = 300\n", &[]);
     let mut spinner = Raw::connect(kw.port()).await;
     spinner

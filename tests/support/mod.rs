@@ -48,7 +48,7 @@ pub use ports::free_port;
 pub use proc::{send_signal, tail};
 pub use raw::Raw;
 pub use redis::{redis_calls, redis_cmd, redis_cmd_in, redis_pipeline, Redis};
-pub use resp::{bulk, cmd, esc, frame_len, split_frames};
+pub use resp::{bulk, cmd, esc, frame_len, ids_masked, split_frames};
 pub use runtime::{blocking, within};
 pub use sentinel::*;
 pub use wait::{wait_until, wait_until_sync};

@@ -32,6 +32,23 @@ pub fn esc(bytes: &[u8]) -> String {
     bytes.escape_ascii().to_string()
 }
 
+/// `bytes` escaped (see `esc`), with the value of every HELLO `id` field
+/// replaced by N (keyward's connection ids are not Redis's).
+pub fn ids_masked(bytes: &[u8]) -> String {
+    let text = esc(bytes);
+    let mut out = String::new();
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("id\\r\\n:") {
+        let at = at + "id\\r\\n:".len();
+        out.push_str(&rest[..at]);
+        out.push('N');
+        rest = &rest[at..];
+        rest = &rest[rest.find("\\r\\n").unwrap_or(0)..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Length of the first complete RESP frame at the start of `buf`.
 ///
 /// `Ok(None)`: the frame is not complete yet (read more). `Err`: the bytes
