@@ -964,3 +964,144 @@ async fn a_script_outliving_the_command_timeout_can_still_be_killed() {
     assert_eq!(c.call(&[b"SCRIPT", b"KILL"]).await, b"+OK\r\n");
     assert_eq!(c.call(&[b"GET", b"k"]).await, b"$-1\r\n");
 }
+
+/// (UN)SUBSCRIBEs queued in MULTI run at EXEC: keyward learns their effect
+/// (subscriber mode, the channels a bare UNSUBSCRIBE ends) and counts the
+/// confirmations that follow EXEC's array (past each one's first), so the
+/// replies keyward makes itself (HELLO, RESET) and the counts of later
+/// (UN)SUBSCRIBEs come out as Redis's, pipelined or step by step, in RESP2
+/// and RESP3; a transaction Redis aborts changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_queued_in_multi_are_counted_as_redis_runs_them() {
+    let (redis, kw) = channel_restricted_stack(&[b"&ok*"], "").await;
+    let sessions: &[(bool, &[&[&[u8]]])] = &[
+        // A SUBSCRIBE queued after another command: subscriber mode, so
+        // Redis refuses HELLO.
+        (
+            false,
+            &[
+                &[b"MULTI"],
+                &[b"PING"],
+                &[b"SUBSCRIBE", b"ok2"],
+                &[b"EXEC"],
+                &[b"HELLO"],
+                &[b"UNSUBSCRIBE"],
+                &[b"HELLO", b"2"],
+            ],
+        ),
+        // Several names: confirmations past the first follow EXEC's array.
+        (
+            false,
+            &[
+                &[b"MULTI"],
+                &[b"SUBSCRIBE", b"ok1", b"ok2"],
+                &[b"PSUBSCRIBE", b"okp*"],
+                &[b"PING"],
+                &[b"EXEC"],
+                &[b"UNSUBSCRIBE", b"ok1"],
+                &[b"SUBSCRIBE", b"bad", b"ok3"],
+                &[b"UNSUBSCRIBE"],
+                &[b"PUNSUBSCRIBE"],
+                &[b"HELLO", b"2"],
+            ],
+        ),
+        (
+            false,
+            &[
+                &[b"SUBSCRIBE", b"ok1", b"ok2"],
+                &[b"MULTI"],
+                &[b"UNSUBSCRIBE", b"ok1", b"ok2"],
+                &[b"EXEC"],
+                &[b"SUBSCRIBE", b"bad", b"ok1", b"ok2", b"ok3"],
+                &[b"HELLO", b"2"],
+                &[b"RESET"],
+            ],
+        ),
+        (
+            true,
+            &[
+                &[b"MULTI"],
+                &[b"UNSUBSCRIBE", b"okA"],
+                &[b"PSUBSCRIBE", b"ok*", b"ok*"],
+                &[b"EXEC"],
+                &[b"SUBSCRIBE", b"ok1"],
+                &[b"HELLO", b"3"],
+                &[b"PUNSUBSCRIBE"],
+                &[b"UNSUBSCRIBE"],
+                &[b"HELLO", b"3"],
+            ],
+        ),
+        (
+            true,
+            &[
+                &[b"SUBSCRIBE", b"ok1", b"ok2"],
+                &[b"MULTI"],
+                &[b"UNSUBSCRIBE", b"ok1"],
+                &[b"EXEC"],
+                &[b"UNSUBSCRIBE"],
+                &[b"HELLO", b"3"],
+            ],
+        ),
+        // Aborted: nothing queued ran.
+        (
+            false,
+            &[
+                &[b"MULTI"],
+                &[b"SUBSCRIBE", b"ok1", b"ok2"],
+                &[b"NOSUCHCOMMAND"],
+                &[b"EXEC"],
+                &[b"HELLO", b"2"],
+                &[b"UNSUBSCRIBE"],
+                &[b"HELLO", b"2"],
+            ],
+        ),
+    ];
+    for (n, (resp3, steps)) in sessions.iter().enumerate() {
+        // Pipelined, read up to a closing PING.
+        let (mut direct, mut c) = app_pair(&redis, &kw, *resp3).await;
+        let mut all: Vec<u8> = steps.iter().flat_map(|r| cmd(r)).collect();
+        all.extend(cmd(&[b"PING", b"end-of-steps"]));
+        direct.send(&all).await;
+        c.send(&all).await;
+        let want = direct.read_through(b"end-of-steps\r\n").await;
+        assert_eq!(
+            ids_masked(&c.read_through(b"end-of-steps\r\n").await),
+            ids_masked(&want),
+            "session {n}, pipelined"
+        );
+        // Step by step: each reply read whole (one frame inside MULTI,
+        // where a closing PING would be queued; else up to a PING).
+        let (mut direct, mut c) = app_pair(&redis, &kw, *resp3).await;
+        let mut queued = false;
+        for (i, req) in steps.iter().enumerate() {
+            let name = req[0].to_ascii_uppercase();
+            if queued || name == b"MULTI" {
+                queued = name != b"EXEC";
+                if queued {
+                    direct.send(&cmd(req)).await;
+                    c.send(&cmd(req)).await;
+                    let want = direct.read_reply().await;
+                    assert_eq!(
+                        esc(&c.read_reply().await),
+                        esc(&want),
+                        "session {n}, step {i}: {}",
+                        esc(&cmd(req))
+                    );
+                    continue;
+                }
+            }
+            let end = format!("end-of-step-{i}");
+            let both = [cmd(req), cmd(&[b"PING", end.as_bytes()])].concat();
+            direct.send(&both).await;
+            c.send(&both).await;
+            let end = format!("{end}\r\n");
+            let want = direct.read_through(end.as_bytes()).await;
+            assert_eq!(
+                ids_masked(&c.read_through(end.as_bytes()).await),
+                ids_masked(&want),
+                "session {n}, step {i}: {}",
+                esc(&cmd(req))
+            );
+        }
+    }
+}

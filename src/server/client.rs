@@ -295,7 +295,6 @@ pub fn start(
         closing: false,
         sampler: Sampler::new(id),
         run_replica: false,
-        multi_pubsub: false,
         replica_reads: false,
         pending_written: Written::default(),
         multi_written: Written::default(),
@@ -363,8 +362,6 @@ struct Reader {
     sampler: Sampler,
     /// The run at the front of `buf` goes to a replica.
     run_replica: bool,
-    /// An (UN)SUBSCRIBE is queued in the current MULTI.
-    multi_pubsub: bool,
     /// Reads were sent to a replica since the last wait for every reply:
     /// the next batch for the master waits for them, so a read never sees
     /// a write the client sent after it.
@@ -1462,8 +1459,9 @@ impl Reader {
         // confirmation per name whatever came before, and a refusal of an
         // earlier one is settled later (`SessionState::settle`): pipelined,
         // they go on without waiting a round trip each.
-        let counted = matches!(class, Class::Subscribe(_))
-            || (matches!(class, Class::Unsubscribe(_)) && args.len() > 1);
+        let counted = !self.state.exec_unsettled()
+            && (matches!(class, Class::Subscribe(_))
+                || (matches!(class, Class::Unsubscribe(_)) && args.len() > 1));
         if (local || tracked) && !counted && self.state.unsettled() && self.pinned.is_some() {
             // What the subscriptions are (so whether the client is in
             // subscriber mode, and how many confirmations a bare
@@ -1475,21 +1473,7 @@ impl Reader {
             self.settle_subscriptions();
             self.maybe_release().await;
         }
-        let mut subscriber = self.proto == Proto::Resp2 && self.state.subscribed();
-        if (local || tracked)
-            && !subscriber
-            && self.proto == Proto::Resp2
-            && self.state.queued_subscribe
-            && !self.state.in_multi
-            && self.pinned.is_some()
-        {
-            // A SUBSCRIBE queued in MULTI subscribed when EXEC ran: only
-            // the relay knows, from Redis's confirmations, once they are in.
-            if !self.wait_owed().await {
-                return;
-            }
-            subscriber = self.pinned.as_ref().is_some_and(|p| p.subscribed());
-        }
+        let subscriber = self.proto == Proto::Resp2 && self.state.subscribed();
         let refused_in_multi = self.state.in_multi
             && (class == Class::Keyward
                 || (class == Class::Replication && !args[0].eq_ignore_ascii_case(b"replconf")));
@@ -1516,7 +1500,7 @@ impl Reader {
                     // transaction (-EXECABORT), WATCHes included.
                     self.state.in_multi = false;
                     self.state.watching = false;
-                    self.multi_pubsub = false;
+                    self.state.drop_queued();
                 }
                 return self.forward(req, frame).await;
             }
@@ -1535,8 +1519,12 @@ impl Reader {
             )
         {
             self.state.client_state = true;
-            self.state.queued_subscribe |= matches!(class, Class::Subscribe(_));
-            self.multi_pubsub |= matches!(class, Class::Subscribe(_) | Class::Unsubscribe(_));
+            if let Class::Subscribe(kind) | Class::Unsubscribe(kind) = class {
+                let names: Vec<Bytes> =
+                    (1..args.len()).map(|i| arg_bytes(&frame, req, i)).collect();
+                let subscribe = matches!(class, Class::Subscribe(_));
+                self.state.queue_pubsub(subscribe, kind, &names);
+            }
             if let (Class::Monitor, Some(p)) = (class, &self.pinned) {
                 p.monitor_next();
             }
@@ -1585,7 +1573,6 @@ impl Reader {
                 }
                 self.state = SessionState::default();
                 self.multi_written = Written::default();
-                self.multi_pubsub = false;
                 self.proto = Proto::Resp2;
                 if !silenced {
                     self.local_reply(out.freeze(), 1).await;
@@ -1717,11 +1704,24 @@ impl Reader {
                     Class::Exec | Class::Discard if self.state.in_multi => {
                         self.state.in_multi = false;
                         self.state.watching = false;
-                        // EXEC's reply holds the confirmations of the
-                        // (UN)SUBSCRIBEs queued.
-                        if std::mem::take(&mut self.multi_pubsub) && class == Class::Exec {
+                        let silenced = self.state.reply_off || self.state.reply_skip;
+                        if class == Class::Discard {
+                            self.state.drop_queued();
+                        } else if silenced {
+                            // Nothing settles it: the subscriptions stay
+                            // as they were (see README), and subscriber
+                            // mode is read from what Redis sends.
+                            if self.state.has_queued() {
+                                self.state.drop_queued();
+                                if let Some(p) = &self.pinned {
+                                    p.pubsub_next(1, None);
+                                }
+                            }
+                        } else if let Some((extras, id)) = self.state.exec_pubsub() {
+                            // EXEC's reply holds the confirmations of the
+                            // (UN)SUBSCRIBEs queued, and more follow it.
                             if let Some(p) = &self.pinned {
-                                p.pubsub_next(1, None);
+                                p.exec_pubsub_next(extras, id);
                             }
                         }
                     }
@@ -1935,7 +1935,6 @@ impl Reader {
             if s.in_multi
                 || s.subscribed()
                 || s.unsettled()
-                || s.queued_subscribe
                 || s.monitor
                 || s.reply_off
                 || s.reply_skip

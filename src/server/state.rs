@@ -23,9 +23,9 @@ pub struct SessionState {
     /// EXECABORT, a failed WATCH): `db` is a guess until the next SELECT
     /// outside MULTI, so the connection is neither given back nor carried.
     pub db_uncertain: bool,
-    /// A SUBSCRIBE was queued in MULTI: whether the connection is in RESP2
-    /// subscriber mode only the relay knows (until RESET).
-    pub queued_subscribe: bool,
+    /// (UN)SUBSCRIBEs queued in the open MULTI: they run at EXEC, if it
+    /// runs (see `exec_pubsub`).
+    queued: Vec<Queued>,
     pub in_multi: bool,
     pub watching: bool,
     pub monitor: bool,
@@ -47,11 +47,29 @@ pub struct SessionState {
 #[derive(Debug)]
 struct Unconfirmed {
     id: u64,
+    what: What,
+}
+
+#[derive(Debug)]
+enum What {
+    Subscribe {
+        kind: SubKind,
+        /// The names it added (not subscribed before, or added by an
+        /// earlier request not yet settled).
+        fresh: Vec<Bytes>,
+        /// All its names.
+        names: Vec<Bytes>,
+    },
+    /// An EXEC that runs queued (UN)SUBSCRIBEs, applied as if it ran: the
+    /// subscriptions before it, to go back to if it did not.
+    Exec(Box<[HashSet<Bytes>; 3]>),
+}
+
+/// An (UN)SUBSCRIBE queued in MULTI.
+#[derive(Debug)]
+struct Queued {
+    subscribe: bool,
     kind: SubKind,
-    /// The names it added (not subscribed before, or added by an earlier
-    /// request not yet settled).
-    fresh: Vec<Bytes>,
-    /// All its names.
     names: Vec<Bytes>,
 }
 
@@ -141,18 +159,21 @@ impl SessionState {
             }
         }
         let id = (!silent).then(|| {
-            self.next_subscribe += 1;
-            let id = self.next_subscribe;
-            self.unconfirmed.push_back(Unconfirmed {
-                id,
+            self.unconfirm(What::Subscribe {
                 kind,
                 fresh,
                 names: names.to_vec(),
-            });
-            id
+            })
         });
         // Redis answers once per argument; with none, one arity error.
         (self.silenced(names.len().max(1) as u64), id)
+    }
+
+    fn unconfirm(&mut self, what: What) -> u64 {
+        self.next_subscribe += 1;
+        let id = self.next_subscribe;
+        self.unconfirmed.push_back(Unconfirmed { id, what });
+        id
     }
 
     /// SUBSCRIBEs whose outcome is not known yet: the subscriptions are
@@ -161,28 +182,105 @@ impl SessionState {
         !self.unconfirmed.is_empty()
     }
 
-    /// Apply Redis's answers to SUBSCRIBEs, in order: (id, refused).
+    /// An EXEC that ran (UN)SUBSCRIBEs is not settled yet: until it is,
+    /// not even a SUBSCRIBE can be counted on.
+    pub fn exec_unsettled(&self) -> bool {
+        self.unconfirmed
+            .iter()
+            .any(|u| matches!(u.what, What::Exec(_)))
+    }
+
+    /// Queue an (UN)SUBSCRIBE sent inside MULTI.
+    pub fn queue_pubsub(&mut self, subscribe: bool, kind: SubKind, names: &[Bytes]) {
+        self.queued.push(Queued {
+            subscribe,
+            kind,
+            names: names.to_vec(),
+        });
+    }
+
+    pub fn has_queued(&self) -> bool {
+        !self.queued.is_empty()
+    }
+
+    /// The transaction ended without running its queued commands (DISCARD,
+    /// a refused EXEC).
+    pub fn drop_queued(&mut self) {
+        self.queued.clear();
+    }
+
+    /// EXEC of a transaction that queued (UN)SUBSCRIBEs, its reply not
+    /// silenced: apply them as if it runs, and return the confirmations
+    /// Redis then sends after EXEC's array (each (UN)SUBSCRIBE is one
+    /// element of it, its confirmations past the first follow it) and the
+    /// id to settle it under: refused (EXECABORT, a failed WATCH), it
+    /// ran nothing and the subscriptions go back. None without any queued.
+    pub fn exec_pubsub(&mut self) -> Option<(u64, u64)> {
+        if self.queued.is_empty() {
+            return None;
+        }
+        let before = Box::new([
+            self.channels.clone(),
+            self.patterns.clone(),
+            self.shard_channels.clone(),
+        ]);
+        let mut extras = 0;
+        for q in std::mem::take(&mut self.queued) {
+            let set = self.subs(q.kind);
+            let n = if q.subscribe {
+                set.extend(q.names.iter().cloned());
+                q.names.len()
+            } else if q.names.is_empty() {
+                let n = set.len().max(1);
+                set.clear();
+                n
+            } else {
+                for n in &q.names {
+                    set.remove(n);
+                }
+                q.names.len()
+            };
+            extras += (n as u64).saturating_sub(1);
+        }
+        Some((extras, self.unconfirm(What::Exec(before))))
+    }
+
+    /// Apply Redis's answers to SUBSCRIBEs (and EXECs that ran some), in
+    /// order: (id, refused).
     pub fn settle(&mut self, settled: &[(u64, bool)]) {
         for &(id, refused) in settled {
             while self.unconfirmed.front().is_some_and(|u| u.id < id) {
                 self.unconfirmed.pop_front();
             }
-            if self.unconfirmed.front().is_some_and(|u| u.id == id) {
-                let u = self.unconfirmed.pop_front().expect("checked");
-                if refused {
-                    for n in u.fresh {
+            if self.unconfirmed.front().is_none_or(|u| u.id != id) {
+                continue;
+            }
+            let u = self.unconfirmed.pop_front().expect("checked");
+            match (u.what, refused) {
+                (_, false) => {}
+                // Nothing is sent behind such an EXEC before it settles.
+                (What::Exec(before), true) => {
+                    let [c, p, s] = *before;
+                    (self.channels, self.patterns, self.shard_channels) = (c, p, s);
+                }
+                (What::Subscribe { kind, fresh, .. }, true) => {
+                    for n in fresh {
                         // A later SUBSCRIBE of the name, sent while this
                         // one was unsettled, did not count it as its own:
                         // whether it stays is now up to that one.
-                        let later = self
-                            .unconfirmed
-                            .iter_mut()
-                            .find(|l| l.kind == u.kind && l.names.contains(&n));
+                        let later = self.unconfirmed.iter_mut().find_map(|l| match &mut l.what {
+                            What::Subscribe {
+                                kind: k,
+                                fresh,
+                                names,
+                            } if *k == kind && names.contains(&n) => Some(fresh),
+                            _ => None,
+                        });
                         match later {
-                            Some(l) if !l.fresh.contains(&n) => l.fresh.push(n),
+                            Some(fresh) if !fresh.contains(&n) => fresh.push(n),
                             Some(_) => {}
                             None => {
-                                self.subs(u.kind).remove(&n);
+                                self.subs(kind).remove(&n);
                             }
                         }
                     }
@@ -295,6 +393,33 @@ mod tests {
         let (_, q) = s.subscribe(SubKind::Channel, std::slice::from_ref(&c));
         s.settle(&[(p.unwrap(), true), (q.unwrap(), false)]);
         assert!(s.patterns.is_empty() && s.channels.contains(&c));
+    }
+
+    #[test]
+    fn an_exec_applies_its_queued_subscriptions_or_takes_them_back() {
+        let mut s = SessionState::default();
+        let [a, b, c] = [b"a", b"b", b"c"].map(|n| Bytes::from_static(n));
+        let (_, id) = s.subscribe(SubKind::Channel, &[a.clone(), b.clone()]);
+        s.settle(&[(id.unwrap(), false)]);
+        assert_eq!(s.exec_pubsub(), None);
+        // UNSUBSCRIBE (both: one more confirmation), PSUBSCRIBE c (none
+        // more), SUBSCRIBE c a (one more).
+        s.queue_pubsub(false, SubKind::Channel, &[]);
+        s.queue_pubsub(true, SubKind::Pattern, std::slice::from_ref(&c));
+        s.queue_pubsub(true, SubKind::Channel, &[c.clone(), a.clone()]);
+        let (extras, id) = s.exec_pubsub().unwrap();
+        assert_eq!(extras, 2);
+        assert!(s.exec_unsettled() && !s.has_queued());
+        assert_eq!(s.channels, HashSet::from([c.clone(), a.clone()]));
+        // Aborted: back to before.
+        s.settle(&[(id, true)]);
+        assert!(!s.unsettled());
+        assert_eq!(s.channels, HashSet::from([a.clone(), b.clone()]));
+        assert!(s.patterns.is_empty());
+        s.queue_pubsub(false, SubKind::Channel, std::slice::from_ref(&a));
+        let (extras, id) = s.exec_pubsub().unwrap();
+        s.settle(&[(id, false)]);
+        assert_eq!((extras, s.channels.clone()), (0, HashSet::from([b])));
     }
 
     #[test]

@@ -125,6 +125,24 @@ struct PubsubReq {
     last: u64,
     /// Reported to `settled` under this id when its first reply arrives.
     id: Option<u64>,
+    /// An EXEC that runs queued (UN)SUBSCRIBEs: refused unless its reply
+    /// is an array, and when it ran, `extras` frames (confirmations past
+    /// each one's first) follow that array and answer no request.
+    exec: bool,
+    extras: u64,
+}
+
+/// What one reply is, for the relay (see `PinShared::answers`).
+#[derive(Debug, Default, PartialEq)]
+struct Answer {
+    /// Owed replies it stands for.
+    replies: u64,
+    /// It answers an (UN)SUBSCRIBE, or an EXEC that ran some.
+    pubsub: bool,
+    /// ...an EXEC: its elements are the confirmations.
+    exec: bool,
+    /// Frames that follow it as part of it (see `PubsubReq::extras`).
+    extras: u64,
 }
 
 /// Milliseconds on a monotonic clock, for `PinShared::progress_ms`.
@@ -160,27 +178,41 @@ impl PinShared {
     /// that request's first and an error: Redis refused it as a whole),
     /// and whether it answers a pub/sub request (only then can it be a
     /// subscribe confirmation).
-    fn answers(&self, number: u64, frame: &[u8]) -> (u64, bool) {
+    fn answers(&self, number: u64, frame: &[u8]) -> Answer {
+        let mut answer = Answer {
+            replies: 1,
+            ..Answer::default()
+        };
         if !self.pubsub_any.load(Ordering::Acquire) {
-            return (1, false);
+            return answer;
         }
         let mut reqs = self.pubsub.lock().unwrap_or_else(|e| e.into_inner());
         let mut settled = self.settled.lock().unwrap_or_else(|e| e.into_inner());
-        let mut answer = (1, false);
         while let Some(r) = reqs.front_mut() {
             if r.first > number {
                 break;
             }
             if r.last >= number {
-                answer.1 = true;
-                let refused = r.first == number && frame.first() == Some(&b'-');
-                if let (true, Some(id)) = (r.first == number, r.id.take()) {
+                answer.pubsub = true;
+                answer.exec = r.exec;
+                let first = r.first == number;
+                // An EXEC ran its commands only if it answers an array
+                // (not -EXECABORT, nor the null of a failed WATCH).
+                let refused = first
+                    && match r.exec {
+                        true => frame.first() != Some(&b'*') || frame.starts_with(b"*-1"),
+                        false => frame.first() == Some(&b'-'),
+                    };
+                if first && r.exec && !refused {
+                    answer.extras = r.extras;
+                }
+                if let (true, Some(id)) = (first, r.id.take()) {
                     settled.push((id, refused));
                 }
                 if !refused {
                     break;
                 }
-                answer.0 = r.last - r.first + 1;
+                answer.replies = r.last - r.first + 1;
             }
             // Past (or refused whole): its replies are all in.
             if let Some(id) = r.id.take() {
@@ -382,7 +414,28 @@ impl Pinned {
         let first = self.shared.sent.load(Ordering::Acquire) + 1;
         let last = first + n.max(1) - 1;
         let mut reqs = self.shared.pubsub.lock().unwrap_or_else(|e| e.into_inner());
-        reqs.push_back(PubsubReq { first, last, id });
+        reqs.push_back(PubsubReq {
+            first,
+            last,
+            id,
+            exec: false,
+            extras: 0,
+        });
+        self.shared.pubsub_any.store(true, Ordering::Release);
+    }
+
+    /// The next `send` is an EXEC that runs queued (UN)SUBSCRIBEs (see
+    /// `PubsubReq::exec`), settled under `id`. Call before that `send`.
+    pub fn exec_pubsub_next(&self, extras: u64, id: u64) {
+        let first = self.shared.sent.load(Ordering::Acquire) + 1;
+        let mut reqs = self.shared.pubsub.lock().unwrap_or_else(|e| e.into_inner());
+        reqs.push_back(PubsubReq {
+            first,
+            last: first,
+            id: Some(id),
+            exec: true,
+            extras,
+        });
         self.shared.pubsub_any.store(true, Ordering::Release);
     }
 
@@ -680,6 +733,9 @@ async fn relay(
     let mut received = 0u64;
     // Subscriptions (channels and patterns; shard channels) Redis reported.
     let mut counts = [0i64; 2];
+    // Frames still to come of an EXEC's output past its array (see
+    // `PubsubReq::extras`).
+    let mut uncounted = 0u64;
     let error = loop {
         crate::resp::release_if_large(&mut buf, 8 * 1024);
         crate::resp::make_room(&mut buf, scanner.need(), 8 * 1024);
@@ -758,7 +814,18 @@ async fn relay(
         loop {
             match scanner.next(&buf) {
                 Ok(Some(end)) => {
-                    if answers_request(
+                    if uncounted > 0 {
+                        // More confirmations of a queued (UN)SUBSCRIBE (or
+                        // the elements they pushed out of EXEC's array).
+                        uncounted -= 1;
+                        if proto == Proto::Resp2 {
+                            if let Some((shard, n)) = confirmation(&buf[start..end]) {
+                                counts[shard as usize] = n;
+                                let on = counts[0] + counts[1] > 0;
+                                shared.subscribed.store(on, Ordering::Relaxed);
+                            }
+                        }
+                    } else if answers_request(
                         &buf[start..end],
                         proto,
                         shared.subscribed.load(Ordering::Relaxed),
@@ -766,8 +833,9 @@ async fn relay(
                         && monitor_line(&buf[start..end]))
                     {
                         let number = received + answered + 1;
-                        let (replies, pubsub) = shared.answers(number, &buf[start..end]);
-                        answered += replies;
+                        let a = shared.answers(number, &buf[start..end]);
+                        answered += a.replies;
+                        uncounted += a.extras;
                         // keyward's RESET probe is found by its reply, not
                         // its number: a reply keyward did not count (a
                         // confirmation an EXEC sends under CLIENT REPLY OFF)
@@ -781,20 +849,23 @@ async fn relay(
                         // RESP2 subscriber mode, from Redis's own counts in
                         // its (un)subscribe confirmations, in wire order.
                         // (Also inside EXEC's array: a SUBSCRIBE queued in
-                        // MULTI subscribes when EXEC runs.)
+                        // MULTI subscribes when EXEC runs, wherever it was
+                        // queued.)
                         // Only arrays count: a bulk string holding such
                         // bytes is a value, not a confirmation.
                         // And only replies to (UN)SUBSCRIBEs and to an EXEC
                         // that ran some: a script's reply may look the same.
                         let frame = &buf[start..end];
-                        let array = proto == Proto::Resp2 && frame.first() == Some(&b'*') && pubsub;
-                        let nested = array
-                            && elements(frame)
-                                .next()
-                                .is_some_and(|e| e.first() == Some(&b'*'));
+                        let array =
+                            proto == Proto::Resp2 && frame.first() == Some(&b'*') && a.pubsub;
+                        let exec = array
+                            && (a.exec
+                                || elements(frame)
+                                    .next()
+                                    .is_some_and(|e| e.first() == Some(&b'*')));
                         let confirmations = std::iter::once(frame)
-                            .filter(|_| array)
-                            .chain(elements(frame).filter(|_| nested))
+                            .filter(|_| array && !exec)
+                            .chain(elements(frame).filter(|_| exec))
                             .filter_map(confirmation);
                         for (shard, n) in confirmations {
                             counts[shard as usize] = n;
@@ -1029,25 +1100,50 @@ mod tests {
     #[test]
     fn pubsub_replies_are_told_apart_and_a_refusal_stands_for_all() {
         let shared = PinShared::default();
-        let push = |first, last, id| {
-            shared
-                .pubsub
-                .lock()
-                .unwrap()
-                .push_back(PubsubReq { first, last, id });
+        let push = |first, last, id, exec, extras| {
+            shared.pubsub.lock().unwrap().push_back(PubsubReq {
+                first,
+                last,
+                id,
+                exec,
+                extras,
+            });
             shared.pubsub_any.store(true, Ordering::Release);
         };
+        let answer = |replies, pubsub, exec, extras| Answer {
+            replies,
+            pubsub,
+            exec,
+            extras,
+        };
         // 1: GET; 2-3: SUBSCRIBE a b (id 7); 4-5: SUBSCRIBE c d (id 8),
-        // refused; 6: EVAL.
-        push(2, 3, Some(7));
-        push(4, 5, Some(8));
+        // refused; 6: EVAL; 7: EXEC of SUBSCRIBE e f (id 9), ran; 8: EXEC
+        // of another (id 10), its WATCH failed; 9: one refused (id 11).
+        push(2, 3, Some(7), false, 0);
+        push(4, 5, Some(8), false, 0);
+        push(7, 7, Some(9), true, 1);
+        push(8, 8, Some(10), true, 1);
+        push(9, 9, Some(11), true, 0);
         let conf = b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n";
-        assert_eq!(shared.answers(1, conf), (1, false));
-        assert_eq!(shared.answers(2, conf), (1, true));
-        assert_eq!(shared.answers(3, conf), (1, true));
-        assert_eq!(shared.answers(4, b"-NOPERM no\r\n"), (2, true));
-        assert_eq!(shared.answers(6, conf), (1, false));
-        assert_eq!(*shared.settled.lock().unwrap(), vec![(7, false), (8, true)]);
+        assert_eq!(shared.answers(1, conf), answer(1, false, false, 0));
+        assert_eq!(shared.answers(2, conf), answer(1, true, false, 0));
+        assert_eq!(shared.answers(3, conf), answer(1, true, false, 0));
+        assert_eq!(
+            shared.answers(4, b"-NOPERM no\r\n"),
+            answer(2, true, false, 0)
+        );
+        assert_eq!(shared.answers(6, conf), answer(1, false, false, 0));
+        let exec = b"*1\r\n*3\r\n$9\r\nsubscribe\r\n$1\r\ne\r\n:1\r\n";
+        assert_eq!(shared.answers(7, exec), answer(1, true, true, 1));
+        assert_eq!(shared.answers(8, b"*-1\r\n"), answer(1, true, true, 0));
+        assert_eq!(
+            shared.answers(9, b"-EXECABORT no\r\n"),
+            answer(1, true, true, 0)
+        );
+        assert_eq!(
+            *shared.settled.lock().unwrap(),
+            vec![(7, false), (8, true), (9, false), (10, true), (11, true)]
+        );
         assert!(!shared.pubsub_any.load(Ordering::Acquire));
     }
 
