@@ -279,9 +279,11 @@ async fn listen(ctx: Arc<Ctx>, fleet: Arc<Fleet>) {
         Duration::from_millis(d.config.window_ms)
     });
     let mut last_error = String::new();
-    // Doubled after each try that never got subscribed (a refusal by the
-    // ACL would otherwise reconnect twice a second for ever).
-    let mut pause = Duration::from_millis(500);
+    // Short after a link that was up (a summary lives three windows), and
+    // doubled after each try that never got subscribed (a refusal by the
+    // ACL would otherwise reconnect ten times a second for ever).
+    const FIRST: Duration = Duration::from_millis(100);
+    let mut pause = FIRST;
     loop {
         let up = loop {
             if let Some(up) = ctx.current() {
@@ -308,7 +310,7 @@ async fn listen(ctx: Arc<Ctx>, fleet: Arc<Fleet>) {
             last_error = why;
         }
         pause = if was_up {
-            Duration::from_millis(500)
+            FIRST
         } else {
             (pause * 2).min(Duration::from_secs(30))
         };
