@@ -1042,6 +1042,19 @@ async fn subscriptions_queued_in_multi_are_counted_as_redis_runs_them() {
                 &[b"HELLO", b"3"],
             ],
         ),
+        // Redis 7.0 refuses SSUBSCRIBE inside MULTI when EXEC runs it.
+        (
+            false,
+            &[
+                &[b"MULTI"],
+                &[b"SSUBSCRIBE", b"ok1", b"ok2"],
+                &[b"SUBSCRIBE", b"ok3", b"ok4"],
+                &[b"EXEC"],
+                &[b"PING"],
+                &[b"UNSUBSCRIBE"],
+                &[b"RESET"],
+            ],
+        ),
         // Aborted: nothing queued ran.
         (
             false,

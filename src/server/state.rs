@@ -226,6 +226,12 @@ impl SessionState {
         ]);
         let mut extras = 0;
         for q in std::mem::take(&mut self.queued) {
+            if q.kind == SubKind::Shard {
+                // Redis 7.0 refuses (S)SUBSCRIBE to shard channels inside
+                // MULTI when EXEC runs it ("isn't allowed for a DENY
+                // BLOCKING client"): one error, no change.
+                continue;
+            }
             let set = self.subs(q.kind);
             let n = if q.subscribe {
                 set.extend(q.names.iter().cloned());
