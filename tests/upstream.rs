@@ -718,6 +718,29 @@ async fn app_pair(redis: &Redis, kw: &Keyward, resp3: bool) -> (Raw, Raw) {
     (direct, c)
 }
 
+/// Send `requests` and a `PING <marker>` after them (answered in RESP2
+/// subscriber mode too) to Redis directly and through keyward, and compare
+/// everything up to the marker, HELLO ids masked.
+async fn same_up_to_ping(
+    direct: &mut Raw,
+    c: &mut Raw,
+    requests: &[&[&[u8]]],
+    marker: &str,
+    what: &str,
+) {
+    let mut all: Vec<u8> = requests.iter().flat_map(|r| cmd(r)).collect();
+    all.extend(cmd(&[b"PING", marker.as_bytes()]));
+    direct.send(&all).await;
+    c.send(&all).await;
+    let end = format!("{marker}\r\n");
+    let want = direct.read_through(end.as_bytes()).await;
+    assert_eq!(
+        ids_masked(&c.read_through(end.as_bytes()).await),
+        ids_masked(&want),
+        "{what}"
+    );
+}
+
 /// A user without channel permissions (Redis 7's default for a new ACL
 /// user) gets one `-NOPERM` for a whole `SUBSCRIBE a b` and is not
 /// subscribed: through keyward the client goes on exactly as on Redis
@@ -769,18 +792,15 @@ async fn a_subscribe_the_acl_refuses_leaves_the_client_as_on_redis() {
         // Each step and a PING that ends its replies (in subscriber mode
         // too), compared whole.
         for (i, req) in steps.iter().enumerate() {
-            let end = format!("end-of-step-{i}");
-            let both = [cmd(req), cmd(&[b"PING", end.as_bytes()])].concat();
-            direct.send(&both).await;
-            c.send(&both).await;
-            let end = format!("{end}\r\n");
-            let want = direct.read_through(end.as_bytes()).await;
-            assert_eq!(
-                ids_masked(&c.read_through(end.as_bytes()).await),
-                ids_masked(&want),
-                "resp3 {resp3}, step {i}: {}",
-                esc(&cmd(req))
-            );
+            let what = format!("resp3 {resp3}, step {i}: {}", esc(&cmd(req)));
+            same_up_to_ping(
+                &mut direct,
+                &mut c,
+                &[req],
+                &format!("end-of-step-{i}"),
+                &what,
+            )
+            .await;
         }
         // A reply keyward makes itself comes after every reply owed: none
         // is owed for ever. (Redis's own connection id differs.)
@@ -797,19 +817,10 @@ async fn a_subscribe_the_acl_refuses_leaves_the_client_as_on_redis() {
             metric(&metrics(&kw).await, "keyward_pinned_connections") == Some(0.0)
         })
         .await;
-        // The same steps as one pipeline, on fresh connections, read up to
-        // a closing ECHO.
+        // The same steps as one pipeline, on fresh connections.
         let (mut direct, mut c) = app_pair(&redis, &kw, resp3).await;
-        let mut all: Vec<u8> = steps.iter().flat_map(|r| cmd(r)).collect();
-        all.extend(cmd(&[b"ECHO", b"end-of-steps"]));
-        direct.send(&all).await;
-        c.send(&all).await;
-        let want = direct.read_through(b"end-of-steps\r\n").await;
-        assert_eq!(
-            ids_masked(&c.read_through(b"end-of-steps\r\n").await),
-            ids_masked(&want),
-            "resp3 {resp3}, pipelined"
-        );
+        let what = format!("resp3 {resp3}, pipelined");
+        same_up_to_ping(&mut direct, &mut c, steps, "end-of-steps", &what).await;
     }
 }
 
@@ -1070,18 +1081,9 @@ async fn subscriptions_queued_in_multi_are_counted_as_redis_runs_them() {
         ),
     ];
     for (n, (resp3, steps)) in sessions.iter().enumerate() {
-        // Pipelined, read up to a closing PING.
         let (mut direct, mut c) = app_pair(&redis, &kw, *resp3).await;
-        let mut all: Vec<u8> = steps.iter().flat_map(|r| cmd(r)).collect();
-        all.extend(cmd(&[b"PING", b"end-of-steps"]));
-        direct.send(&all).await;
-        c.send(&all).await;
-        let want = direct.read_through(b"end-of-steps\r\n").await;
-        assert_eq!(
-            ids_masked(&c.read_through(b"end-of-steps\r\n").await),
-            ids_masked(&want),
-            "session {n}, pipelined"
-        );
+        let what = format!("session {n}, pipelined");
+        same_up_to_ping(&mut direct, &mut c, steps, "end-of-steps", &what).await;
         // Step by step: each reply read whole (one frame inside MULTI,
         // where a closing PING would be queued; else up to a PING).
         let (mut direct, mut c) = app_pair(&redis, &kw, *resp3).await;
@@ -1103,18 +1105,15 @@ async fn subscriptions_queued_in_multi_are_counted_as_redis_runs_them() {
                     continue;
                 }
             }
-            let end = format!("end-of-step-{i}");
-            let both = [cmd(req), cmd(&[b"PING", end.as_bytes()])].concat();
-            direct.send(&both).await;
-            c.send(&both).await;
-            let end = format!("{end}\r\n");
-            let want = direct.read_through(end.as_bytes()).await;
-            assert_eq!(
-                ids_masked(&c.read_through(end.as_bytes()).await),
-                ids_masked(&want),
-                "session {n}, step {i}: {}",
-                esc(&cmd(req))
-            );
+            let what = format!("session {n}, step {i}: {}", esc(&cmd(req)));
+            same_up_to_ping(
+                &mut direct,
+                &mut c,
+                &[req],
+                &format!("end-of-step-{i}"),
+                &what,
+            )
+            .await;
         }
     }
 }

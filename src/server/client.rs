@@ -1459,9 +1459,9 @@ impl Reader {
         // confirmation per name whatever came before, and a refusal of an
         // earlier one is settled later (`SessionState::settle`): pipelined,
         // they go on without waiting a round trip each.
-        let counted = !self.state.exec_unsettled()
-            && (matches!(class, Class::Subscribe(_))
-                || (matches!(class, Class::Unsubscribe(_)) && args.len() > 1));
+        let counted = (matches!(class, Class::Subscribe(_))
+            || (matches!(class, Class::Unsubscribe(_)) && args.len() > 1))
+            && !self.state.exec_unsettled();
         if (local || tracked) && !counted && self.state.unsettled() && self.pinned.is_some() {
             // What the subscriptions are (so whether the client is in
             // subscriber mode, and how many confirmations a bare

@@ -235,18 +235,11 @@ impl SessionState {
             let set = self.subs(q.kind);
             let n = if q.subscribe {
                 set.extend(q.names.iter().cloned());
-                q.names.len()
-            } else if q.names.is_empty() {
-                let n = set.len().max(1);
-                set.clear();
-                n
+                q.names.len() as u64
             } else {
-                for n in &q.names {
-                    set.remove(n);
-                }
-                q.names.len()
+                unsubscribe_from(set, &q.names)
             };
-            extras += (n as u64).saturating_sub(1);
+            extras += n.saturating_sub(1);
         }
         Some((extras, self.unconfirm(What::Exec(before))))
     }
@@ -304,18 +297,24 @@ impl SessionState {
     }
 
     pub fn unsubscribe(&mut self, kind: SubKind, names: &[Bytes]) -> u64 {
-        let set = self.subs(kind);
-        let n = if names.is_empty() {
-            let n = set.len().max(1) as u64;
-            set.clear();
-            n
-        } else {
-            for n in names {
-                set.remove(n);
-            }
-            names.len() as u64
-        };
+        let n = unsubscribe_from(self.subs(kind), names);
         self.silenced(n)
+    }
+}
+
+/// Apply an UNSUBSCRIBE of `names` (all, when none) to `set`; the
+/// confirmations Redis sends for it (one, with a null name, when there
+/// was nothing to end).
+fn unsubscribe_from(set: &mut HashSet<Bytes>, names: &[Bytes]) -> u64 {
+    if names.is_empty() {
+        let n = set.len().max(1) as u64;
+        set.clear();
+        n
+    } else {
+        for n in names {
+            set.remove(n);
+        }
+        names.len() as u64
     }
 }
 

@@ -173,6 +173,37 @@ impl PinShared {
         at != 0 && answered < at
     }
 
+    /// The protocol the connection speaks now.
+    fn proto(&self) -> Proto {
+        match self.resp3.load(Ordering::Acquire) {
+            true => Proto::Resp3,
+            false => Proto::Resp2,
+        }
+    }
+
+    /// A subscribe confirmation's count for its namespace (channels and
+    /// patterns: false; shard channels: true), in wire order: RESP2
+    /// subscriber mode is on while any count is.
+    fn confirmed(&self, counts: &mut [i64; 2], (shard, n): (bool, i64)) {
+        counts[shard as usize] = n;
+        self.subscribed
+            .store(counts[0] + counts[1] > 0, Ordering::Relaxed);
+    }
+
+    /// Queue a pub/sub request sent next (see `PinShared::pubsub`).
+    fn pubsub_next(&self, replies: u64, id: Option<u64>, exec: bool, extras: u64) {
+        let first = self.sent.load(Ordering::Acquire) + 1;
+        let mut reqs = self.pubsub.lock().unwrap_or_else(|e| e.into_inner());
+        reqs.push_back(PubsubReq {
+            first,
+            last: first + replies.max(1) - 1,
+            id,
+            exec,
+            extras,
+        });
+        self.pubsub_any.store(true, Ordering::Release);
+    }
+
     /// For the reply numbered `number` (numbers come in order): how many
     /// owed replies it stands for (all of a pub/sub request's when it is
     /// that request's first and an error: Redis refused it as a whole),
@@ -411,32 +442,13 @@ impl Pinned {
     /// an `id`, `take_settled` reports it once its first reply is in.
     /// Call before that `send`.
     pub fn pubsub_next(&self, n: u64, id: Option<u64>) {
-        let first = self.shared.sent.load(Ordering::Acquire) + 1;
-        let last = first + n.max(1) - 1;
-        let mut reqs = self.shared.pubsub.lock().unwrap_or_else(|e| e.into_inner());
-        reqs.push_back(PubsubReq {
-            first,
-            last,
-            id,
-            exec: false,
-            extras: 0,
-        });
-        self.shared.pubsub_any.store(true, Ordering::Release);
+        self.shared.pubsub_next(n, id, false, 0);
     }
 
     /// The next `send` is an EXEC that runs queued (UN)SUBSCRIBEs (see
     /// `PubsubReq::exec`), settled under `id`. Call before that `send`.
     pub fn exec_pubsub_next(&self, extras: u64, id: u64) {
-        let first = self.shared.sent.load(Ordering::Acquire) + 1;
-        let mut reqs = self.shared.pubsub.lock().unwrap_or_else(|e| e.into_inner());
-        reqs.push_back(PubsubReq {
-            first,
-            last: first,
-            id: Some(id),
-            exec: true,
-            extras,
-        });
-        self.shared.pubsub_any.store(true, Ordering::Release);
+        self.shared.pubsub_next(1, Some(id), true, extras);
     }
 
     /// The requests (`pubsub_next` with an id) answered since the last
@@ -502,12 +514,6 @@ impl Pinned {
     /// the connection is being shut down.
     pub fn retired(&self) -> bool {
         self.retired.is_cancelled()
-    }
-
-    /// Redis's confirmations so far say the connection is in RESP2
-    /// subscriber mode.
-    pub fn subscribed(&self) -> bool {
-        self.shared.subscribed.load(Ordering::Acquire)
     }
 
     /// A CLIENT REPLY SKIP was sent and no request since.
@@ -650,10 +656,7 @@ impl Pinned {
 
     /// The protocol the connection speaks now.
     pub fn speaks(&self) -> Proto {
-        match self.shared.resp3.load(Ordering::Acquire) {
-            true => Proto::Resp3,
-            false => Proto::Resp2,
-        }
+        self.shared.proto()
     }
 
     /// Redis has answered a HELLO that switched the connection to `proto`
@@ -805,10 +808,7 @@ async fn relay(
         let mut bad = None;
         let mut answered = 0u64;
         // Switched only while nothing is owed: never within one read.
-        let proto = match shared.resp3.load(Ordering::Acquire) {
-            true => Proto::Resp3,
-            false => Proto::Resp2,
-        };
+        let proto = shared.proto();
         // Frames to leave out of the relay (swallowed replies), as ranges.
         let mut cut: SmallVec<[(usize, usize); 2]> = SmallVec::new();
         loop {
@@ -819,10 +819,8 @@ async fn relay(
                         // the elements they pushed out of EXEC's array).
                         uncounted -= 1;
                         if proto == Proto::Resp2 {
-                            if let Some((shard, n)) = confirmation(&buf[start..end]) {
-                                counts[shard as usize] = n;
-                                let on = counts[0] + counts[1] > 0;
-                                shared.subscribed.store(on, Ordering::Relaxed);
+                            if let Some(c) = confirmation(&buf[start..end]) {
+                                shared.confirmed(&mut counts, c);
                             }
                         }
                     } else if answers_request(
@@ -867,10 +865,8 @@ async fn relay(
                             .filter(|_| array && !exec)
                             .chain(elements(frame).filter(|_| exec))
                             .filter_map(confirmation);
-                        for (shard, n) in confirmations {
-                            counts[shard as usize] = n;
-                            let on = counts[0] + counts[1] > 0;
-                            shared.subscribed.store(on, Ordering::Relaxed);
+                        for c in confirmations {
+                            shared.confirmed(&mut counts, c);
                         }
                     }
                     start = end;
@@ -1100,15 +1096,11 @@ mod tests {
     #[test]
     fn pubsub_replies_are_told_apart_and_a_refusal_stands_for_all() {
         let shared = PinShared::default();
-        let push = |first, last, id, exec, extras| {
-            shared.pubsub.lock().unwrap().push_back(PubsubReq {
-                first,
-                last,
-                id,
-                exec,
-                extras,
-            });
-            shared.pubsub_any.store(true, Ordering::Release);
+        // As the session queues them: `sent` is the number of the reply
+        // before each request's first.
+        let push = |first: u64, last: u64, id, exec, extras| {
+            shared.sent.store(first - 1, Ordering::Release);
+            shared.pubsub_next(last - first + 1, id, exec, extras);
         };
         let answer = |replies, pubsub, exec, extras| Answer {
             replies,
