@@ -1242,6 +1242,10 @@ impl Reader {
         .map_err(fail)?;
         p.drain_on(self.ctx.shutdown.clone());
         p.set_carry_any_loss(self.ctx.config.uses_sentinel());
+        // Lost before the session runs again (a master dying as the
+        // connection opened, a kept connection to it), it is carried if
+        // the state is: a carry-over's own new connection too.
+        p.set_resubscribe(self.state.carryable());
         self.push(Entry::Relay(rx));
         self.pinned = Some(p);
         self.pinned_tx = Some(tx);
@@ -1264,13 +1268,14 @@ impl Reader {
         }
         let skip = p.skip_pending();
         drop(p);
-        // Until the tracker has noticed a dead master, opening may fail:
-        // ask it to check, and try again within the hold time.
+        // Until the tracker has noticed a dead master, opening may fail (or
+        // hand out a kept connection to it that dies under the carry): ask
+        // it to check, and try again within the hold time.
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(self.ctx.config.sentinel.hold_ms);
         loop {
             match self.open_pinned().await {
-                Ok(()) => break,
+                Ok(()) => {}
                 Err((_, e)) if tokio::time::Instant::now() >= deadline => {
                     tracing::warn!(conn = self.id, error = %e, "cannot carry the connection's database and subscriptions to a new master; closing client");
                     self.shared.meter.kill();
@@ -1284,9 +1289,36 @@ impl Reader {
                         _ = changed.changed() => {}
                         _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                     }
+                    continue;
                 }
             }
+            if self.resubscribe(skip).await {
+                break;
+            }
+            // The new connection died under the carry: carry again, or
+            // (its relay reported the loss) close.
+            let Some(p) = self.pinned.take() else { return };
+            self.pinned_tx = None;
+            p.wait_lost().await;
+            if !p.carried_over() {
+                self.closing = true;
+                return;
+            }
         }
+        tracing::info!(
+            conn = self.id,
+            channels = self.state.channels.len(),
+            patterns = self.state.patterns.len(),
+            shard_channels = self.state.shard_channels.len(),
+            db = self.state.db,
+            "database and subscriptions carried to the new master"
+        );
+    }
+
+    /// Make the session's subscriptions (and an unspent CLIENT REPLY SKIP)
+    /// again on a newly opened dedicated connection; false if the
+    /// connection failed under it.
+    async fn resubscribe(&mut self, skip: bool) -> bool {
         let kinds: [(&[u8], Vec<Bytes>); 3] = [
             (b"SUBSCRIBE", self.state.channels.iter().cloned().collect()),
             (b"PSUBSCRIBE", self.state.patterns.iter().cloned().collect()),
@@ -1295,7 +1327,9 @@ impl Reader {
                 self.state.shard_channels.iter().cloned().collect(),
             ),
         ];
-        let Some(p) = &mut self.pinned else { return };
+        let Some(p) = &mut self.pinned else {
+            return false;
+        };
         for (cmd, names) in kinds {
             if names.is_empty() {
                 continue;
@@ -1306,8 +1340,7 @@ impl Reader {
             reply::command(&mut out, &args);
             p.pubsub_next(names.len() as u64, None);
             if p.send_swallowed(&out, names.len() as u64).await.is_err() {
-                self.closing = true;
-                return;
+                return false;
             }
         }
         if skip {
@@ -1316,20 +1349,11 @@ impl Reader {
             let mut out = BytesMut::new();
             reply::command(&mut out, &[b"CLIENT", b"REPLY", b"SKIP"]);
             if p.send(&out, 0).await.is_err() {
-                self.closing = true;
-                return;
+                return false;
             }
             p.skip_next();
         }
-        p.set_resubscribe(true);
-        tracing::info!(
-            conn = self.id,
-            channels = self.state.channels.len(),
-            patterns = self.state.patterns.len(),
-            shard_channels = self.state.shard_channels.len(),
-            db = self.state.db,
-            "database and subscriptions carried to the new master"
-        );
+        true
     }
 
     /// Send on the pinned connection, owing `expect` replies.

@@ -167,7 +167,11 @@ impl Default for SentinelOpts {
             quorum: 2,
             master_name: "mymaster".into(),
             down_after_ms: 1000,
-            failover_timeout_ms: 10_000,
+            // Three sentinels that see the master down together can split
+            // their votes; the next try comes 2 x failover-timeout after the
+            // first (Redis's election wait is the smaller of it and 10 s),
+            // which must fall within SWITCH_LIMIT.
+            failover_timeout_ms: 4_000,
         }
     }
 }
