@@ -1128,3 +1128,125 @@ async fn subscriptions_queued_in_multi_are_counted_as_redis_runs_them() {
         }
     }
 }
+
+/// `CLIENT PAUSE WRITE` holds a write on the shared connection it came on,
+/// and Redis reads nothing more from that connection until the pause ends:
+/// another client's `CLIENT UNPAUSE` still reaches Redis (on a connection
+/// of its own) and lifts it at once, as on Redis, and the held write then
+/// completes. From the client that paused, an UNPAUSE pipelined behind the
+/// PAUSE and a read runs after them, as on Redis, and lifts the pause too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_unpause_reaches_redis_past_a_held_write() {
+    let redis = Redis::start();
+    let kw = Keyward::start_for(&redis, "command_timeout_ms = 3000\n", &[]);
+    let mut pauser = Raw::connect(kw.port()).await;
+    assert_eq!(
+        esc(&pauser
+            .call(&[b"CLIENT", b"PAUSE", b"20000", b"WRITE"])
+            .await),
+        esc(b"+OK\r\n")
+    );
+    let mut writer = Raw::connect(kw.port()).await;
+    writer.send(&cmd(&[b"SET", b"held", b"1"])).await;
+    // The SET is held by Redis (its connection shows as blocked).
+    let port = redis.port();
+    wait_until("Redis holds the SET", DEADLINE, || async move {
+        let list = blocking(|| redis_cmd(port, &[b"CLIENT", b"LIST"]));
+        String::from_utf8_lossy(&list)
+            .lines()
+            .any(|l| l.contains("flags=b") && l.contains("cmd=set"))
+    })
+    .await;
+    let started = Instant::now();
+    assert_eq!(
+        esc(&pauser.call(&[b"CLIENT", b"UNPAUSE"]).await),
+        esc(b"+OK\r\n")
+    );
+    assert_eq!(esc(&writer.read_reply().await), esc(b"+OK\r\n"));
+    // Well before the command timeout (3 s) would have cut the connection.
+    assert!(
+        started.elapsed() < Duration::from_millis(2000),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        esc(&writer.call(&[b"GET", b"held"]).await),
+        esc(b"$1\r\n1\r\n")
+    );
+
+    // Pipelined by the client that pauses: the UNPAUSE does not overtake
+    // what comes before it, here a write a short pause holds and a long
+    // pause behind that; on Redis the UNPAUSE runs last and ends the long
+    // pause.
+    let mut both = Raw::connect(kw.port()).await;
+    let mut wire = cmd(&[b"CLIENT", b"PAUSE", b"300", b"WRITE"]);
+    wire.extend(cmd(&[b"SET", b"held", b"2"]));
+    wire.extend(cmd(&[b"CLIENT", b"PAUSE", b"20000", b"WRITE"]));
+    wire.extend(cmd(&[b"GET", b"held"]));
+    wire.extend(cmd(&[b"CLIENT", b"UNPAUSE"]));
+    both.send(&wire).await;
+    for want in [
+        &b"+OK\r\n"[..],
+        b"+OK\r\n",
+        b"+OK\r\n",
+        b"$1\r\n2\r\n",
+        b"+OK\r\n",
+    ] {
+        assert_eq!(esc(&both.read_reply().await), esc(want));
+    }
+    // Not paused any more: a write goes through at once.
+    let started = Instant::now();
+    assert_eq!(
+        esc(&writer.call(&[b"SET", b"after", b"2"]).await),
+        esc(b"+OK\r\n")
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(2000),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// Under `CLIENT PAUSE WRITE` Redis holds every PUBLISH, keyward's own
+/// fleet hot-key summary included. That PUBLISH goes on a connection of
+/// keyward's own, so the clients' reads, which a pause does not hold, are
+/// answered at once, as on Redis, instead of waiting behind it on the
+/// shared connection (and failing at the command timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_are_not_held_behind_keywards_own_publish_under_pause_write() {
+    let redis = Redis::start();
+    let kw = Keyward::start_for(
+        &redis,
+        "command_timeout_ms = 3000\n[hotkeys]\nenabled = true\nfleet = true\nwindow_ms = 200\n",
+        &[],
+    );
+    let mut c = Raw::connect(kw.port()).await;
+    assert_eq!(esc(&c.call(&[b"SET", b"k", b"v"]).await), esc(b"+OK\r\n"));
+    assert_eq!(
+        esc(&c.call(&[b"CLIENT", b"PAUSE", b"20000", b"WRITE"]).await),
+        esc(b"+OK\r\n")
+    );
+    // Wait until Redis holds keyward's next summary.
+    let port = redis.port();
+    wait_until("Redis holds keyward's PUBLISH", DEADLINE, || async move {
+        let list = blocking(|| redis_cmd(port, &[b"CLIENT", b"LIST"]));
+        String::from_utf8_lossy(&list)
+            .lines()
+            .any(|l| l.contains("flags=b") && l.contains("cmd=publish"))
+    })
+    .await;
+    for _ in 0..3 {
+        let started = Instant::now();
+        assert_eq!(esc(&c.call(&[b"GET", b"k"]).await), esc(b"$1\r\nv\r\n"));
+        assert_eq!(esc(&c.call(&[b"PING"]).await), esc(b"+PONG\r\n"));
+        assert!(
+            started.elapsed() < Duration::from_millis(2000),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(
+        esc(&c.call(&[b"CLIENT", b"UNPAUSE"]).await),
+        esc(b"+OK\r\n")
+    );
+}

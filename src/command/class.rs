@@ -64,8 +64,9 @@ pub enum Class {
     /// SYNC/PSYNC/REPLCONF: a replication stream is not RESP and would wreck a
     /// shared connection, so keyward refuses it.
     Replication,
-    /// SCRIPT KILL and FUNCTION KILL: sent on a connection of their own
-    /// (see `upstream::side`).
+    /// SCRIPT KILL, FUNCTION KILL and CLIENT UNPAUSE: sent on a connection
+    /// of their own (see `upstream::side`), so they reach Redis while a busy
+    /// script or a paused write holds up the shared connection.
     Kill,
 }
 
@@ -237,6 +238,7 @@ fn classify_client(args: &[&[u8]]) -> Class {
             b"setname" | b"getname" | b"id" | b"info" | b"no-evict" | b"no-touch" | b"tracking"
             | b"caching" | b"trackinginfo" | b"getredir" | b"setinfo",
         ) => Class::ClientState,
+        Some(b"unpause") if args.len() == 2 => Class::Kill,
         _ => Class::Forward,
     }
 }
@@ -284,6 +286,8 @@ mod tests {
             (&[b"script", b"kill"], Class::Kill),
             (&[b"FUNCTION", b"KILL"], Class::Kill),
             (&[b"FUNCTION", b"KILL", b"x"], Class::Forward),
+            (&[b"client", b"UNPAUSE"], Class::Kill),
+            (&[b"CLIENT", b"UNPAUSE", b"x"], Class::Forward),
             (&[b"FUNCTION", b"STATS"], Class::Forward),
             (&[b"SCRIPT", b"FLUSH"], Class::Forward),
             (&[b"GET", b"a\0b"], Class::Forward),

@@ -24,8 +24,8 @@ use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 
 use crate::resp::scan::{elements, parse_int, string_of};
-use crate::resp::{reply, Proto, Scanner};
-use crate::server::{Ctx, Sent};
+use crate::resp::{Proto, Scanner};
+use crate::server::Ctx;
 use crate::topology::now_ms;
 use crate::upstream::connector;
 
@@ -89,6 +89,16 @@ pub struct Fleet {
     asked: tokio::sync::Notify,
     /// A summary arrived, or the link changed.
     changed: tokio::sync::Notify,
+    /// keyward's own connection for PUBLISH (see `publish`).
+    publisher: tokio::sync::Mutex<Option<Publisher>>,
+}
+
+/// A connection for PUBLISH on one master (by its generation).
+struct Publisher {
+    generation: u64,
+    stream: tokio::net::TcpStream,
+    buf: BytesMut,
+    scanner: Scanner,
 }
 
 impl Fleet {
@@ -101,6 +111,7 @@ impl Fleet {
             expected: Mutex::new(None),
             asked: tokio::sync::Notify::new(),
             changed: tokio::sync::Notify::new(),
+            publisher: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -185,35 +196,60 @@ pub fn instance_id(listen: &str) -> String {
     format!("{listen}-{}", std::process::id())
 }
 
-/// Send one command of keyward's own through the shared pool; its reply.
-async fn call(ctx: &Ctx, args: &[&[u8]]) -> Result<bytes::Bytes, String> {
-    let mut out = BytesMut::new();
-    reply::command(&mut out, args);
-    let rx = match ctx.send(Proto::Resp2, 0, 0, &out, 1, None, 0).await {
-        Ok(Sent::Queued(_, rx)) => rx,
-        Ok(Sent::Moved(_)) => return Err("master changed".into()),
-        Err(e) => return Err(e.resp_text()),
-    };
-    let bytes = rx
-        .await
-        .map_err(|_| "upstream dropped the request".to_string())?
-        .map_err(|e| e.error.resp_text())?
-        .bytes;
-    match bytes.first() {
-        Some(b'-') => Err(String::from_utf8_lossy(bytes.trim_ascii_end()[1..].as_ref()).into()),
-        _ => Ok(bytes),
-    }
-}
-
-/// PUBLISH on the fleet channel; how many subscribers heard it.
+/// PUBLISH on the fleet channel; how many subscribers heard it. On a
+/// connection of keyward's own, not the clients' shared one: Redis holds a
+/// PUBLISH back under `CLIENT PAUSE WRITE`, and the clients' reads queued
+/// behind it on a shared connection would wait (and fail at the command
+/// timeout) with it, though no client wrote anything.
 async fn publish(ctx: &Ctx, fleet: &Fleet, m: &Message) -> Result<usize, String> {
     let json = serde_json::to_string(m).unwrap_or_default();
-    let r = call(
-        ctx,
-        &[b"PUBLISH", fleet.channel.as_bytes(), json.as_bytes()],
-    )
-    .await?;
-    let n = r
+    // Through a failover's hold, as the clients' requests wait.
+    let up = ctx.upstream(1, 0).await.map_err(|e| e.resp_text())?;
+    let settings = &up.node.settings;
+    let mut link = fleet.publisher.lock().await;
+    if link.as_ref().is_some_and(|l| l.generation != up.generation) {
+        *link = None;
+    }
+    let p = match link.as_mut() {
+        Some(p) => p,
+        None => link.insert(Publisher {
+            generation: up.generation,
+            stream: connector::connect(settings, Proto::Resp2)
+                .await
+                .map_err(|e| e.resp_text())?,
+            buf: BytesMut::with_capacity(256),
+            scanner: Scanner::new(),
+        }),
+    };
+    let exchange = async {
+        connector::send(
+            &mut p.stream,
+            &[b"PUBLISH", fleet.channel.as_bytes(), json.as_bytes()],
+        )
+        .await?;
+        connector::read_frame(&mut p.stream, &mut p.buf, &mut p.scanner).await
+    };
+    let reply = match tokio::time::timeout(settings.command_timeout, exchange).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            *link = None;
+            return Err(e.resp_text());
+        }
+        Err(_) => {
+            // Held back (a pause) or lost: the reply may still come, so the
+            // connection is not used again.
+            *link = None;
+            return Err(format!(
+                "{}: no reply for {} ms (upstream.command_timeout_ms)",
+                settings.address,
+                settings.command_timeout.as_millis()
+            ));
+        }
+    };
+    if reply.first() == Some(&b'-') {
+        return Err(String::from_utf8_lossy(reply.trim_ascii_end()[1..].as_ref()).into());
+    }
+    let n = reply
         .strip_prefix(b":")
         .and_then(|r| parse_int(r.trim_ascii_end()))
         .ok_or("unexpected PUBLISH reply")?;

@@ -1856,6 +1856,19 @@ impl Reader {
             // Queued, or refused in subscriber mode: Redis's answer.
             return self.forward(req, frame).await;
         }
+        if args[0].eq_ignore_ascii_case(b"client") {
+            // CLIENT UNPAUSE runs after the client's own earlier requests,
+            // as on Redis: a pipelined CLIENT PAUSE before it must not be
+            // overtaken (and a write of its own that the pause holds keeps
+            // it waiting, as Redis does).
+            if self.pinned.is_some() {
+                if !self.wait_owed().await {
+                    return;
+                }
+            } else {
+                self.barrier().await;
+            }
+        }
         let mut out = BytesMut::new();
         reply::command(&mut out, args);
         let res = async {

@@ -1,10 +1,12 @@
 //! One-shot connections for the commands that must not wait behind the
-//! shared connection: `SCRIPT KILL` and `FUNCTION KILL`. The script they
-//! stop runs on a shared connection (the EVAL or FCALL of some client), and
-//! Redis reads nothing more from that connection until the script ends, so
-//! the kill has to reach Redis on another one, as it does from any other
-//! client talking to Redis directly. Redis accepts connections, HELLO and
-//! AUTH while a script keeps it busy.
+//! shared connection: `SCRIPT KILL`, `FUNCTION KILL` and `CLIENT UNPAUSE`.
+//! The script they stop runs on a shared connection (the EVAL or FCALL of
+//! some client), and Redis reads nothing more from that connection until
+//! the script ends; a write held by `CLIENT PAUSE WRITE` blocks its shared
+//! connection the same way until the pause ends. So these have to reach
+//! Redis on another connection, as they do from any other client talking
+//! to Redis directly. Redis accepts connections, HELLO and AUTH while a
+//! script keeps it busy or a pause holds writes.
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
