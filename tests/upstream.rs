@@ -1129,6 +1129,19 @@ async fn subscriptions_queued_in_multi_are_counted_as_redis_runs_them() {
     }
 }
 
+/// Wait until Redis (on `port`) holds a `command` under a pause: CLIENT
+/// LIST shows its connection blocked on it.
+async fn wait_held(port: u16, command: &'static str) {
+    let what = format!("Redis holds a {command}");
+    wait_until(&what, DEADLINE, || async move {
+        let list = blocking(|| redis_cmd(port, &[b"CLIENT", b"LIST"]));
+        String::from_utf8_lossy(&list)
+            .lines()
+            .any(|l| l.contains("flags=b") && l.contains(&format!("cmd={command} ")))
+    })
+    .await;
+}
+
 /// `CLIENT PAUSE WRITE` holds a write on the shared connection it came on,
 /// and Redis reads nothing more from that connection until the pause ends:
 /// another client's `CLIENT UNPAUSE` still reaches Redis (on a connection
@@ -1148,15 +1161,7 @@ async fn client_unpause_reaches_redis_past_a_held_write() {
     );
     let mut writer = Raw::connect(kw.port()).await;
     writer.send(&cmd(&[b"SET", b"held", b"1"])).await;
-    // The SET is held by Redis (its connection shows as blocked).
-    let port = redis.port();
-    wait_until("Redis holds the SET", DEADLINE, || async move {
-        let list = blocking(|| redis_cmd(port, &[b"CLIENT", b"LIST"]));
-        String::from_utf8_lossy(&list)
-            .lines()
-            .any(|l| l.contains("flags=b") && l.contains("cmd=set"))
-    })
-    .await;
+    wait_held(redis.port(), "set").await;
     let started = Instant::now();
     assert_eq!(
         esc(&pauser.call(&[b"CLIENT", b"UNPAUSE"]).await),
@@ -1226,15 +1231,8 @@ async fn reads_are_not_held_behind_keywards_own_publish_under_pause_write() {
         esc(&c.call(&[b"CLIENT", b"PAUSE", b"20000", b"WRITE"]).await),
         esc(b"+OK\r\n")
     );
-    // Wait until Redis holds keyward's next summary.
-    let port = redis.port();
-    wait_until("Redis holds keyward's PUBLISH", DEADLINE, || async move {
-        let list = blocking(|| redis_cmd(port, &[b"CLIENT", b"LIST"]));
-        String::from_utf8_lossy(&list)
-            .lines()
-            .any(|l| l.contains("flags=b") && l.contains("cmd=publish"))
-    })
-    .await;
+    // keyward's next summary.
+    wait_held(redis.port(), "publish").await;
     for _ in 0..3 {
         let started = Instant::now();
         assert_eq!(esc(&c.call(&[b"GET", b"k"]).await), esc(b"$1\r\nv\r\n"));
