@@ -919,14 +919,9 @@ async fn script_kill_and_function_kill_reach_a_busy_redis() {
         writer.send(&cmd(&[b"SET", b"after", b"1"])).await;
         let mut killer = Raw::connect(kw.port()).await;
         // -NOTBUSY until the script has run busy-reply-threshold.
-        let deadline = Instant::now() + DEADLINE;
-        let last = loop {
-            let r = killer.call(kill).await;
-            if !r.starts_with(b"-NOTBUSY") || Instant::now() > deadline {
-                break r;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let last = killer
+            .call_until(kill, |r| !r.starts_with(b"-NOTBUSY"))
+            .await;
         assert_eq!(esc(&last), esc(b"+OK\r\n"), "{}", esc(&cmd(kill)));
         let got = spinner.read_reply().await;
         assert!(
@@ -959,14 +954,9 @@ async fn a_script_outliving_the_command_timeout_can_still_be_killed() {
     let got = spinner.read_reply().await;
     assert!(got.starts_with(OUTCOME_UNKNOWN), "{}", esc(&got));
     let mut c = Raw::connect(kw.port()).await;
-    let deadline = Instant::now() + DEADLINE;
-    let busy = loop {
-        let r = c.call(&[b"GET", b"k"]).await;
-        if r.starts_with(b"-BUSY ") || Instant::now() > deadline {
-            break r;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let busy = c
+        .call_until(&[b"GET", b"k"], |r| r.starts_with(b"-BUSY "))
+        .await;
     assert!(
         busy.starts_with(b"-BUSY Redis is busy running a script."),
         "{}",
@@ -976,14 +966,9 @@ async fn a_script_outliving_the_command_timeout_can_still_be_killed() {
     // Redis answers SCRIPT KILL before the script has unwound: a command
     // read in the same round of its event loop still gets -BUSY, directly
     // as through keyward. Then the data is served again.
-    let deadline = Instant::now() + DEADLINE;
-    let after = loop {
-        let r = c.call(&[b"GET", b"k"]).await;
-        if !r.starts_with(b"-BUSY ") || Instant::now() > deadline {
-            break r;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let after = c
+        .call_until(&[b"GET", b"k"], |r| !r.starts_with(b"-BUSY "))
+        .await;
     assert_eq!(esc(&after), esc(b"$-1\r\n"));
 }
 

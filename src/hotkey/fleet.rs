@@ -93,12 +93,11 @@ pub struct Fleet {
     publisher: tokio::sync::Mutex<Option<Publisher>>,
 }
 
-/// A connection for PUBLISH on one master (by its generation).
+/// A connection for PUBLISH on one master (by its generation): one
+/// request at a time, each read back before the next.
 struct Publisher {
     generation: u64,
     stream: tokio::net::TcpStream,
-    buf: BytesMut,
-    scanner: Scanner,
 }
 
 impl Fleet {
@@ -217,18 +216,10 @@ async fn publish(ctx: &Ctx, fleet: &Fleet, m: &Message) -> Result<usize, String>
             stream: connector::connect(settings, Proto::Resp2)
                 .await
                 .map_err(|e| e.resp_text())?,
-            buf: BytesMut::with_capacity(256),
-            scanner: Scanner::new(),
         }),
     };
-    let exchange = async {
-        connector::send(
-            &mut p.stream,
-            &[b"PUBLISH", fleet.channel.as_bytes(), json.as_bytes()],
-        )
-        .await?;
-        connector::read_frame(&mut p.stream, &mut p.buf, &mut p.scanner).await
-    };
+    let args: [&[u8]; 3] = [b"PUBLISH", fleet.channel.as_bytes(), json.as_bytes()];
+    let exchange = connector::call(&mut p.stream, &args);
     let reply = match tokio::time::timeout(settings.command_timeout, exchange).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {

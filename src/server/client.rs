@@ -1530,8 +1530,11 @@ impl Reader {
             }
         }
         // Queued in MULTI, a command that changes subscriptions or the
-        // reply mode runs at EXEC (or never): keyward cannot know its
-        // effect, so the client keeps its connection until RESET, and the
+        // reply mode runs at EXEC (or never). keyward applies queued
+        // (UN)SUBSCRIBEs as EXEC runs them (`SessionState::exec_pubsub`),
+        // but Redis may still answer them otherwise then (an ACL change;
+        // see README), and a queued CLIENT REPLY's or MONITOR's effect is
+        // not followed: the client keeps its connection until RESET. The
         // command now gets the one reply (+QUEUED) Redis sends.
         if self.state.in_multi
             && matches!(
@@ -1849,8 +1852,9 @@ impl Reader {
         }
     }
 
-    /// SCRIPT KILL or FUNCTION KILL: on a connection of its own (see
-    /// `upstream::side`), since the script it stops holds up the shared one.
+    /// SCRIPT KILL, FUNCTION KILL or CLIENT UNPAUSE: on a connection of its
+    /// own (see `upstream::side`), since the script it stops (the write the
+    /// pause holds) holds up the shared one.
     async fn kill(&mut self, req: &Request, frame: Bytes, args: &[&[u8]]) {
         if self.state.in_multi || (self.proto == Proto::Resp2 && self.state.subscribed()) {
             // Queued, or refused in subscriber mode: Redis's answer.

@@ -147,7 +147,9 @@ pub fn refusal(args: &[&[u8]]) -> Vec<u8> {
                 break;
             }
             let arg = text(a, 128 - rest.len());
-            rest.extend([&b"'"[..], &arg, b"' "].concat());
+            rest.push(b'\'');
+            rest.extend(arg);
+            rest.extend_from_slice(b"' ");
         }
         [
             &b"ERR unknown command '"[..],

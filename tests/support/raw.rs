@@ -75,6 +75,19 @@ impl Raw {
         self.read_reply().await
     }
 
+    /// [`Raw::call`] every 10 ms until `done` holds for the reply or the
+    /// 10 s deadline passes; the last reply (for the caller to assert on).
+    pub async fn call_until(&mut self, args: &[&[u8]], done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let r = self.call(args).await;
+            if done(&r) || Instant::now() > deadline {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Exactly one complete RESP2/RESP3 reply frame (an attribute is returned
     /// together with the frame it annotates). Panics on malformed data, EOF or
     /// timeout, showing the bytes received so far.
